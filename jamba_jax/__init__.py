@@ -1,0 +1,12 @@
+"""Jamba / Jamba-1.5 in JAX + Flax: the hybrid Transformer-Mamba mixture-of-experts LM."""
+
+from jamba_jax.config import ConfigError, JambaConfig
+from jamba_jax.hf_checkpoint import CheckpointError, load_hf_checkpoint, save_hf_checkpoint
+from jamba_jax.model import JambaForCausalLM, JambaModel, JambaOutput, TokenIdError
+from jamba_jax.params import abstract_params, count_params, format_param_table, init_params
+
+__all__ = [
+    "CheckpointError", "ConfigError", "JambaConfig", "JambaForCausalLM", "JambaModel", "JambaOutput",
+    "TokenIdError", "abstract_params", "count_params", "format_param_table", "init_params",
+    "load_hf_checkpoint", "save_hf_checkpoint",
+]

@@ -1,0 +1,98 @@
+"""The Jamba Mamba mixer (Mamba-1 with RMSNorm on dt, B and C; Jamba paper, section 2).
+
+x -> in_proj -> (x, z); x -> causal depthwise conv + SiLU -> x_proj -> (dt, B, C), each RMSNorm'd;
+dt -> dt_proj (its bias and the softplus go into the scan); A = -exp(A_log);
+y = selective_scan(x, dt, A, B, C, D, z) -> out_proj. Padding positions are zeroed before in_proj
+and after the conv, exactly as transformers' JambaMambaMixer does, so left padding leaves the
+real tokens' outputs unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jamba_jax.config import JambaConfig
+from jamba_jax.layers import Dense, RMSNorm, activation, normal_init
+from kernels import selective_scan
+
+_F32 = jnp.float32
+
+
+def causal_depthwise_conv(x_BxLxD, kernel_KxD, bias_D=None, conv_state_BxKm1xD=None):
+    """out[t] = sum_k kernel[k] * x[t - (K-1) + k] (+ bias), with the K-1 inputs before the first
+    taken from `conv_state` (zeros when None). Returns (out, the last K-1 inputs: the next state)."""
+    k = kernel_KxD.shape[0]
+    b, length, d = x_BxLxD.shape
+    if conv_state_BxKm1xD is None:
+        conv_state_BxKm1xD = jnp.zeros((b, k - 1, d), x_BxLxD.dtype)
+    xp = jnp.concatenate([conv_state_BxKm1xD.astype(x_BxLxD.dtype), x_BxLxD], axis=1)  # [b, L+K-1, d]
+    out = sum(xp[:, j:j + length] * kernel_KxD[j] for j in range(k))
+    if bias_D is not None:
+        out = out + bias_D
+    return out, xp[:, length:]
+
+
+def _dt_bias_init(dt_min=1e-3, dt_max=0.1, floor=1e-4):
+    """Mamba's dt init: softplus(bias) log-uniform in [dt_min, dt_max] (Gu & Dao, section 3.6)."""
+
+    def init(key, shape, dtype=_F32):
+        dt = jnp.exp(jax.random.uniform(key, shape) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = jnp.maximum(dt, floor)
+        return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)  # inverse softplus
+
+    return init
+
+
+class MambaMixer(nn.Module):
+    cfg: JambaConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxE, valid_BxL=None, reset_BxL=None):
+        cfg = self.cfg
+        d_inner, n, r, k = cfg.mamba_d_inner, cfg.mamba_d_state, cfg.mamba_dt_rank, cfg.mamba_d_conv
+        dtype, pdtype = cfg.compute_dtype, cfg.weights_dtype
+        mask = None if valid_BxL is None else valid_BxL[..., None].astype(dtype)
+
+        if mask is not None:
+            x_BxLxE = x_BxLxE * mask
+        xz = Dense((2, d_inner), ("embed", None, "mamba_inner"), cfg, use_bias=cfg.mamba_proj_bias,
+                   name="in_proj")(x_BxLxE)
+        x, z = xz[..., 0, :], xz[..., 1, :]  # [b, L, d_inner] each
+
+        conv_kernel = self.param("conv_kernel", nn.with_logical_partitioning(normal_init(cfg), ("conv", "mamba_inner")),
+                                 (k, d_inner), pdtype).astype(dtype)
+        conv_bias = None
+        if cfg.mamba_conv_bias:
+            conv_bias = self.param("conv_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("mamba_inner",)),
+                                   (d_inner,), pdtype).astype(dtype)
+        x, _ = causal_depthwise_conv(x, conv_kernel, conv_bias)
+        x = activation(cfg.hidden_act)(x)
+        if mask is not None:
+            x = x * mask
+
+        dbc = Dense(r + 2 * n, ("mamba_inner", None), cfg, name="x_proj")(x)
+        dt, B, C = dbc[..., :r], dbc[..., r:r + n], dbc[..., r + n:]
+        dt = RMSNorm(cfg, axis_name=None, name="dt_layernorm")(dt)
+        B = RMSNorm(cfg, axis_name=None, name="b_layernorm")(B)
+        C = RMSNorm(cfg, axis_name=None, name="c_layernorm")(C)
+        dt_kernel_init = nn.initializers.uniform(scale=2 * r ** -0.5)
+        dt_kernel = self.param("dt_proj_kernel", nn.with_logical_partitioning(
+            lambda key, s, d: dt_kernel_init(key, s, d) - r ** -0.5, (None, "mamba_inner")), (r, d_inner), pdtype)
+        dt_bias = self.param("dt_proj_bias", nn.with_logical_partitioning(_dt_bias_init(), ("mamba_inner",)),
+                             (d_inner,), pdtype)
+        dt = dt @ dt_kernel.astype(dtype)  # [b, L, d_inner]; the bias is added in float32 in the scan
+
+        a_log = self.param("A_log", nn.with_logical_partitioning(
+            lambda key, s, d: jnp.log(jnp.broadcast_to(jnp.arange(1, n + 1, dtype=d), s)), ("mamba_inner", None)),
+            (d_inner, n), pdtype)
+        d_skip = self.param("D", nn.with_logical_partitioning(nn.initializers.ones, ("mamba_inner",)),
+                            (d_inner,), pdtype)
+        A = -jnp.exp(a_log.astype(_F32))
+        y = selective_scan(x, dt, A, B, C, D=d_skip.astype(_F32), z=z, delta_bias=dt_bias.astype(_F32),
+                           delta_softplus=True, reset=reset_BxL, impl=cfg.scan_impl)
+        return Dense(cfg.hidden_size, ("mamba_inner", "embed"), cfg, use_bias=cfg.mamba_proj_bias,
+                     name="out_proj")(y.astype(dtype))

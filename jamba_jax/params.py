@@ -1,0 +1,87 @@
+"""Parameter shapes and counts from the config alone (`jax.eval_shape`: nothing is allocated).
+
+`count_params(cfg)` splits the parameters by kind, and counts the active ones per token: of a
+mixture of experts only `num_experts_per_tok` of `num_experts` experts run for a token.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jamba_jax.config import JambaConfig
+from jamba_jax.model import JambaForCausalLM
+
+
+@functools.lru_cache(maxsize=32)
+def abstract_variables(cfg: JambaConfig) -> dict[str, Any]:
+    """The boxed (logically partitioned) parameter tree as ShapeDtypeStructs."""
+    model = JambaForCausalLM(cfg)
+    ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    return jax.eval_shape(model.init, jax.random.PRNGKey(0), ids)["params"]
+
+
+def abstract_params(cfg: JambaConfig) -> dict[str, Any]:
+    """Plain (unboxed) parameter tree of ShapeDtypeStructs."""
+    return nn.unbox(abstract_variables(cfg))
+
+
+def init_params(cfg: JambaConfig, rng: jax.Array) -> dict[str, Any]:
+    """Randomly initialised, unboxed parameters (on the default device)."""
+    model = JambaForCausalLM(cfg)
+    return nn.unbox(jax.jit(model.init)(rng, jnp.zeros((1, 1), jnp.int32))["params"])
+
+
+def _kind(path: tuple[str, ...]) -> str:
+    keys = "/".join(path)
+    if "embed_tokens" in keys:
+        return "embedding"
+    if path[0] == "lm_head":
+        return "lm_head"
+    if "/experts/" in keys:
+        return "experts"
+    if "/router/" in keys:
+        return "router"
+    if "/self_attn/" in keys:
+        return "attention"
+    if "/mamba/" in keys:
+        return "mamba"
+    if "/feed_forward/" in keys:
+        return "mlp"
+    return "norms"
+
+
+def count_params(cfg: JambaConfig) -> dict[str, Any]:
+    """{'by_kind': {kind: count}, 'total': int, 'active': int, 'bytes': int} from shapes alone."""
+    by_kind: dict[str, int] = {}
+    nbytes = 0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params(cfg))[0]:
+        keys = tuple(getattr(p, "key", str(p)) for p in path)
+        n = int(np.prod(leaf.shape))
+        by_kind[_kind(keys)] = by_kind.get(_kind(keys), 0) + n
+        nbytes += n * jnp.dtype(leaf.dtype).itemsize
+    total = sum(by_kind.values())
+    experts = by_kind.get("experts", 0)
+    active = total - experts + experts * cfg.num_experts_per_tok // max(cfg.num_experts, 1)
+    return {"by_kind": by_kind, "total": total, "active": active, "bytes": nbytes}
+
+
+def format_param_table(cfg: JambaConfig) -> str:
+    """A readable table of parameter counts by kind, with the total and the active count."""
+    c = count_params(cfg)
+    n_attn = sum(cfg.is_attention_layer(i) for i in range(cfg.num_hidden_layers))
+    n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    lines = [f"Jamba: {cfg.num_hidden_layers} layers ({n_attn} attention, {cfg.num_hidden_layers - n_attn} Mamba; "
+             f"{n_moe} MoE with {cfg.num_experts} experts top-{cfg.num_experts_per_tok})",
+             f"{'kind':<12}{'parameters':>18}"]
+    for kind in ("embedding", "attention", "mamba", "mlp", "router", "experts", "norms", "lm_head"):
+        if kind in c["by_kind"]:
+            lines.append(f"{kind:<12}{c['by_kind'][kind]:>18,}")
+    lines.append(f"{'total':<12}{c['total']:>18,}  ({c['total'] / 1e9:.2f} B)")
+    lines.append(f"{'active/token':<12}{c['active']:>18,}  ({c['active'] / 1e9:.2f} B)")
+    return "\n".join(lines)
