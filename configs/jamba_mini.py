@@ -1,0 +1,35 @@
+"""Jamba-1.5-Mini (about 52B parameters, 12B active): the transformers JambaConfig defaults."""
+
+import ml_collections
+
+
+def get_config():
+    config = ml_collections.ConfigDict()
+    config.task = "jamba_lm"  # which task main.py runs
+    config.seed = 0  # PRNG seed
+    config.batch_size = 1  # sequences per forward pass
+    config.seq_len = 4096  # tokens per sequence
+
+    model = ml_collections.ConfigDict()  # Jamba-1.5-Mini (arXiv 2408.12570)
+    model.vocab_size = 65536  # tokenizer size
+    model.hidden_size = 4096  # d_model
+    model.intermediate_size = 14336  # expert / MLP hidden size
+    model.num_hidden_layers = 32  # 4 Jamba blocks of 8 layers
+    model.num_attention_heads = 32  # query heads (head_dim 128)
+    model.num_key_value_heads = 8  # GQA
+    model.num_experts = 16  # experts per MoE layer
+    model.num_experts_per_tok = 2  # top-2
+    model.attn_layer_period = 8  # attention at i % 8 == 4
+    model.attn_layer_offset = 4
+    model.expert_layer_period = 2  # MoE at odd layers
+    model.expert_layer_offset = 1
+    model.mamba_d_state = 16  # SSM state size
+    model.mamba_d_conv = 4  # conv width
+    model.mamba_expand = 2  # d_inner 8192
+    model.mamba_dt_rank = 256  # ceil(4096 / 16)
+    model.dtype = "bfloat16"  # compute dtype on accelerators
+    model.param_dtype = "float32"  # master weights
+    model.scan_impl = "auto"  # Pallas on GPU/TPU once available, fused scan on CPU
+    model.remat = True  # rematerialise each layer
+    config.model = model
+    return config

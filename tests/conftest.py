@@ -1,0 +1,43 @@
+"""Shared fixtures: small random transformers Jamba checkpoints saved with `save_pretrained`."""
+
+import os
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+SMALL = dict(vocab_size=97, hidden_size=32, intermediate_size=40, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, attn_layer_period=2, attn_layer_offset=1,
+             expert_layer_period=2, expert_layer_offset=0, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2,
+             mamba_dt_rank=4)
+
+
+def perturb_(model, seed=0):
+    """Moves A_log, D, norms and biases away from their init so parity is not trivially easy."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("A_log", ".D", "norm.weight", "layernorm.weight", ".bias")):
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+            elif "router" in name:
+                p.mul_(20.0)  # sharper routing: top-k choices far from ties
+
+
+def make_hf_model(tmp_path, seed=0, **overrides):
+    """A randomly initialised, perturbed transformers JambaForCausalLM saved to tmp_path/hf."""
+    torch.manual_seed(seed)
+    hf_cfg = transformers.JambaConfig(**{**SMALL, **overrides})
+    model = transformers.JambaForCausalLM(hf_cfg).eval()
+    perturb_(model, seed)
+    path = str(tmp_path / "hf")
+    model.save_pretrained(path)
+    return model, path
+
+
+def random_ids(shape, vocab, seed=0):
+    return np.random.RandomState(seed).randint(3, vocab, shape).astype(np.int64)
