@@ -162,7 +162,7 @@ class JambaConfig:
         return [self.num_experts if self.is_moe_layer(i) else 1 for i in range(self.num_hidden_layers)]
 
     # --- conversion --------------------------------------------------------------------------------
-    def replace(self, **changes) -> "JambaConfig":
+    def replace(self, **changes) -> JambaConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
@@ -171,7 +171,7 @@ class JambaConfig:
         return tuple(f.name for f in dataclasses.fields(cls) if f.name not in ours)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "JambaConfig":
+    def from_dict(cls, d: dict[str, Any]) -> JambaConfig:
         """Builds a config from a plain dict (e.g. an ml_collections `config.model`), naming any
         field that does not exist instead of failing with a bare TypeError."""
         names = {f.name for f in dataclasses.fields(cls)}
@@ -181,7 +181,7 @@ class JambaConfig:
         return cls(**d)
 
     @classmethod
-    def from_hf_dict(cls, d: dict[str, Any], **overrides) -> "JambaConfig":
+    def from_hf_dict(cls, d: dict[str, Any], **overrides) -> JambaConfig:
         """Builds a config from a transformers `config.json` dict; `overrides` set our own fields."""
         model_type = d.get("model_type")
         if model_type != "jamba":

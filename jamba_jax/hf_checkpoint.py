@@ -17,7 +17,8 @@ import dataclasses
 import json
 import os
 import tempfile
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -261,7 +262,7 @@ def save_hf_checkpoint(cfg: JambaConfig, params: dict[str, Any], path: str,
 
     os.makedirs(path, exist_ok=True)
     weight_map = {}
-    for name, entries in zip(names, shards):
+    for name, entries in zip(names, shards, strict=True):
         tensors = {}
         for entry in entries:
             value = _get(params, entry.path)
@@ -269,8 +270,7 @@ def save_hf_checkpoint(cfg: JambaConfig, params: dict[str, Any], path: str,
                 value = value[entry.expert]
             tensors[entry.hf_key] = np.ascontiguousarray(entry.to_hf(np.asarray(value).astype(out_dtype(entry))))
             weight_map[entry.hf_key] = name
-        _atomic_write(os.path.join(path, name), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-        del tensors
+        _atomic_write(os.path.join(path, name), lambda tmp, t=tensors: save_file(t, tmp, metadata={"format": "pt"}))
     if n > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         _atomic_write(os.path.join(path, INDEX_FILE), lambda tmp: _write_json(tmp, index))

@@ -6,7 +6,8 @@ Each follows transformers' modeling_jamba.py operation for operation (so float32
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax

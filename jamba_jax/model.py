@@ -8,8 +8,6 @@ is a table.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import flax
 import flax.linen as nn
 import jax
@@ -102,7 +100,7 @@ class JambaForCausalLM(nn.Module):
     cfg: JambaConfig
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask: Optional[jax.Array] = None, segment_ids=None):
+    def __call__(self, input_ids, attention_mask: jax.Array | None = None, segment_ids=None):
         cfg = self.cfg
         check_token_ids(input_ids, cfg.vocab_size)
         if attention_mask is None:

@@ -71,6 +71,10 @@ def count_params(cfg: JambaConfig) -> dict[str, Any]:
     return {"by_kind": by_kind, "total": total, "active": active, "bytes": nbytes}
 
 
+def _human(n: int) -> str:
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
 def format_param_table(cfg: JambaConfig) -> str:
     """A readable table of parameter counts by kind, with the total and the active count."""
     c = count_params(cfg)
@@ -82,6 +86,6 @@ def format_param_table(cfg: JambaConfig) -> str:
     for kind in ("embedding", "attention", "mamba", "mlp", "router", "experts", "norms", "lm_head"):
         if kind in c["by_kind"]:
             lines.append(f"{kind:<12}{c['by_kind'][kind]:>18,}")
-    lines.append(f"{'total':<12}{c['total']:>18,}  ({c['total'] / 1e9:.2f} B)")
-    lines.append(f"{'active/token':<12}{c['active']:>18,}  ({c['active'] / 1e9:.2f} B)")
+    lines.append(f"{'total':<12}{c['total']:>18,}  ({_human(c['total'])})")
+    lines.append(f"{'active/token':<12}{c['active']:>18,}  ({_human(c['active'])})")
     return "\n".join(lines)

@@ -39,7 +39,7 @@ def test_sharded_checkpoint_loads_identically(sharded):
     assert len([f for f in os.listdir(path) if f.endswith(".safetensors")]) > 2
     cfg2, params2 = jamba_jax.load_hf_checkpoint(path)
     assert cfg2 == cfg
-    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)):
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert jax.tree.structure(params) == jax.tree.structure(params2)
 
@@ -53,7 +53,7 @@ def test_bfloat16_params_load_and_save(sharded, tmp_path):
     jamba_jax.save_hf_checkpoint(cfg16, params16, out)
     assert json.load(open(os.path.join(out, "config.json")))["dtype"] == "bfloat16"
     _, again = jamba_jax.load_hf_checkpoint(out, param_dtype="bfloat16")
-    for a, b in zip(jax.tree.leaves(params16), jax.tree.leaves(again)):
+    for a, b in zip(jax.tree.leaves(params16), jax.tree.leaves(again), strict=True):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
 

@@ -53,7 +53,7 @@ def test_logits_router_logits_and_aux_loss_match_transformers(tmp_path, name):
     assert np.abs(np.asarray(out.logits)[real]).max() > 0.1  # the comparison is not between near-zeros
     assert len(out.router_logits) == n_moe
     if n_moe:
-        for ours, theirs in zip(out.router_logits, ref.router_logits):
+        for ours, theirs in zip(out.router_logits, ref.router_logits, strict=True):
             theirs = theirs.numpy().reshape(ours.shape)
             np.testing.assert_allclose(np.asarray(ours)[real], theirs[real], atol=1e-5, rtol=0)
         np.testing.assert_allclose(float(out.aux_loss), float(ref.aux_loss), rtol=1e-5)
