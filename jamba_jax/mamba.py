@@ -22,15 +22,21 @@ from kernels import selective_scan
 _F32 = jnp.float32
 
 
-def causal_depthwise_conv(x_BxLxD, kernel_KxD, bias_D=None, conv_state_BxKm1xD=None):
+def causal_depthwise_conv(x_BxLxD, kernel_KxD, bias_D=None, conv_state_BxKm1xD=None, segment_ids_BxL=None):
     """out[t] = sum_k kernel[k] * x[t - (K-1) + k] (+ bias), with the K-1 inputs before the first
-    taken from `conv_state` (zeros when None). Returns (out, the last K-1 inputs: the next state)."""
+    taken from `conv_state` (zeros when None). With `segment_ids`, inputs of another segment (a
+    previous packed document) are left out. Returns (out, the last K-1 inputs: the next state)."""
     k = kernel_KxD.shape[0]
     b, length, d = x_BxLxD.shape
     if conv_state_BxKm1xD is None:
         conv_state_BxKm1xD = jnp.zeros((b, k - 1, d), x_BxLxD.dtype)
     xp = jnp.concatenate([conv_state_BxKm1xD.astype(x_BxLxD.dtype), x_BxLxD], axis=1)  # [b, L+K-1, d]
-    out = sum(xp[:, j:j + length] * kernel_KxD[j] for j in range(k))
+    if segment_ids_BxL is None:
+        out = sum(xp[:, j:j + length] * kernel_KxD[j] for j in range(k))
+    else:  # the state positions count as the first token's segment
+        seg_p = jnp.concatenate([jnp.repeat(segment_ids_BxL[:, :1], k - 1, axis=1), segment_ids_BxL], axis=1)
+        out = sum(jnp.where((seg_p[:, j:j + length] == segment_ids_BxL)[..., None], xp[:, j:j + length], 0)
+                  * kernel_KxD[j] for j in range(k))
     if bias_D is not None:
         out = out + bias_D
     return out, xp[:, length:]
@@ -51,7 +57,7 @@ class MambaMixer(nn.Module):
     cfg: JambaConfig
 
     @nn.compact
-    def __call__(self, x_BxLxE, valid_BxL=None, reset_BxL=None):
+    def __call__(self, x_BxLxE, valid_BxL=None, segment_ids_BxL=None):
         cfg = self.cfg
         d_inner, n, r, k = cfg.mamba_d_inner, cfg.mamba_d_state, cfg.mamba_dt_rank, cfg.mamba_d_conv
         dtype, pdtype = cfg.compute_dtype, cfg.weights_dtype
@@ -69,7 +75,7 @@ class MambaMixer(nn.Module):
         if cfg.mamba_conv_bias:
             conv_bias = self.param("conv_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("mamba_inner",)),
                                    (d_inner,), pdtype).astype(dtype)
-        x, _ = causal_depthwise_conv(x, conv_kernel, conv_bias)
+        x, _ = causal_depthwise_conv(x, conv_kernel, conv_bias, segment_ids_BxL=segment_ids_BxL)
         x = activation(cfg.hidden_act)(x)
         if mask is not None:
             x = x * mask
@@ -92,7 +98,11 @@ class MambaMixer(nn.Module):
         d_skip = self.param("D", nn.with_logical_partitioning(nn.initializers.ones, ("mamba_inner",)),
                             (d_inner,), pdtype)
         A = -jnp.exp(a_log.astype(_F32))
+        reset = None
+        if segment_ids_BxL is not None:  # a packed document starts where the segment id changes
+            reset = jnp.concatenate([jnp.ones_like(segment_ids_BxL[:, :1], dtype=bool),
+                                     segment_ids_BxL[:, 1:] != segment_ids_BxL[:, :-1]], axis=1)
         y = selective_scan(x, dt, A, B, C, D=d_skip.astype(_F32), z=z, delta_bias=dt_bias.astype(_F32),
-                           delta_softplus=True, reset=reset_BxL, impl=cfg.scan_impl)
+                           delta_softplus=True, reset=reset, impl=cfg.scan_impl)
         return Dense(cfg.hidden_size, ("mamba_inner", "embed"), cfg, use_bias=cfg.mamba_proj_bias,
                      name="out_proj")(y.astype(dtype))

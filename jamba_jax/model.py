@@ -35,13 +35,13 @@ class DecoderLayer(nn.Module):
     layer_idx: int
 
     @nn.compact
-    def __call__(self, h, valid_BxL, mask_BxQxK, reset_BxL):
+    def __call__(self, h, valid_BxL, mask_BxQxK, segment_ids_BxL):
         cfg, i = self.cfg, self.layer_idx
         x = RMSNorm(cfg, name="input_layernorm")(h)
         if cfg.is_attention_layer(i):
             x = Attention(cfg, name="self_attn")(x, mask_BxQxK)
         else:
-            x = MambaMixer(cfg, name="mamba")(x, valid_BxL, reset_BxL)
+            x = MambaMixer(cfg, name="mamba")(x, valid_BxL, segment_ids_BxL)
         h = h + x
         x = RMSNorm(cfg, name="pre_ff_layernorm")(h)
         router_logits = None
@@ -65,14 +65,10 @@ class JambaModel(nn.Module):
                          name="embed_tokens")
         h = embed(input_ids)
         mask = attention_mask(valid_BxL, segment_ids)
-        reset = None
-        if segment_ids is not None:  # a packed document starts where the segment id changes
-            reset = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], dtype=bool),
-                                     segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
         layer_cls = nn.remat(DecoderLayer) if cfg.remat else DecoderLayer
         router_logits = []
         for i in range(cfg.num_hidden_layers):
-            h, rl = layer_cls(cfg, i, name=f"layers_{i}")(h, valid_BxL, mask, reset)
+            h, rl = layer_cls(cfg, i, name=f"layers_{i}")(h, valid_BxL, mask, segment_ids)
             if rl is not None:
                 router_logits.append(rl)
         return RMSNorm(cfg, name="final_layernorm")(h), tuple(router_logits)
