@@ -16,7 +16,15 @@ Implementations (`impl=`):
                holds more than one chunk of [batch, d_inner, d_state] states. CPU default.
   associative  `lax.associative_scan` over (exp(dt A), dt B u) pairs (the S5 form), parallel in
                length, materialises [batch, length, d_inner, d_state].
-  auto         `scan` (the Pallas kernel takes over on GPU/TPU once it lands).
+  chunked      associative scan inside chunks of 64 steps, state carried across chunks: memory
+               bounded by one chunk's [batch, 64, d_inner, d_state].
+  pallas       a Pallas kernel (grid over batch and d_inner tiles, time loop inside) with a custom
+               VJP whose backward kernel recomputes from saved chunk-boundary states; compiled on
+               GPU/TPU, `interpret=True` on CPU.
+  auto         `scan` on CPU, `pallas` on GPU and TPU.
+
+Every implementation is differentiable in all inputs, initial_state included, and d_inner is
+independent throughout, so a tensor-parallel shard of channels needs no communication.
 """
 
 from __future__ import annotations
@@ -24,7 +32,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("reference", "scan", "associative")
+from kernels import ssm_xla
+from kernels.ssm_pallas import scan_pallas
+
 _F32 = jnp.float32
 
 
@@ -56,98 +66,20 @@ def _initial_state(u, A, initial_state):
     return initial_state.astype(_F32)
 
 
-# ------------------------------------------------------------------------------------------------
-# reference
-# ------------------------------------------------------------------------------------------------
-def _scan_reference(u, dt, A, B, C, h0, reset):
-    dA_BxLxDxN = jnp.exp(dt[..., None] * A.astype(_F32))
-    dBu_BxLxDxN = (dt * u.astype(_F32))[..., None] * B.astype(_F32)[:, :, None, :]
-    if reset is not None:
-        dA_BxLxDxN = jnp.where(reset[:, :, None, None], 0.0, dA_BxLxDxN)
-
-    def step(h, xs):
-        dA, dBu, c = xs
-        h = dA * h + dBu
-        return h, jnp.einsum("bdn,bn->bd", h, c)
-
-    xs = (jnp.moveaxis(dA_BxLxDxN, 1, 0), jnp.moveaxis(dBu_BxLxDxN, 1, 0),
-          jnp.moveaxis(C.astype(_F32), 1, 0))
-    h, y_LxBxD = jax.lax.scan(step, h0, xs)
-    return jnp.moveaxis(y_LxBxD, 0, 1), h
-
-
-# ------------------------------------------------------------------------------------------------
-# associative (S5 form)
-# ------------------------------------------------------------------------------------------------
-def _scan_associative(u, dt, A, B, C, h0, reset):
-    dA = jnp.exp(dt[..., None] * A.astype(_F32))
-    dBu = (dt * u.astype(_F32))[..., None] * B.astype(_F32)[:, :, None, :]
-    if reset is not None:
-        dA = jnp.where(reset[:, :, None, None], 0.0, dA)
-    # Fold the initial state into the first element: h[0] = dA[0] h0 + dBu[0].
-    dBu = dBu.at[:, 0].add(dA[:, 0] * h0)
-
-    def combine(left, right):
-        a_l, b_l = left
-        a_r, b_r = right
-        return a_l * a_r, a_r * b_l + b_r
-
-    _, h_BxLxDxN = jax.lax.associative_scan(combine, (dA, dBu), axis=1)
-    y = jnp.einsum("bldn,bln->bld", h_BxLxDxN, C.astype(_F32))
-    return y, h_BxLxDxN[:, -1]
-
-
-# ------------------------------------------------------------------------------------------------
-# fused lax.scan, chunk-rematerialised
-# ------------------------------------------------------------------------------------------------
-def _pick_chunk(length: int, chunk: int | None) -> int:
-    if chunk is not None:
-        return max(1, min(chunk, length))
-    # about sqrt(L) chunks of about sqrt(L) steps balances the saved boundary states against the
-    # per-chunk recompute buffer in the backward pass.
-    return max(1, min(length, int(round(length ** 0.5))))
-
-
-def _scan_fused(u, dt, A, B, C, h0, reset, chunk=None):
-    b, length, d = u.shape
-    t = _pick_chunk(length, chunk)
-    n_chunks = -(-length // t)
-    pad = n_chunks * t - length
-    A = A.astype(_F32)
-    keep = None if reset is None else (~reset).astype(_F32)  # [batch, length]
-
-    def to_chunks(x, fill=0.0):  # [batch, length, ...] -> [n_chunks, t, batch, ...]
-        # padded steps are no-ops: dt = 0 leaves h unchanged, keep = 1 does not reset it
-        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
-        x = jnp.moveaxis(x, 1, 0)
-        return x.reshape((n_chunks, t) + x.shape[1:])
-
-    xs = (to_chunks(u.astype(_F32)), to_chunks(dt), to_chunks(B.astype(_F32)), to_chunks(C.astype(_F32)),
-          None if keep is None else to_chunks(keep, fill=1.0))
-
-    def step(h_BxDxN, x):
-        u_t, dt_t, b_t, c_t, keep_t = x  # [batch, d] [batch, d] [batch, n] [batch, n] [batch]
-        if keep_t is not None:
-            h_BxDxN = h_BxDxN * keep_t[:, None, None]
-        dA = jnp.exp(dt_t[:, :, None] * A)
-        h_BxDxN = dA * h_BxDxN + (dt_t * u_t)[:, :, None] * b_t[:, None, :]
-        return h_BxDxN, jnp.einsum("bdn,bn->bd", h_BxDxN, c_t)
-
-    @jax.checkpoint
-    def run_chunk(h, chunk_xs):
-        return jax.lax.scan(step, h, chunk_xs)
-
-    h, y = jax.lax.scan(run_chunk, h0, xs)  # y: [n_chunks, t, batch, d]
-    y = y.reshape((n_chunks * t, b, d))[:length]
-    return jnp.moveaxis(y, 0, 1), h
-
-
-_IMPL_FNS = {"reference": _scan_reference, "scan": _scan_fused, "associative": _scan_associative}
+_IMPL_FNS = {
+    "reference": ssm_xla.scan_reference,
+    "scan": ssm_xla.scan_fused,
+    "associative": ssm_xla.scan_associative,
+    "chunked": ssm_xla.scan_chunked,
+    "pallas": scan_pallas,
+}
+IMPLS = tuple(_IMPL_FNS)
 
 
 def resolve_impl(impl: str) -> str:
+    """'auto' -> 'scan' on CPU, 'pallas' on GPU and TPU."""
     if impl == "auto":
-        return "scan"
+        return "scan" if jax.default_backend() == "cpu" else "pallas"
     if impl not in _IMPL_FNS:
         raise ValueError(f"selective_scan impl={impl!r} is not available; choose one of "
                          f"{('auto',) + tuple(_IMPL_FNS)}")

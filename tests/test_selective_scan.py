@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import IMPLS, selective_scan, selective_state_update
+from kernels import IMPLS, selective_scan, selective_state_update, ssm_pallas, ssm_xla
 
 RTOL, ATOL = 6e-4, 2e-3
 
@@ -206,3 +206,33 @@ def test_bad_shapes_and_impl_are_named():
         selective_scan(x["u"], x["delta"], x["A"][:, :3], x["B"], x["C"])
     with pytest.raises(ValueError, match="initial_state"):
         selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], initial_state=np.zeros((1, 1, 1), np.float32))
+
+
+@pytest.mark.parametrize("name, fn", [
+    ("scan", lambda *a: ssm_xla.scan_fused(*a, chunk=5)),
+    ("chunked", lambda *a: ssm_xla.scan_chunked(*a, chunk=8)),
+    ("pallas", lambda *a: ssm_pallas.scan_pallas(*a, chunk=8, tile=4)),
+])
+@pytest.mark.parametrize("d", [12, 7])
+def test_many_chunks_and_tiles_with_padding(name, fn, d):
+    """Several chunks (length 45 is no multiple of the chunk) and several d-tiles (7 pads to 8)."""
+    x = make_inputs(11, length=45, d=d, n=4, with_h0=True, with_reset=True)
+    u, dt, A, B, C, h0 = (jnp.asarray(x[k]) for k in ("u", "delta", "A", "B", "C", "initial_state"))
+    dt = jax.nn.softplus(dt)
+    reset = jnp.asarray(x["reset"])
+    g = jnp.asarray(np.random.RandomState(12).randn(*x["u"].shape).astype(np.float32))
+    gh = jnp.asarray(np.random.RandomState(13).randn(*x["initial_state"].shape).astype(np.float32))
+
+    def loss(impl_fn, args):
+        y, h = impl_fn(*args, reset)
+        return jnp.sum(y * g) + jnp.sum(h * gh)
+
+    args = (u, dt, A, B, C, h0)
+    y_r, h_r = ssm_xla.scan_reference(*args, reset)
+    y, h = fn(*args, reset)
+    np.testing.assert_allclose(y, y_r, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(h, h_r, rtol=RTOL, atol=ATOL)
+    grads_r = jax.grad(lambda a: loss(ssm_xla.scan_reference, a))(args)
+    grads = jax.grad(lambda a: loss(fn, a))(args)
+    for k, gr, gi in zip("u dt A B C h0".split(), grads_r, grads, strict=True):
+        np.testing.assert_allclose(gi, gr, rtol=RTOL, atol=ATOL, err_msg=f"{name} d{k}")
