@@ -3,7 +3,7 @@
 Dispatches on `config.task`. Any config field can be overridden on the command line.
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 import tasks
@@ -16,6 +16,7 @@ flags.DEFINE_string("workdir", "workdir", "Directory for checkpoints, metrics an
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # orbax and XLA log every step at INFO
     tasks.run(FLAGS.config, FLAGS.workdir)
 
 

@@ -2,13 +2,24 @@
 
 import ml_collections
 
+from configs.common import training_config
+
 
 def get_config():
-    config = ml_collections.ConfigDict()
-    config.task = "jamba_lm"  # which task main.py runs
-    config.seed = 0  # PRNG seed
-    config.batch_size = 1  # sequences per forward pass
-    config.seq_len = 4096  # tokens per sequence
+    config = training_config()
+    config.num_train_steps = 100_000  # optimizer steps
+    config.batch_size = 512  # global batch (sequences)
+    config.seq_len = 4096  # tokens per row (2M tokens per step)
+    config.learning_rate = 1.5e-4  # peak learning rate
+    config.warmup_steps = 2000  # linear warmup
+    config.activation_loss_coef = 1e-5  # Jamba-1.5 activation loss
+    config.log_every_steps = 50  # metrics cadence
+    config.eval_every_steps = 2000  # eval cadence
+    config.save_every_steps = 1000  # checkpoint cadence
+    config.data.tokenizer = ""  # set to the Jamba tokenizer (tokenizer.json) for real runs
+    config.mesh.data = 1  # pod mesh: FSDP over the slice, experts across 8 devices
+    config.mesh.fsdp = -1
+    config.mesh.expert = 8
 
     model = ml_collections.ConfigDict()  # Jamba-1.5-Mini (arXiv 2408.12570)
     model.vocab_size = 65536  # tokenizer size

@@ -1,4 +1,4 @@
-"""Jamba's building blocks other than Mamba: RMSNorm, causal GQA attention, SwiGLU MLP, MoE.
+"""Jamba's building blocks other than Mamba and MoE: RMSNorm, causal GQA attention, SwiGLU MLP.
 
 Each follows transformers' modeling_jamba.py operation for operation (so float32 logits agree to
 1e-4); every parameter carries logical axis names for the mesh rules in `jamba_jax.sharding`.
@@ -112,81 +112,3 @@ class MLP(nn.Module):
         gate = Dense(cfg.intermediate_size, ("embed", "mlp"), cfg, name="gate_proj")(x)
         up = Dense(cfg.intermediate_size, ("embed", "mlp"), cfg, name="up_proj")(x)
         return Dense(cfg.hidden_size, ("mlp", "embed"), cfg, name="down_proj")(activation(cfg.hidden_act)(gate) * up)
-
-
-class Experts(nn.Module):
-    """Stacked SwiGLU experts applied dropless to tokens sorted by expert (a grouped matmul).
-
-    Routing follows MaxText's permute -> `jax.lax.ragged_dot` -> unpermute: every (token, choice)
-    pair is computed, none is dropped, and no [tokens, num_experts, ...] tensor is built.
-    """
-
-    cfg: JambaConfig
-
-    @nn.compact
-    def __call__(self, x_TxE, top_idx_TxK, top_w_TxK):
-        cfg = self.cfg
-        e, h, i = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
-        dtype = cfg.compute_dtype
-
-        def weight(name, shape, axes):
-            w = self.param(name, nn.with_logical_partitioning(normal_init(cfg), axes), shape, cfg.weights_dtype)
-            return w.astype(dtype)
-
-        w_gate = weight("gate_proj", (e, h, i), ("exp", "embed", "mlp"))
-        w_up = weight("up_proj", (e, h, i), ("exp", "embed", "mlp"))
-        w_down = weight("down_proj", (e, i, h), ("exp", "mlp", "embed"))
-
-        t, k = top_idx_TxK.shape
-        expert_of_M = top_idx_TxK.reshape(-1)  # M = t * k (token, choice) pairs
-        order_M = jnp.argsort(expert_of_M, stable=True)
-        token_of_M = order_M // k
-        group_sizes = jnp.bincount(expert_of_M, length=e).astype(jnp.int32)
-        x_MxE = x_TxE.astype(dtype)[token_of_M]
-        gate = jax.lax.ragged_dot(x_MxE, w_gate, group_sizes)
-        up = jax.lax.ragged_dot(x_MxE, w_up, group_sizes)
-        y_MxE = jax.lax.ragged_dot(activation(cfg.hidden_act)(gate) * up, w_down, group_sizes)
-        y_MxE = y_MxE * top_w_TxK.reshape(-1)[order_M][:, None].astype(dtype)
-        return jnp.zeros((t, h), dtype).at[token_of_M].add(y_MxE)
-
-
-class SparseMoE(nn.Module):
-    """Router softmax over all experts in float32, top-k without renormalisation, then experts.
-
-    Returns (y [batch, length, hidden], router_logits [batch, length, num_experts]).
-    """
-
-    cfg: JambaConfig
-
-    @nn.compact
-    def __call__(self, x_BxLxE):
-        cfg = self.cfg
-        b, length, h = x_BxLxE.shape
-        router_logits = Dense(cfg.num_experts, ("embed", None), cfg, name="router")(x_BxLxE)
-        probs = jax.nn.softmax(router_logits.astype(_F32), axis=-1)
-        top_w, top_idx = jax.lax.top_k(probs, cfg.num_experts_per_tok)
-        y = Experts(cfg, name="experts")(x_BxLxE.reshape(-1, h), top_idx.reshape(b * length, -1),
-                                         top_w.astype(cfg.compute_dtype).reshape(b * length, -1))
-        return y.reshape(b, length, h), router_logits
-
-
-def load_balancing_loss(router_logits: Sequence[jax.Array], num_experts: int, top_k: int,
-                        valid_BxL: jax.Array | None = None) -> jax.Array:
-    """Switch Transformer load-balancing loss over all MoE layers (transformers' formula).
-
-    E * sum_e f_e * P_e with f_e the fraction of (token, choice) assignments to expert e and P_e the
-    mean router probability of e, both over the real tokens of every MoE layer.
-    """
-    if not router_logits:
-        return jnp.zeros((), _F32)
-    counts = jnp.zeros((num_experts,), _F32)
-    prob_sum = jnp.zeros((num_experts,), _F32)
-    rows = 0.0
-    for logits_BxLxX in router_logits:
-        probs = jax.nn.softmax(logits_BxLxX.astype(_F32), axis=-1)
-        _, top = jax.lax.top_k(probs, top_k)
-        w = jnp.ones(probs.shape[:2], _F32) if valid_BxL is None else valid_BxL.astype(_F32)
-        counts = counts + jnp.sum(jax.nn.one_hot(top, num_experts, dtype=_F32) * w[..., None, None], axis=(0, 1, 2))
-        prob_sum = prob_sum + jnp.sum(probs * w[..., None], axis=(0, 1))
-        rows = rows + jnp.sum(w)
-    return num_experts * jnp.sum((counts / rows) * (prob_sum / rows))

@@ -6,20 +6,33 @@ import jax
 import jax.numpy as jnp
 
 
-def next_token_loss(logits_BxLxV, input_ids_BxL, weights_BxL=None):
-    """Mean cross-entropy of predicting token t+1 from position t (transformers' causal LM loss).
+def target_weights(input_ids_BxL, weights_BxL=None, segment_ids_BxL=None):
+    """[batch, length-1] float32: 1 where position t+1 is a real target for position t.
 
-    weights_BxL: 1 for real tokens, 0 for padding. A target t+1 counts only when both t and t+1
-    are real: predicting a left-padded row's first real token from a pad position is not a task
-    (and pad positions' logits are arbitrary). Returns (loss, number of target tokens).
+    A target counts only when both t and t+1 are real tokens (weights 1) of the same document
+    (segment id, 0 meaning padding): predicting a left-padded row's first token from a pad, or a
+    packed document's first token from the previous document, is not a task.
     """
-    logits = logits_BxLxV[:, :-1].astype(jnp.float32)
-    targets = input_ids_BxL[:, 1:]
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    if weights_BxL is None:
-        w = jnp.ones_like(nll)
-    else:
-        w = (weights_BxL[:, :-1] * weights_BxL[:, 1:]).astype(jnp.float32)
+    w = jnp.ones(input_ids_BxL[:, 1:].shape, jnp.float32)
+    if weights_BxL is not None:
+        w = w * (weights_BxL[:, :-1] * weights_BxL[:, 1:]).astype(jnp.float32)
+    if segment_ids_BxL is not None:
+        same = (segment_ids_BxL[:, :-1] == segment_ids_BxL[:, 1:]) & (segment_ids_BxL[:, 1:] != 0)
+        w = w * same.astype(jnp.float32)
+    return w
+
+
+def next_token_nll(logits_BxLxV, input_ids_BxL):
+    """[batch, length-1] float32 negative log-likelihood of token t+1 given positions <= t."""
+    logp = jax.nn.log_softmax(logits_BxLxV[:, :-1].astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(logp, input_ids_BxL[:, 1:, None], axis=-1)[..., 0]
+
+
+def next_token_loss(logits_BxLxV, input_ids_BxL, weights_BxL=None, segment_ids_BxL=None):
+    """Mean next-token cross-entropy over the real targets (transformers' causal LM loss).
+
+    Returns (loss, number of target tokens).
+    """
+    w = target_weights(input_ids_BxL, weights_BxL, segment_ids_BxL)
     count = jnp.sum(w)
-    return jnp.sum(nll * w) / jnp.maximum(count, 1.0), count
+    return jnp.sum(next_token_nll(logits_BxLxV, input_ids_BxL) * w) / jnp.maximum(count, 1.0), count

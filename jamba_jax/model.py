@@ -15,8 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jamba_jax.config import JambaConfig
-from jamba_jax.layers import MLP, Attention, RMSNorm, SparseMoE, attention_mask, load_balancing_loss, normal_init
+from jamba_jax.layers import MLP, Attention, RMSNorm, attention_mask, normal_init
 from jamba_jax.mamba import MambaMixer
+from jamba_jax.moe import SparseMoE, load_balancing_loss
 
 
 class TokenIdError(ValueError):
@@ -49,7 +50,10 @@ class DecoderLayer(nn.Module):
             x, router_logits = SparseMoE(cfg, name="feed_forward")(x)
         else:
             x = MLP(cfg, name="feed_forward")(x)
-        return h + x, router_logits
+        h = h + x
+        # Jamba-1.5's activation loss reads this (only when "intermediates" is mutable; free otherwise)
+        self.sow("intermediates", "activation_mean_square", jnp.mean(jnp.square(h.astype(jnp.float32))))
+        return h, router_logits
 
 
 class JambaModel(nn.Module):

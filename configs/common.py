@@ -1,0 +1,52 @@
+"""Fields shared by every training config; each job's get_config() starts from these."""
+
+import ml_collections
+
+
+def training_config():
+    c = ml_collections.ConfigDict()
+    c.task = "jamba_lm"  # which task main.py runs (tasks.TASKS)
+    c.seed = 0  # PRNG seed: init, data order
+    c.dry_run = False  # only build the abstract state and report parameter / memory sizes
+
+    c.num_train_steps = 1000  # optimizer steps
+    c.batch_size = 8  # sequences per optimizer step (global, all processes)
+    c.seq_len = 512  # tokens per packed row
+    c.grad_accum_steps = 1  # micro-batches per step (batch_size must divide by it)
+
+    c.learning_rate = 3e-4  # peak learning rate
+    c.warmup_steps = 100  # linear warmup from 0
+    c.min_lr_ratio = 0.1  # cosine decays to learning_rate * min_lr_ratio
+    c.weight_decay = 0.1  # AdamW decoupled decay (not on norms, biases, A_log, D)
+    c.adam_b1 = 0.9  # AdamW beta1
+    c.adam_b2 = 0.95  # AdamW beta2
+    c.adam_eps = 1e-8  # AdamW epsilon
+    c.grad_clip_norm = 1.0  # global-norm clipping
+    c.activation_loss_coef = 0.0  # Jamba-1.5 activation loss weight (0 = off)
+
+    c.log_every_steps = 10  # metrics.jsonl / TensorBoard cadence
+    c.eval_every_steps = 200  # eval loss and perplexity cadence
+    c.eval_batches = 16  # batches of the validation split per eval
+    c.save_every_steps = 200  # checkpoint cadence (and always at the end)
+    c.keep_checkpoints = 3  # checkpoints kept in workdir/checkpoints
+
+    c.sample_prompt = ""  # greedy sample printed at the end ("" = none)
+    c.sample_tokens = 32  # tokens in that sample
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "bundled"  # bundled | text | jsonl | tfds
+    c.data.train_files = ""  # text/jsonl: file or glob (or a list of them) for training
+    c.data.validation_files = ""  # text/jsonl: file or glob for validation
+    c.data.text_field = "text"  # jsonl/tfds: the field holding the text
+    c.data.tfds_name = ""  # tfds: dataset name, e.g. "lm1b"
+    c.data.tfds_data_dir = ""  # tfds: directory holding the prepared dataset
+    c.data.train_split = "train"  # tfds: split for training
+    c.data.validation_split = "test"  # tfds: split for eval
+    c.data.tokenizer = ""  # tokenizer.json or SentencePiece .model ("" = the bundled 2048-token BPE)
+
+    c.mesh = ml_collections.ConfigDict()  # device mesh axis sizes (-1 fills the remaining devices)
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    c.mesh.expert = 1
+    return c

@@ -1,0 +1,96 @@
+"""Jamba language-model pretraining / fine-tuning as a task of the shared training loop.
+
+Loss per target token: next-token cross-entropy (float32) + router_aux_loss_coef x the Switch
+load-balancing loss + activation_loss_coef x the mean over layers of the mean square of each
+decoder block's output (Jamba-1.5's activation loss, which keeps activations small enough for
+16-bit inference; 0 in the tiny default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jamba_jax import JambaConfig, JambaForCausalLM, format_param_table, init_params
+from jamba_jax.losses import next_token_nll, target_weights
+from training.data import lm_dataset, load_tokenizer, text_source
+
+
+class JambaLMTask:
+    name = "jamba_lm"
+
+    def __init__(self, config):
+        self.config = config
+        self.cfg = JambaConfig.from_dict(config.model.to_dict())
+        self.model = JambaForCausalLM(self.cfg)
+        self.tokenizer = None if config.dry_run else load_tokenizer(config.data.tokenizer, self.cfg.vocab_size)
+        print(format_param_table(self.cfg))
+
+    def meta(self) -> dict:
+        return {"task": self.name, "model": dataclasses.asdict(self.cfg)}
+
+    def init_params(self, rng):
+        return init_params(self.cfg, rng)
+
+    # --- data ------------------------------------------------------------------------------------
+    def _dataset(self, split, train, pidx=0, pcount=1):
+        c = self.config
+        return lm_dataset(text_source(c.data, split), self.tokenizer, batch_size=c.batch_size // pcount,
+                          seq_len=c.seq_len, seed=c.seed, train=train, process_index=pidx, process_count=pcount)
+
+    def train_dataset(self, process_index, process_count):
+        return self._dataset("train", True, process_index, process_count)
+
+    def eval_dataset(self):
+        return self._dataset("validation", False)
+
+    # --- loss --------------------------------------------------------------------------------------
+    def _forward(self, params, batch, with_activations):
+        inputs, segments = batch["inputs"], batch["segment_ids"]
+        if not with_activations:
+            return self.model.apply({"params": params}, inputs, segment_ids=segments), jnp.zeros((), jnp.float32)
+        out, state = self.model.apply({"params": params}, inputs, segment_ids=segments, mutable=["intermediates"])
+        return out, jnp.mean(jnp.stack(jax.tree.leaves(state["intermediates"])))
+
+    def loss(self, params, batch, rng):
+        del rng  # no dropout in Jamba
+        act_coef = self.config.activation_loss_coef
+        out, act = self._forward(params, batch, act_coef > 0)
+        w = target_weights(batch["inputs"], None, batch["segment_ids"])
+        tokens = jnp.sum(w)
+        ce = jnp.sum(next_token_nll(out.logits, batch["inputs"]) * w)
+        objective = ce + tokens * (self.cfg.router_aux_loss_coef * out.aux_loss + act_coef * act)
+        return objective, {"loss": ce, "aux_loss": tokens * out.aux_loss, "activation_loss": tokens * act,
+                           "tokens": tokens}
+
+    def eval_sums(self, params, batch):
+        out, _ = self._forward(params, batch, False)
+        w = target_weights(batch["inputs"], None, batch["segment_ids"])
+        return {"nll": jnp.sum(next_token_nll(out.logits, batch["inputs"]) * w), "tokens": jnp.sum(w)}
+
+    # --- end of training -----------------------------------------------------------------------------
+    def on_end(self, params):
+        prompt, n = self.config.sample_prompt, self.config.sample_tokens
+        if not prompt or n <= 0:
+            return
+        ids = [self.tokenizer.bos_id] + self.tokenizer.encode(prompt)
+        new = greedy_sample(self.model, params, ids, n, self.tokenizer.eos_id)
+        print(f"greedy sample: {prompt!r} -> {self.tokenizer.decode(new)!r}")
+
+
+def greedy_sample(model, params, prompt_ids, max_new_tokens, eos_id=None):
+    """Greedy continuation by full re-forward over one fixed-size buffer (one compilation; the cached
+    decoder lives in jamba_jax.generation)."""
+    total = len(prompt_ids) + max_new_tokens
+    buf = jnp.zeros((1, total), jnp.int32).at[0, :len(prompt_ids)].set(jnp.asarray(prompt_ids, jnp.int32))
+    fwd = jax.jit(lambda p, x: model.apply({"params": p}, x).logits[0])
+    new = []
+    for pos in range(len(prompt_ids), total):
+        token = int(jnp.argmax(fwd(params, buf)[pos - 1]))
+        if token == eos_id:
+            break
+        new.append(token)
+        buf = buf.at[0, pos].set(token)
+    return new

@@ -1,0 +1,192 @@
+"""Text data for language-model training: sources, tokenizers and a grain pipeline that packs
+documents into fixed-length rows with segment ids.
+
+Sources (`config.data.source`):
+  bundled  the WordNet-derived English corpus shipped in data/wordnet_corpus (train / validation)
+  text     local .txt files (optionally .gz), one document per line
+  jsonl    local .jsonl files (optionally .gz), one JSON object per line, text under `text_field`
+  tfds     any TFDS dataset prepared under `tfds_data_dir`, read with `tfds.data_source`
+           (array_record: random access, no TensorFlow needed), text under `text_field`
+
+The pipeline is deterministic: shard by JAX process, shuffle with the seed (a fresh order each
+epoch), tokenize (<bos> doc <eos>), concatenate and split into rows of `seq_len` with segment ids
+(1, 2, ... per document piece, 0 for padding), batch. Its iterator state is a small JSON dict saved
+with every checkpoint, so a resumed run sees exactly the batches the uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import os
+from typing import Any
+
+import grain
+import numpy as np
+from grain import experimental as grain_experimental
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUNDLED_CORPUS = os.path.join(ROOT, "data", "wordnet_corpus")
+BUNDLED_TOKENIZER = os.path.join(ROOT, "data", "tokenizer", "tokenizer.json")
+
+
+class DataError(ValueError):
+    """A data source or tokenizer that cannot be used as configured."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Tokenizers
+# ------------------------------------------------------------------------------------------------
+class TextTokenizer:
+    """A HF `tokenizer.json` or a SentencePiece `.model` behind one small interface."""
+
+    def __init__(self, path: str):
+        if not os.path.exists(path):
+            raise DataError(f"tokenizer file {path} does not exist")
+        self.path = path
+        if path.endswith(".model"):
+            import sentencepiece as spm
+
+            self._sp = spm.SentencePieceProcessor(model_file=path)
+            self.vocab_size = self._sp.get_piece_size()
+            self.bos_id, self.eos_id, self.pad_id = self._sp.bos_id(), self._sp.eos_id(), max(self._sp.pad_id(), 0)
+        else:
+            from tokenizers import Tokenizer
+
+            try:
+                self._tok = Tokenizer.from_file(path)
+            except Exception as e:  # tokenizers raises a bare Exception on malformed files
+                raise DataError(f"{path}: not a valid tokenizer.json ({e})") from e
+            self._sp = None
+            self.vocab_size = self._tok.get_vocab_size()
+            ids = [self._tok.token_to_id(t) for t in ("<pad>", "<bos>", "<eos>")]
+            self.pad_id = ids[0] if ids[0] is not None else 0
+            self.bos_id = ids[1] if ids[1] is not None else self._tok.token_to_id("<s>")
+            self.eos_id = ids[2] if ids[2] is not None else self._tok.token_to_id("</s>")
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text) if self._sp is not None else self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids]
+        return self._sp.decode(ids) if self._sp is not None else self._tok.decode(ids)
+
+
+def load_tokenizer(path: str | None, model_vocab_size: int) -> TextTokenizer:
+    tok = TextTokenizer(path or BUNDLED_TOKENIZER)
+    if tok.vocab_size > model_vocab_size:
+        raise DataError(f"tokenizer {tok.path} has {tok.vocab_size} tokens but the model's vocab_size is "
+                        f"{model_vocab_size}; raise config.model.vocab_size or use a smaller tokenizer")
+    return tok
+
+
+# ------------------------------------------------------------------------------------------------
+# Sources
+# ------------------------------------------------------------------------------------------------
+def _open_text(path: str):
+    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
+
+
+def _expand(patterns) -> list[str]:
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns or [])
+    files = []
+    for p in patterns:
+        matches = sorted(glob.glob(p))
+        if not matches:
+            raise DataError(f"data file {p} does not exist")
+        files += matches
+    if not files:
+        raise DataError("no data files configured")
+    return files
+
+
+def _read_lines(files: list[str], jsonl_field: str | None) -> list[str]:
+    docs = []
+    for path in files:
+        n_before = len(docs)
+        with _open_text(path) as f:
+            for i, line in enumerate(f):
+                if not line.strip():
+                    continue
+                if jsonl_field is None:
+                    docs.append(line.rstrip("\n"))
+                    continue
+                try:
+                    docs.append(json.loads(line)[jsonl_field])
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise DataError(f"{path}:{i + 1}: not a JSON object with a {jsonl_field!r} field ({e})") from e
+        if len(docs) == n_before:
+            raise DataError(f"data file {path} holds no documents (it is empty)")
+    return docs
+
+
+class _TfdsText:
+    """Random access to the text field of a TFDS array_record data source."""
+
+    def __init__(self, source, field: str):
+        self._source, self._field = source, field
+
+    def __len__(self):
+        return len(self._source)
+
+    def __getitem__(self, i):
+        value = self._source[i][self._field]
+        return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def text_source(data_cfg, split: str):
+    """A random-access sequence of document strings for `split` ('train' or 'validation')."""
+    kind = data_cfg.source
+    if kind == "bundled":
+        return _read_lines([os.path.join(BUNDLED_CORPUS, f"{split}.txt.gz")], None)
+    if kind in ("text", "jsonl"):
+        files = _expand(data_cfg.train_files if split == "train" else data_cfg.validation_files)
+        return _read_lines(files, data_cfg.text_field if kind == "jsonl" else None)
+    if kind == "tfds":
+        import tensorflow_datasets as tfds
+
+        tfds_split = data_cfg.train_split if split == "train" else data_cfg.validation_split
+        try:
+            source = tfds.data_source(data_cfg.tfds_name, split=tfds_split, data_dir=data_cfg.tfds_data_dir or None,
+                                      download=False)
+        except Exception as e:  # tfds raises several unrelated types for a missing dataset
+            raise DataError(f"TFDS dataset {data_cfg.tfds_name!r} split {tfds_split!r} is not readable from "
+                            f"{data_cfg.tfds_data_dir!r}: {e}") from e
+        if len(source) == 0:
+            raise DataError(f"TFDS dataset {data_cfg.tfds_name!r} split {tfds_split!r} is empty")
+        return _TfdsText(source, data_cfg.text_field)
+    raise DataError(f"config.data.source={kind!r}; expected one of 'bundled', 'text', 'jsonl', 'tfds'")
+
+
+# ------------------------------------------------------------------------------------------------
+# Pipeline
+# ------------------------------------------------------------------------------------------------
+def lm_dataset(docs, tokenizer: TextTokenizer, *, batch_size: int, seq_len: int, seed: int, train: bool,
+               process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+    """Batches {"inputs": int32 [batch, seq_len], "segment_ids": int32 [batch, seq_len]}."""
+    ds = grain.MapDataset.source(docs)
+    if process_count > 1:
+        ds = ds[process_index::process_count]
+    if len(ds) == 0:
+        raise DataError("the data source holds no documents for this process")
+    if train:
+        ds = ds.shuffle(seed=seed).repeat(None)  # a fresh permutation every epoch
+
+    bos, eos = tokenizer.bos_id, tokenizer.eos_id
+
+    def tokenize(text: str) -> dict[str, np.ndarray]:
+        ids = ([bos] if bos is not None else []) + tokenizer.encode(text) + ([eos] if eos is not None else [])
+        return {"inputs": np.asarray(ids, np.int32)}
+
+    it = ds.map(tokenize).to_iter_dataset()
+    it = grain_experimental.ConcatThenSplitIterDataset(it, length_struct={"inputs": seq_len})
+    it = it.batch(batch_size, drop_remainder=train)
+    return it.map(lambda b: {"inputs": b["inputs"], "segment_ids": b["inputs_segment_ids"]})
+
+
+def make_iterator(ds: grain.IterDataset, state: dict[str, Any] | None = None):
+    it = iter(ds)
+    if state is not None:
+        it.set_state(state)
+    return it
