@@ -7,6 +7,8 @@ A [d, n], B, C [b, L, n], h0 [b, d, n] (float32) and reset [b, L] bool or None, 
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -52,25 +54,23 @@ def scan_associative(u, dt, A, B, C, h0, reset):
     return y, h_BxLxDxN[:, -1]
 
 
+def _to_chunks(x, n_chunks, t, fill=0.0):  # [b, L, ...] -> [n_chunks, T, b, ...]
+    pad = n_chunks * t - x.shape[1]
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+    x = jnp.moveaxis(x, 1, 0)
+    return x.reshape((n_chunks, t) + x.shape[1:])
+
+
+def _from_chunks(x, length):  # [n_chunks, T, b, ...] -> [b, L, ...]
+    x = x.reshape((-1,) + x.shape[2:])[:length]
+    return jnp.moveaxis(x, 0, 1)
+
+
 # ------------------------------------------------------------------------------------------------
-# Chunk-rematerialised drivers: an outer lax.scan over chunks of T steps carries the state; each
-# chunk's body is wrapped in jax.checkpoint, so autodiff keeps only the chunk-boundary states and
+# Chunked associative: an outer lax.scan over chunks of T steps carries the state; each chunk's
+# body is wrapped in jax.checkpoint, so autodiff keeps only the chunk-boundary states and
 # recomputes one chunk at a time in the backward pass.
 # ------------------------------------------------------------------------------------------------
-def _chunk_sequential(A):
-    def run(h_BxDxN, xs):
-        def step(h, x):
-            u_t, dt_t, b_t, c_t, keep_t = x  # [b, d] [b, d] [b, n] [b, n] [b] or None
-            if keep_t is not None:
-                h = h * keep_t[:, None, None]
-            h = jnp.exp(dt_t[:, :, None] * A) * h + (dt_t * u_t)[:, :, None] * b_t[:, None, :]
-            return h, jnp.einsum("bdn,bn->bd", h, c_t)
-
-        return jax.lax.scan(step, h_BxDxN, xs)
-
-    return run
-
-
 def _chunk_parallel(A):
     def run(h_BxDxN, xs):
         u, dt, b, c, keep = xs  # [T, b, d] [T, b, d] [T, b, n] [T, b, n] [T, b] or None
@@ -83,33 +83,113 @@ def _chunk_parallel(A):
 
 
 def _run_chunks(u, dt, A, B, C, h0, reset, chunk, make_chunk_fn):
-    b, length, d = u.shape
+    length = u.shape[1]
     t = max(1, min(chunk, length))
-    n_chunks = -(-length // t)
-    pad = n_chunks * t - length
-
-    def to_chunks(x, fill=0.0):  # [b, L, ...] -> [n_chunks, T, b, ...]
-        # padded steps are no-ops: dt = 0 leaves h unchanged and keep = 1 does not reset it
-        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
-        x = jnp.moveaxis(x, 1, 0)
-        return x.reshape((n_chunks, t) + x.shape[1:])
-
-    keep = None if reset is None else to_chunks((~reset).astype(_F32), fill=1.0)
-    xs = (to_chunks(u.astype(_F32)), to_chunks(dt), to_chunks(B.astype(_F32)), to_chunks(C.astype(_F32)), keep)
+    n = -(-length // t)
+    # padded steps are no-ops: dt = 0 leaves h unchanged and keep = 1 does not reset it
+    keep = None if reset is None else _to_chunks((~reset).astype(_F32), n, t, fill=1.0)
+    xs = (_to_chunks(u.astype(_F32), n, t), _to_chunks(dt, n, t), _to_chunks(B.astype(_F32), n, t),
+          _to_chunks(C.astype(_F32), n, t), keep)
     run_chunk = jax.checkpoint(make_chunk_fn(A.astype(_F32)), prevent_cse=False)
     h, y = jax.lax.scan(run_chunk, h0, xs)  # y: [n_chunks, T, b, d]
-    y = y.reshape((n_chunks * t, b, d))[:length]
-    return jnp.moveaxis(y, 0, 1), h
-
-
-def scan_fused(u, dt, A, B, C, h0, reset, chunk=None):
-    """Sequential `lax.scan` discretising inside the step; chunks of about sqrt(L) steps balance the
-    saved boundary states against the per-chunk recompute buffer."""
-    chunk = chunk or max(1, int(round(u.shape[1] ** 0.5)))
-    return _run_chunks(u, dt, A, B, C, h0, reset, chunk, _chunk_sequential)
+    return _from_chunks(y, length), h
 
 
 def scan_chunked(u, dt, A, B, C, h0, reset, chunk=64):
     """Associative scan inside chunks of `chunk` steps, state carried across chunks: parallel within
     a chunk, memory bounded by one chunk's [b, chunk, d, n]."""
     return _run_chunks(u, dt, A, B, C, h0, reset, chunk, _chunk_parallel)
+
+
+# ------------------------------------------------------------------------------------------------
+# Fused sequential scan with a hand-written VJP. Forward: lax.scan over chunks of T steps, an inner
+# lax.scan discretising inside each step; it saves only the state at each chunk's start. Backward:
+# chunks in reverse; each recomputes its T states from the saved one, then runs the reverse-time
+# recurrence g_t = C_t dy_t + keep_{t+1} exp(dt_{t+1} A) g_{t+1} (the same algebra as the Pallas
+# kernel's backward). About 1.5x faster than autodiff through a rematerialised scan on CPU.
+# ------------------------------------------------------------------------------------------------
+def _step(A, h, u_t, dt_t, b_t, keep_t):
+    decay = keep_t[:, None, None] * jnp.exp(dt_t[:, :, None] * A)
+    return decay * h + (dt_t * u_t)[:, :, None] * b_t[:, None, :]
+
+
+def _forward(u, dt, A, B, C, keep, h0, chunk):
+    length = u.shape[1]
+    n_chunks = -(-length // chunk)
+    xs = (_to_chunks(u, n_chunks, chunk), _to_chunks(dt, n_chunks, chunk), _to_chunks(B, n_chunks, chunk),
+          _to_chunks(C, n_chunks, chunk), _to_chunks(keep, n_chunks, chunk, fill=1.0))
+
+    def chunk_body(h_start, xs_c):
+        def step(h, x):
+            u_t, dt_t, b_t, c_t, k_t = x
+            h = _step(A, h, u_t, dt_t, b_t, k_t)
+            return h, jnp.einsum("bdn,bn->bd", h, c_t)
+
+        h_end, y_c = jax.lax.scan(step, h_start, xs_c)
+        return h_end, (y_c, h_start)
+
+    h_last, (y, hs) = jax.lax.scan(chunk_body, h0, xs)
+    return _from_chunks(y, length), h_last, hs
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def fused_core(u, dt, A, B, C, keep, h0, chunk):
+    y, h_last, _ = _forward(u, dt, A, B, C, keep, h0, chunk)
+    return y, h_last
+
+
+def _fwd(u, dt, A, B, C, keep, h0, chunk):
+    y, h_last, hs = _forward(u, dt, A, B, C, keep, h0, chunk)
+    return (y, h_last), (u, dt, A, B, C, keep, hs)
+
+
+def _bwd(chunk, res, cts):
+    u, dt, A, B, C, keep, hs = res
+    dy, dh_last = cts
+    length = u.shape[1]
+    n_chunks = hs.shape[0]
+    ch = lambda x, fill=0.0: _to_chunks(x, n_chunks, chunk, fill)  # noqa: E731
+    xs = (ch(u), ch(dt), ch(B), ch(C), ch(keep, 1.0), ch(dy), hs)
+
+    def chunk_bwd(carry, xs_c):
+        u_c, dt_c, b_c, c_c, k_c, dy_c, h_start = xs_c
+
+        def fstep(h, x):  # recompute the chunk's states, keeping each step's decay for the reverse pass
+            u_t, dt_t, b_t, k_t = x
+            decay = k_t[:, None, None] * jnp.exp(dt_t[:, :, None] * A)
+            h = decay * h + (dt_t * u_t)[:, :, None] * b_t[:, None, :]
+            return h, (h, decay)
+
+        _, (h_all, decay_all) = jax.lax.scan(fstep, h_start, (u_c, dt_c, b_c, k_c))
+        h_prev_all = jnp.concatenate([h_start[None], h_all[:-1]], axis=0)
+
+        def bstep(carry, x):
+            g, da = carry
+            u_t, dt_t, b_t, c_t, dy_t, h_t, h_prev, decay = x
+            g = g + dy_t[:, :, None] * c_t[:, None, :]
+            gb = jnp.einsum("bdn,bn->bd", g, b_t)
+            gdh = g * decay * h_prev
+            outs = (dt_t * gb,                                           # du
+                    u_t * gb + jnp.einsum("bdn,dn->bd", gdh, A),         # d(dt)
+                    jnp.einsum("bdn,bd->bn", g, dt_t * u_t),             # dB
+                    jnp.einsum("bd,bdn->bn", dy_t, h_t))                 # dC
+            return (g * decay, da + jnp.einsum("bdn,bd->dn", gdh, dt_t)), outs
+
+        carry, outs = jax.lax.scan(bstep, carry, (u_c, dt_c, b_c, c_c, dy_c, h_all, h_prev_all, decay_all),
+                                   reverse=True)
+        return carry, outs
+
+    (g, da), (du, ddt, db, dc) = jax.lax.scan(chunk_bwd, (dh_last, jnp.zeros_like(A)), xs, reverse=True)
+    return (_from_chunks(du, length), _from_chunks(ddt, length), da, _from_chunks(db, length),
+            _from_chunks(dc, length), jnp.zeros_like(keep), g)
+
+
+fused_core.defvjp(_fwd, _bwd)
+
+
+def scan_fused(u, dt, A, B, C, h0, reset, chunk=None):
+    """Sequential scan, never more than one chunk of [b, d, n] states alive; chunks of about
+    sqrt(L) steps balance the saved boundary states against the per-chunk recompute buffer."""
+    chunk = max(1, min(chunk or int(round(u.shape[1] ** 0.5)), u.shape[1]))
+    keep = jnp.ones(u.shape[:2], _F32) if reset is None else (~reset).astype(_F32)
+    return fused_core(u.astype(_F32), dt, A.astype(_F32), B.astype(_F32), C.astype(_F32), keep, h0, chunk)

@@ -80,3 +80,30 @@ def test_traced_bad_ids_poison_instead_of_clamping(params):
     # NaN spreads through the row (attention mixes the bad key into every query's 0-weighted sum):
     # the row is visibly poisoned rather than silently computed from a clamped embedding.
     assert np.isnan(out[0, 2:]).all()
+
+
+@pytest.mark.parametrize("num_experts, top_k, tokens", [(4, 2, 96), (16, 2, 40), (3, 3, 7)])
+def test_blocked_and_ragged_grouped_matmuls_agree(num_experts, top_k, tokens):
+    """The CPU's blocked grouped matmul and jax.lax.ragged_dot give the same experts' outputs and
+    gradients, including experts that receive no token."""
+    from jamba_jax.moe import Experts
+
+    cfg = CFG.replace(num_experts=num_experts, num_experts_per_tok=top_k)
+    r = np.random.RandomState(num_experts)
+    x = jnp.asarray(r.randn(tokens, cfg.hidden_size), jnp.float32)
+    idx = jnp.asarray(np.stack([r.choice(num_experts - (num_experts > 3), top_k, replace=False)
+                                for _ in range(tokens)]))  # the last expert of 4 and 16 gets nothing
+    w = jnp.asarray(r.rand(tokens, top_k), jnp.float32)
+    params = Experts(cfg, impl="ragged").init(jax.random.PRNGKey(0), x, idx, w)
+
+    def run(impl):
+        f = lambda p, x: Experts(cfg, impl=impl).apply(p, x, idx, w)  # noqa: E731
+        y = f(params, x)
+        g = jax.grad(lambda p, x: jnp.sum(jnp.sin(f(p, x))), argnums=(0, 1))(params, x)
+        return y, g
+
+    y_r, g_r = run("ragged")
+    y_b, g_b = run("blocked")
+    np.testing.assert_allclose(y_b, y_r, rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_b), jax.tree.leaves(g_r), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
