@@ -44,13 +44,14 @@ def _run_jax(impl, length, mode, repeats):
     else:
         fn = jax.jit(jax.grad(lambda *a: jnp.sum(fwd(*a)), argnums=(0, 1, 2, 3, 4)))
     args = [x[k] for k in ("u", "delta", "A", "B", "C")]
+    temp_mb = fn.lower(*args).compile().memory_analysis().temp_size_in_bytes / 2**20
     jax.block_until_ready(fn(*args))
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t)
-    return min(times)
+    return min(times), temp_mb
 
 
 def _run_torch(length, mode, repeats):
@@ -69,14 +70,14 @@ def _run_torch(length, mode, repeats):
             if mode == "fwd_bwd":
                 y.sum().backward()
         times.append(time.perf_counter() - t)
-    return min(times)
+    return min(times), None
 
 
 def _child(impl, length, mode, repeats):
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    secs = _run_torch(length, mode, repeats) if impl == "torch" else _run_jax(impl, length, mode, repeats)
+    secs, temp_mb = _run_torch(length, mode, repeats) if impl == "torch" else _run_jax(impl, length, mode, repeats)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"seconds": secs, "peak_mb": peak_mb}))
+    print(json.dumps({"seconds": secs, "peak_mb": peak_mb, "xla_temp_mb": temp_mb}))
 
 
 def measure(impl, length, mode, repeats):
@@ -118,7 +119,8 @@ def main(argv=None):
             ratio = f"{peer / r['seconds']:.1f}x" if peer and "seconds" in r else "-"
             cell = f"{r['seconds']:.3f}" if "seconds" in r else r["error"]
             peak = f"{r['peak_mb']:,.0f}" if "peak_mb" in r else "-"
-            rows.append(f"| {length} | {impl} | {mode} | {cell} | {peak} | {ratio} | {full_mb:,.0f} |")
+            temp = f"{r['xla_temp_mb']:,.0f}" if r.get("xla_temp_mb") is not None else "-"
+            rows.append(f"| {length} | {impl} | {mode} | {cell} | {peak} | {temp} | {ratio} | {full_mb:,.0f} |")
     body = f"""## Selective scan on CPU (issue: selective-scan kernels)
 
 Command: `python -m benchmarks.selective_scan --lengths {' '.join(map(str, args.lengths))}`
@@ -128,9 +130,11 @@ own process, peak RSS of that process (includes the Python runtime and the input
 transformers' `mamba_selective_scan` slow path (what JambaForCausalLM runs on CPU); its backward allocates a full [b,d,L,n] gradient per time step,
 so it is measured at 2K only. Ratio: torch time / this time, same mode.
 `pallas` is left out here: on CPU it runs in interpret mode, a correctness tool, not a fast path.
+XLA temp MB: the compiled program's scratch memory (`memory_analysis().temp_size_in_bytes`), beside
+the size of one [b, L, d, n] float32 tensor: the fused scan's scratch stays far below it.
 
-| length | impl | mode | seconds | peak RSS MB | speed-up vs torch | one [b,L,d,n] f32 tensor MB |
-| ---: | --- | --- | ---: | ---: | ---: | ---: |
+| length | impl | mode | seconds | peak RSS MB | XLA temp MB | speed-up vs torch | one [b,L,d,n] f32 tensor MB |
+| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |
 """ + "\n".join(rows) + "\n"
     print(body)
     write_section("selective_scan", body)
