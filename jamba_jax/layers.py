@@ -65,7 +65,7 @@ class RMSNorm(nn.Module):
         return scale.astype(self.cfg.compute_dtype) * x32.astype(x.dtype)
 
 
-def attention_mask(valid_BxL, segment_ids_BxL=None):
+def make_attention_mask(valid_BxL, segment_ids_BxL=None):
     """Boolean [batch, q, k] mask: causal, keys must be real tokens, and (packed rows) same segment."""
     length = valid_BxL.shape[1]
     causal_QxK = jnp.tril(jnp.ones((length, length), dtype=bool))
@@ -76,12 +76,17 @@ def attention_mask(valid_BxL, segment_ids_BxL=None):
 
 
 class Attention(nn.Module):
-    """Causal grouped-query attention with no positional embedding (the Jamba paper's choice)."""
+    """Causal grouped-query attention with no positional embedding (the Jamba paper's choice).
+
+    With `kv_cache` ({"k", "v": [batch, max_length, kv_heads, head_dim]}), the chunk's keys and
+    values are written at `index` and the queries attend over the whole cache (the mask says which
+    slots are real and causal); returns (y, updated cache). Without it, returns (y, None).
+    """
 
     cfg: JambaConfig
 
     @nn.compact
-    def __call__(self, x_BxLxE, mask_BxQxK):
+    def __call__(self, x_BxLxE, mask_BxQxK, kv_cache=None, index=None):
         cfg = self.cfg
         nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         b, length, _ = x_BxLxE.shape
@@ -90,15 +95,22 @@ class Attention(nn.Module):
         v = Dense(nkv * hd, ("embed", "kv_heads"), cfg, name="v_proj")(x_BxLxE)
         groups = nh // nkv
         q_BxLxKxGxD = q.reshape(b, length, nkv, groups, hd)
-        k_BxLxKxD = k.reshape(b, length, nkv, hd)
-        v_BxLxKxD = v.reshape(b, length, nkv, hd)
-        logits = jnp.einsum("bqkgd,bskd->bkgqs", q_BxLxKxGxD, k_BxLxKxD) * (hd ** -0.5)
+        k_BxSxKxD = k.reshape(b, length, nkv, hd)
+        v_BxSxKxD = v.reshape(b, length, nkv, hd)
+        new_cache = None
+        if kv_cache is not None:
+            start = (0, index, 0, 0)
+            k_BxSxKxD = jax.lax.dynamic_update_slice(kv_cache["k"], k_BxSxKxD.astype(kv_cache["k"].dtype), start)
+            v_BxSxKxD = jax.lax.dynamic_update_slice(kv_cache["v"], v_BxSxKxD.astype(kv_cache["v"].dtype), start)
+            new_cache = {"k": k_BxSxKxD, "v": v_BxSxKxD}
+            k_BxSxKxD, v_BxSxKxD = k_BxSxKxD.astype(q.dtype), v_BxSxKxD.astype(q.dtype)
+        logits = jnp.einsum("bqkgd,bskd->bkgqs", q_BxLxKxGxD, k_BxSxKxD) * (hd ** -0.5)
         # A finite minimum (not -inf) keeps fully masked rows (left padding) free of NaN.
         logits = jnp.where(mask_BxQxK[:, None, None], logits.astype(_F32), jnp.finfo(_F32).min)
         probs = jax.nn.softmax(logits, axis=-1).astype(cfg.compute_dtype)
-        out_BxLxKxGxD = jnp.einsum("bkgqs,bskd->bqkgd", probs, v_BxLxKxD)
+        out_BxLxKxGxD = jnp.einsum("bkgqs,bskd->bqkgd", probs, v_BxSxKxD)
         out = out_BxLxKxGxD.reshape(b, length, nh * hd)
-        return Dense(cfg.hidden_size, ("q_heads", "embed"), cfg, name="o_proj")(out)
+        return Dense(cfg.hidden_size, ("q_heads", "embed"), cfg, name="o_proj")(out), new_cache
 
 
 class MLP(nn.Module):

@@ -54,10 +54,14 @@ def _dt_bias_init(dt_min=1e-3, dt_max=0.1, floor=1e-4):
 
 
 class MambaMixer(nn.Module):
+    """Returns (y, new state). With `state` ({"conv": [batch, d_conv-1, d_inner], "ssm": [batch,
+    d_inner, d_state] float32}) the chunk continues from it (cached generation, chunked prefill);
+    without it the sequence starts from zeros and the new state is None."""
+
     cfg: JambaConfig
 
     @nn.compact
-    def __call__(self, x_BxLxE, valid_BxL=None, segment_ids_BxL=None):
+    def __call__(self, x_BxLxE, valid_BxL=None, segment_ids_BxL=None, state=None):
         cfg = self.cfg
         d_inner, n, r, k = cfg.mamba_d_inner, cfg.mamba_d_state, cfg.mamba_dt_rank, cfg.mamba_d_conv
         dtype, pdtype = cfg.compute_dtype, cfg.weights_dtype
@@ -75,7 +79,8 @@ class MambaMixer(nn.Module):
         if cfg.mamba_conv_bias:
             conv_bias = self.param("conv_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("mamba_inner",)),
                                    (d_inner,), pdtype).astype(dtype)
-        x, _ = causal_depthwise_conv(x, conv_kernel, conv_bias, segment_ids_BxL=segment_ids_BxL)
+        x, conv_state = causal_depthwise_conv(x, conv_kernel, conv_bias, None if state is None else state["conv"],
+                                              segment_ids_BxL=segment_ids_BxL)
         x = activation(cfg.hidden_act)(x)
         if mask is not None:
             x = x * mask
@@ -102,7 +107,10 @@ class MambaMixer(nn.Module):
         if segment_ids_BxL is not None:  # a packed document starts where the segment id changes
             reset = jnp.concatenate([jnp.ones_like(segment_ids_BxL[:, :1], dtype=bool),
                                      segment_ids_BxL[:, 1:] != segment_ids_BxL[:, :-1]], axis=1)
-        y = selective_scan(x, dt, A, B, C, D=d_skip.astype(_F32), z=z, delta_bias=dt_bias.astype(_F32),
-                           delta_softplus=True, reset=reset, impl=cfg.scan_impl)
-        return Dense(cfg.hidden_size, ("mamba_inner", "embed"), cfg, use_bias=cfg.mamba_proj_bias,
-                     name="out_proj")(y.astype(dtype))
+        y, ssm_state = selective_scan(x, dt, A, B, C, D=d_skip.astype(_F32), z=z, delta_bias=dt_bias.astype(_F32),
+                                      delta_softplus=True, initial_state=None if state is None else state["ssm"],
+                                      return_final_state=True, reset=reset, impl=cfg.scan_impl)
+        out = Dense(cfg.hidden_size, ("mamba_inner", "embed"), cfg, use_bias=cfg.mamba_proj_bias,
+                    name="out_proj")(y.astype(dtype))
+        new_state = None if state is None else {"conv": conv_state.astype(state["conv"].dtype), "ssm": ssm_state}
+        return out, new_state

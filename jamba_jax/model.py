@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jamba_jax.config import JambaConfig
-from jamba_jax.layers import MLP, Attention, RMSNorm, attention_mask, normal_init
+from jamba_jax.layers import MLP, Attention, RMSNorm, make_attention_mask, normal_init
 from jamba_jax.mamba import MambaMixer
 from jamba_jax.moe import SparseMoE, load_balancing_loss
 
@@ -29,6 +29,7 @@ class JambaOutput:
     logits: jax.Array  # [batch, length, vocab]
     router_logits: tuple  # one [batch, length, num_experts] per MoE layer, in layer order
     aux_loss: jax.Array  # scalar: Switch load-balancing loss (not yet scaled by router_aux_loss_coef)
+    cache: dict | None = None  # the updated hybrid cache when one was passed in (jamba_jax.cache)
 
 
 class DecoderLayer(nn.Module):
@@ -36,13 +37,13 @@ class DecoderLayer(nn.Module):
     layer_idx: int
 
     @nn.compact
-    def __call__(self, h, valid_BxL, mask_BxQxK, segment_ids_BxL):
+    def __call__(self, h, valid_BxL, mask_BxQxK, segment_ids_BxL, layer_cache=None, index=None):
         cfg, i = self.cfg, self.layer_idx
         x = RMSNorm(cfg, name="input_layernorm")(h)
         if cfg.is_attention_layer(i):
-            x = Attention(cfg, name="self_attn")(x, mask_BxQxK)
+            x, layer_cache = Attention(cfg, name="self_attn")(x, mask_BxQxK, layer_cache, index)
         else:
-            x = MambaMixer(cfg, name="mamba")(x, valid_BxL, segment_ids_BxL)
+            x, layer_cache = MambaMixer(cfg, name="mamba")(x, valid_BxL, segment_ids_BxL, layer_cache)
         h = h + x
         x = RMSNorm(cfg, name="pre_ff_layernorm")(h)
         router_logits = None
@@ -53,29 +54,35 @@ class DecoderLayer(nn.Module):
         h = h + x
         # Jamba-1.5's activation loss reads this (only when "intermediates" is mutable; free otherwise)
         self.sow("intermediates", "activation_mean_square", jnp.mean(jnp.square(h.astype(jnp.float32))))
-        return h, router_logits
+        return h, router_logits, layer_cache
 
 
 class JambaModel(nn.Module):
-    """Embedding, decoder layers, final norm. Returns (hidden [batch, length, hidden], router logits)."""
+    """Embedding, decoder layers, final norm.
+
+    Returns (hidden [batch, length, hidden], router logits, per-layer caches or None).
+    """
 
     cfg: JambaConfig
 
     @nn.compact
-    def __call__(self, input_ids, valid_BxL, segment_ids=None):
+    def __call__(self, input_ids, valid_BxL, mask_BxQxK, segment_ids=None, layer_caches=None, index=None):
         cfg = self.cfg
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype, param_dtype=cfg.weights_dtype,
                          embedding_init=nn.with_logical_partitioning(normal_init(cfg), ("vocab", "embed")),
                          name="embed_tokens")
         h = embed(input_ids)
-        mask = attention_mask(valid_BxL, segment_ids)
         layer_cls = nn.remat(DecoderLayer) if cfg.remat else DecoderLayer
-        router_logits = []
+        router_logits, new_caches = [], []
         for i in range(cfg.num_hidden_layers):
-            h, rl = layer_cls(cfg, i, name=f"layers_{i}")(h, valid_BxL, mask, segment_ids)
+            layer_cache = None if layer_caches is None else layer_caches[i]
+            h, rl, layer_cache = layer_cls(cfg, i, name=f"layers_{i}")(h, valid_BxL, mask_BxQxK, segment_ids,
+                                                                       layer_cache, index)
+            new_caches.append(layer_cache)
             if rl is not None:
                 router_logits.append(rl)
-        return RMSNorm(cfg, name="final_layernorm")(h), tuple(router_logits)
+        hidden = RMSNorm(cfg, name="final_layernorm")(h)
+        return hidden, tuple(router_logits), None if layer_caches is None else new_caches
 
 
 def check_token_ids(input_ids, vocab_size: int):
@@ -95,19 +102,34 @@ class JambaForCausalLM(nn.Module):
     attention_mask: [batch, length], 1 for real tokens, 0 for padding (left padding for batches).
     segment_ids: optional [batch, length] document ids of packed rows (0 = padding); attention
     stays inside a document and the Mamba state restarts at each document's first token.
+    cache: optional hybrid cache (`jamba_jax.cache.init_cache`); the tokens continue from it at
+    position cache["index"] and the output carries the updated cache (prefill and decoding).
     """
 
     cfg: JambaConfig
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask: jax.Array | None = None, segment_ids=None):
+    def __call__(self, input_ids, attention_mask: jax.Array | None = None, segment_ids=None, cache=None):
         cfg = self.cfg
         check_token_ids(input_ids, cfg.vocab_size)
         if attention_mask is None:
             valid = jnp.ones(input_ids.shape, bool) if segment_ids is None else segment_ids != 0
         else:
             valid = attention_mask.astype(bool)
-        hidden, router_logits = JambaModel(cfg, name="model")(input_ids, valid, segment_ids)
+        if cache is None:
+            mask, layer_caches, index, new_cache = make_attention_mask(valid, segment_ids), None, None, None
+        else:
+            if segment_ids is not None:
+                raise ValueError("segment_ids (packed rows) and a generation cache cannot be combined")
+            index = cache["index"]
+            key_valid = jax.lax.dynamic_update_slice(cache["valid"], valid, (0, index))
+            q_pos = index + jnp.arange(input_ids.shape[1])
+            causal = jnp.arange(key_valid.shape[1])[None, None, :] <= q_pos[None, :, None]
+            mask, layer_caches = causal & key_valid[:, None, :], cache["layers"]
+        hidden, router_logits, new_layers = JambaModel(cfg, name="model")(
+            input_ids, valid, mask, segment_ids, layer_caches, index)
+        if cache is not None:
+            new_cache = {"index": index + input_ids.shape[1], "valid": key_valid, "layers": new_layers}
         if cfg.tie_word_embeddings:
             table = nn.unbox(self.variables["params"]["model"]["embed_tokens"]["embedding"])
             logits = hidden @ table.astype(cfg.compute_dtype).T
@@ -117,4 +139,4 @@ class JambaForCausalLM(nn.Module):
             logits = hidden @ kernel.astype(cfg.compute_dtype)
         aux = load_balancing_loss(router_logits, cfg.num_experts, cfg.num_experts_per_tok,
                                   None if attention_mask is None and segment_ids is None else valid)
-        return JambaOutput(logits=logits, router_logits=router_logits, aux_loss=aux)
+        return JambaOutput(logits=logits, router_logits=router_logits, aux_loss=aux, cache=new_cache)

@@ -1,0 +1,45 @@
+"""The hybrid cache of Jamba generation: a KV cache per attention layer, a conv + SSM state per
+Mamba layer (Jamba paper, section 2: only the few attention layers pay per-token memory).
+
+  {"index": int32 scalar (tokens written so far),
+   "valid": bool [batch, max_length] (which slots hold real tokens: left padding is not),
+   "layers": [per layer: {"k", "v": [batch, max_length, kv_heads, head_dim]}        (attention)
+                      or {"conv": [batch, d_conv - 1, d_inner], "ssm": [batch, d_inner, d_state] f32}]}
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from jamba_jax.config import JambaConfig
+
+
+def init_cache(cfg: JambaConfig, batch: int, max_length: int, dtype=None) -> dict:
+    """An empty cache for `batch` rows of up to `max_length` tokens; KV in `dtype` (default: the
+    compute dtype), SSM states always float32."""
+    dtype = jnp.dtype(dtype or cfg.compute_dtype)
+    layers = []
+    for i in range(cfg.num_hidden_layers):
+        if cfg.is_attention_layer(i):
+            shape = (batch, max_length, cfg.num_key_value_heads, cfg.head_dim)
+            layers.append({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)})
+        else:
+            layers.append({"conv": jnp.zeros((batch, cfg.mamba_d_conv - 1, cfg.mamba_d_inner), cfg.compute_dtype),
+                           "ssm": jnp.zeros((batch, cfg.mamba_d_inner, cfg.mamba_d_state), jnp.float32)})
+    return {"index": jnp.zeros((), jnp.int32), "valid": jnp.zeros((batch, max_length), bool), "layers": layers}
+
+
+def cache_bytes(cfg: JambaConfig, batch: int, length: int, dtype="bfloat16") -> dict[str, int]:
+    """Bytes of the hybrid cache from the config alone: {"kv", "mamba", "total"}.
+
+    KV: 2 (k and v) x batch x length x kv_heads x head_dim x itemsize(dtype) per attention layer;
+    Mamba: the conv window in the compute dtype and the float32 SSM state, independent of length.
+    """
+    item = np.dtype(jnp.dtype(dtype)).itemsize
+    conv_item = np.dtype(cfg.compute_dtype).itemsize
+    n_attn = sum(cfg.is_attention_layer(i) for i in range(cfg.num_hidden_layers))
+    n_mamba = cfg.num_hidden_layers - n_attn
+    kv = n_attn * 2 * batch * length * cfg.num_key_value_heads * cfg.head_dim * item
+    mamba = n_mamba * batch * cfg.mamba_d_inner * ((cfg.mamba_d_conv - 1) * conv_item + cfg.mamba_d_state * 4)
+    return {"kv": kv, "mamba": mamba, "total": kv + mamba}

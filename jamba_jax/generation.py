@@ -1,0 +1,125 @@
+"""Generation with the hybrid cache: chunked prefill, then one jitted decode step per token.
+
+Prefill feeds the prompt in chunks of `prefill_chunk` tokens, carrying the Mamba states and filling
+the KV cache, so a long prompt needs the weights, the KV cache and one chunk's activations. Each
+decode step is one call of a single jitted function with static shapes (no recompilation per
+token). Left-padded batches work (pass their attention_mask); each row stops at its own EOS and is
+padded with pad_token_id after it.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jamba_jax.cache import init_cache
+from jamba_jax.model import JambaForCausalLM, check_token_ids
+
+
+class GenerationError(ValueError):
+    """Generation arguments that cannot work (empty prompt, too long, bad sampling settings)."""
+
+
+def sample_logits(logits_BxV, rng, temperature: float, top_k: int | None, top_p: float | None):
+    """Greedy at temperature 0; otherwise softmax(logits / temperature) restricted to the top_k
+    tokens and to the smallest set whose probability reaches top_p."""
+    if temperature == 0.0:
+        return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    logits = logits_BxV.astype(jnp.float32) / temperature
+    neg = jnp.finfo(jnp.float32).min
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, neg, logits)
+    if top_p is not None and top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of the tokens ranked above each one
+        cutoff = jnp.min(jnp.where(before < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, neg, logits)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _prefill_chunk(model: JambaForCausalLM, params, cache, ids_BxC, mask_BxC):
+    out = model.apply({"params": params}, ids_BxC, attention_mask=mask_BxC, cache=cache)
+    return out.logits[:, -1].astype(jnp.float32), out.cache
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 9, 10), donate_argnums=(2,))
+def _decode_step(model, params, cache, logits_BxV, done_B, rng, temperature, top_k, top_p, eos_id, pad_id):
+    """Samples the next token from `logits`, then runs it through the model: (token, done, logits, cache)."""
+    token = sample_logits(logits_BxV, rng, temperature, top_k, top_p)
+    token = jnp.where(done_B, pad_id, token)
+    if eos_id is not None:
+        done_B = done_B | (token == eos_id)
+    out = model.apply({"params": params}, token[:, None], cache=cache)
+    return token, done_B, out.logits[:, -1].astype(jnp.float32), out.cache
+
+
+def prefill(model: JambaForCausalLM, params, input_ids, attention_mask=None, max_length: int | None = None,
+            prefill_chunk: int | None = None, cache_dtype=None):
+    """Runs the prompt through the model in chunks; returns (logits of its last position, cache)."""
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    b, p = input_ids.shape
+    mask = jnp.ones((b, p), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+    cache = init_cache(model.cfg, b, max_length or p, cache_dtype)
+    chunk = prefill_chunk or p
+    logits = None
+    for start in range(0, p, chunk):
+        logits, cache = _prefill_chunk(model, params, cache, input_ids[:, start:start + chunk],
+                                       mask[:, start:start + chunk])
+    return logits, cache
+
+
+def generate(model: JambaForCausalLM, params, input_ids, attention_mask=None, max_new_tokens: int = 32,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             eos_token_id: int | None = None, pad_token_id: int | None = None, rng=None,
+             max_length: int | None = None, prefill_chunk: int | None = None,
+             callback: Callable[[int, np.ndarray], None] | None = None) -> np.ndarray:
+    """New tokens [batch, max_new_tokens] (int32); rows that hit EOS are padded with pad_token_id.
+
+    input_ids: [batch, prompt] (left-padded, with attention_mask, for a batch of unequal prompts).
+    max_length: cache size (default prompt + max_new_tokens); a longer request is an error.
+    callback(step, tokens [batch]) is called as each token arrives (streaming).
+    """
+    cfg = model.cfg
+    input_ids = np.asarray(input_ids)
+    if input_ids.ndim != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
+        raise GenerationError(f"input_ids must be a non-empty [batch, prompt] array; got shape {input_ids.shape}")
+    check_token_ids(input_ids, cfg.vocab_size)
+    if max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens={max_new_tokens} must be at least 1")
+    if temperature < 0:
+        raise GenerationError(f"temperature={temperature} must be >= 0")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise GenerationError(f"top_p={top_p} must lie in (0, 1]")
+    if top_k is not None and top_k < 1:
+        raise GenerationError(f"top_k={top_k} must be at least 1")
+    needed = input_ids.shape[1] + max_new_tokens
+    max_length = max_length or needed
+    if needed > max_length:
+        raise GenerationError(f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) = {needed} "
+                              f"exceeds the cache's max_length ({max_length})")
+    if attention_mask is not None and not np.asarray(attention_mask).any(axis=1).all():
+        raise GenerationError("a row of attention_mask has no real token: every prompt needs at least one")
+    pad_id = cfg.pad_token_id if pad_token_id is None else pad_token_id
+    pad_id = 0 if pad_id is None else pad_id
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+
+    logits, cache = prefill(model, params, input_ids, attention_mask, max_length, prefill_chunk)
+    b = input_ids.shape[0]
+    done = jnp.zeros((b,), bool)
+    tokens = np.full((b, max_new_tokens), pad_id, np.int32)
+    for step in range(max_new_tokens):
+        token, done, logits, cache = _decode_step(model, params, cache, logits, done, jax.random.fold_in(rng, step),
+                                                  float(temperature), top_k, top_p, eos_token_id, int(pad_id))
+        tokens[:, step] = np.asarray(token)
+        if callback is not None:
+            callback(step, tokens[:, step])
+        if bool(jnp.all(done)):
+            break
+    return tokens

@@ -1,0 +1,156 @@
+"""Generation with the hybrid cache against the full forward pass and transformers' generate."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from conftest import make_hf_model, random_ids
+
+import jamba_jax
+from jamba_jax import GenerationError, TokenIdError
+from jamba_jax.generation import _decode_step, prefill
+
+
+@pytest.fixture(scope="module")
+def model_and_params(tmp_path_factory):
+    hf_model, path = make_hf_model(tmp_path_factory.mktemp("gen"), seed=21)
+    with torch.no_grad():  # peaky next-token distributions: greedy choices far from ties
+        hf_model.lm_head.weight.mul_(20.0)
+    hf_model.save_pretrained(path)
+    cfg, params = jamba_jax.load_hf_checkpoint(path)
+    return hf_model, jamba_jax.JambaForCausalLM(cfg), params
+
+
+def padded_prompts(vocab):
+    ids = random_ids((3, 11), vocab, seed=22)
+    mask = np.ones_like(ids)
+    mask[1, :3] = 0
+    mask[2, :7] = 0
+    ids[mask == 0] = 0
+    return ids, mask
+
+
+def test_cached_decode_matches_full_forward_at_every_position(model_and_params):
+    _, model, params = model_and_params
+    ids, mask = padded_prompts(model.cfg.vocab_size)
+    full = model.apply({"params": params}, ids, attention_mask=mask).logits
+    cache = jamba_jax.init_cache(model.cfg, ids.shape[0], ids.shape[1])
+    step = jax.jit(lambda p, c, x, m: model.apply({"params": p}, x, attention_mask=m, cache=c))
+    for t in range(ids.shape[1]):  # one token at a time through the cache
+        out = step(params, cache, ids[:, t:t + 1], mask[:, t:t + 1])
+        cache = out.cache
+        real = mask[:, t].astype(bool)
+        np.testing.assert_allclose(np.asarray(out.logits[:, 0])[real], np.asarray(full[:, t])[real], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 5])
+def test_chunked_prefill_equals_one_pass(model_and_params, chunk):
+    _, model, params = model_and_params
+    ids, mask = padded_prompts(model.cfg.vocab_size)
+    logits_1, cache_1 = prefill(model, params, ids, mask, max_length=16)
+    logits_c, cache_c = prefill(model, params, ids, mask, max_length=16, prefill_chunk=chunk)
+    np.testing.assert_allclose(logits_c, logits_1, atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(cache_c["valid"], cache_1["valid"])
+    real = np.asarray(cache_1["valid"])  # K/V of pad slots are never attended to; only real slots must agree
+    for layer_c, layer_1 in zip(cache_c["layers"], cache_1["layers"], strict=True):
+        for key in layer_1:
+            a, b = np.asarray(layer_c[key], np.float32), np.asarray(layer_1[key], np.float32)
+            if key in ("k", "v"):
+                a, b = a[real], b[real]
+            np.testing.assert_allclose(a, b, atol=1e-4, rtol=0, err_msg=key)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_greedy_tokens_equal_transformers_generate(model_and_params, padded):
+    hf_model, model, params = model_and_params
+    cfg = model.cfg
+    ids, mask = padded_prompts(cfg.vocab_size)
+    if not padded:
+        ids, mask = ids[:1], mask[:1]
+    ours = jamba_jax.generate(model, params, ids, attention_mask=mask, max_new_tokens=32,
+                              eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id)
+    with torch.no_grad():
+        theirs = hf_model.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
+                                   max_new_tokens=32, eos_token_id=cfg.eos_token_id,
+                                   pad_token_id=cfg.pad_token_id)[:, ids.shape[1]:].numpy()
+    expected = np.full_like(ours, cfg.pad_token_id)
+    expected[:, :theirs.shape[1]] = theirs  # transformers stops early once every row has ended
+    np.testing.assert_array_equal(ours, expected)
+    assert len(set(ours[0].tolist())) > 3  # a real continuation, not one repeated token
+
+
+def test_sampling_is_reproducible_with_a_fixed_rng(model_and_params):
+    _, model, params = model_and_params
+    ids, mask = padded_prompts(model.cfg.vocab_size)
+    kw = dict(attention_mask=mask, max_new_tokens=12, temperature=1.5, top_k=20, top_p=0.9)
+    a = jamba_jax.generate(model, params, ids, rng=jax.random.PRNGKey(1), **kw)
+    b = jamba_jax.generate(model, params, ids, rng=jax.random.PRNGKey(1), **kw)
+    c = jamba_jax.generate(model, params, ids, rng=jax.random.PRNGKey(2), **kw)
+    np.testing.assert_array_equal(a, b)
+    assert (a != c).any()
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy(model_and_params):
+    _, model, params = model_and_params
+    ids = random_ids((2, 6), model.cfg.vocab_size, seed=23)
+    greedy = jamba_jax.generate(model, params, ids, max_new_tokens=8)
+    for kw in (dict(top_k=1), dict(top_p=1e-6)):
+        sampled = jamba_jax.generate(model, params, ids, max_new_tokens=8, temperature=1.0,
+                                     rng=jax.random.PRNGKey(3), **kw)
+        np.testing.assert_array_equal(sampled, greedy)
+
+
+def test_eos_ends_a_row_and_pads_it(model_and_params):
+    _, model, params = model_and_params
+    ids = random_ids((2, 6), model.cfg.vocab_size, seed=24)
+    free = jamba_jax.generate(model, params, ids, max_new_tokens=10)
+    eos = int(free[0, 3])  # pretend the 4th token of row 0 is EOS
+    out = jamba_jax.generate(model, params, ids, max_new_tokens=10, eos_token_id=eos, pad_token_id=0)
+    first = int(np.argmax(out[0] == eos))
+    assert (out[0, first + 1:] == 0).all() and first <= 3
+    np.testing.assert_array_equal(out[0, :first + 1], free[0, :first + 1])
+
+
+def test_decode_steps_do_not_recompile(model_and_params):
+    _, model, params = model_and_params
+    ids = random_ids((2, 5), model.cfg.vocab_size, seed=25)
+    jamba_jax.generate(model, params, ids, max_new_tokens=3)
+    before = _decode_step._cache_size()
+    jamba_jax.generate(model, params, ids, max_new_tokens=3)  # same shapes: nothing new
+    jamba_jax.generate(model, params, ids[:, :4], max_new_tokens=4)  # same cache size 8: nothing new
+    assert _decode_step._cache_size() == before
+
+
+def test_bad_generation_inputs_are_named(model_and_params):
+    _, model, params = model_and_params
+    ids = random_ids((1, 5), model.cfg.vocab_size, seed=26)
+    with pytest.raises(GenerationError, match="exceeds the cache's max_length"):
+        jamba_jax.generate(model, params, ids, max_new_tokens=10, max_length=12)
+    with pytest.raises(GenerationError, match="non-empty"):
+        jamba_jax.generate(model, params, np.zeros((1, 0), np.int32))
+    with pytest.raises(GenerationError, match="top_p=1.5"):
+        jamba_jax.generate(model, params, ids, top_p=1.5, temperature=1.0)
+    with pytest.raises(GenerationError, match="top_p=0"):
+        jamba_jax.generate(model, params, ids, top_p=0.0, temperature=1.0)
+    bad = ids.copy()
+    bad[0, 1] = model.cfg.vocab_size
+    with pytest.raises(TokenIdError):
+        jamba_jax.generate(model, params, bad)
+
+
+def test_cache_bytes_match_the_jamba_paper():
+    from configs import jamba_large, jamba_mini
+
+    gib = 2**30
+    for module, kv_gib in ((jamba_mini, 4), (jamba_large, 9)):
+        cfg = jamba_jax.JambaConfig.from_dict(module.get_config().model.to_dict())
+        b = jamba_jax.cache_bytes(cfg, batch=1, length=262144, dtype="bfloat16")
+        assert b["kv"] == kv_gib * gib
+        assert b["mamba"] < 100 * 2**20  # Mini 16 MB, Large 72 MB per sequence, whatever the length
+    small = jamba_jax.JambaConfig(vocab_size=97, hidden_size=32, intermediate_size=40, num_hidden_layers=4,
+                                  num_attention_heads=4, num_key_value_heads=2, attn_layer_period=2,
+                                  attn_layer_offset=1, num_experts=4, mamba_d_state=8)
+    cache = jamba_jax.init_cache(small, 2, 10, jnp.bfloat16)
+    measured = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache["layers"]))
+    assert measured == jamba_jax.cache_bytes(small, 2, 10, "bfloat16")["total"]
