@@ -1,17 +1,22 @@
-"""Task registry: `config.task` names the task main.py trains with the shared loop."""
+"""Task registry: `config.task` names what main.py runs with (config, workdir)."""
 
 from __future__ import annotations
 
-from training import train
 
-
-def _jamba_lm(config):
+def _jamba_lm(config, workdir):
     from tasks.jamba_lm import JambaLMTask
+    from training import train
 
-    return JambaLMTask(config)
+    return train.run(JambaLMTask(config), config, workdir)
 
 
-TASKS = {"jamba_lm": _jamba_lm}
+def _generate(config, workdir):
+    from tasks import generate
+
+    return generate.run(config, workdir)
+
+
+TASKS = {"jamba_lm": _jamba_lm, "generate": _generate}
 
 
 class UnknownTaskError(ValueError):
@@ -23,4 +28,4 @@ def run(config, workdir: str):
         raise UnknownTaskError(f"config has no `task` field; expected one of {sorted(TASKS)}")
     if config.task not in TASKS:
         raise UnknownTaskError(f"unknown task {config.task!r}; expected one of {sorted(TASKS)}")
-    return train.run(TASKS[config.task](config), config, workdir)
+    return TASKS[config.task](config, workdir)

@@ -154,3 +154,23 @@ def test_cache_bytes_match_the_jamba_paper():
     cache = jamba_jax.init_cache(small, 2, 10, jnp.bfloat16)
     measured = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache["layers"]))
     assert measured == jamba_jax.cache_bytes(small, 2, 10, "bfloat16")["total"]
+
+
+def test_generate_cli_streams_text_from_a_training_checkpoint(tmp_path, capsys):
+    from test_training import small_config
+
+    import tasks
+    from configs import generate as generate_config
+
+    workdir = str(tmp_path / "run")
+    tasks.run(small_config(num_train_steps=3, save_every_steps=3, eval_every_steps=3), workdir)
+    capsys.readouterr()
+    config = generate_config.get_config()
+    config.checkpoint, config.prompt, config.max_new_tokens = workdir, "dog:", 6
+    out = tasks.run(config, str(tmp_path))
+    printed = capsys.readouterr().out
+    assert out.shape == (1, 6) and printed.startswith("dog:") and len(printed.strip()) > len("dog:")
+    with pytest.raises(jamba_jax.CheckpointError, match="neither"):
+        config.checkpoint = str(tmp_path / "empty")
+        (tmp_path / "empty").mkdir()
+        tasks.run(config, str(tmp_path))

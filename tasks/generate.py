@@ -1,0 +1,76 @@
+"""Generation from a checkpoint, streaming tokens to stdout as they come.
+
+  python main.py --config=configs/generate.py --config.checkpoint=DIR --config.prompt="..."
+
+DIR is a training workdir (its latest checkpoint in DIR/checkpoints) or an orbax directory written
+by `python -m jamba_jax.convert hf-to-orbax`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jamba_jax import JambaConfig, JambaForCausalLM, generate
+from jamba_jax.hf_checkpoint import CheckpointError
+from jamba_jax.orbax_io import CONFIG_FILE, load_params
+from jamba_jax.params import abstract_params
+from training.data import load_tokenizer
+
+
+def load_checkpoint(path: str) -> tuple[JambaConfig, dict]:
+    """(cfg, params) from a converter directory or from a training run's latest checkpoint."""
+    path = os.path.abspath(path)
+    if os.path.exists(os.path.join(path, CONFIG_FILE)):
+        return load_params(path)
+    root = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+    if not os.path.isdir(root):
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    mngr = ocp.CheckpointManager(root, item_names=("state", "data", "meta"),
+                                 options=ocp.CheckpointManagerOptions(read_only=True))
+    step = mngr.latest_step()
+    if step is None:
+        raise CheckpointError(f"{path}: holds neither {CONFIG_FILE} nor a training checkpoint")
+    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    if "model" not in meta:
+        raise CheckpointError(f"{root}/{step}: the checkpoint's metadata names no Jamba model")
+    cfg = JambaConfig.from_dict(meta["model"])
+    abstract = {"params": jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), abstract_params(cfg))}
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(dtype=s.dtype, sharding=device), abstract)
+    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=abstract, restore_args=restore_args, partial_restore=True))).state  # params only
+    mngr.close()
+    return cfg, state["params"]
+
+
+def run(config, workdir: str) -> np.ndarray:
+    del workdir
+    if not config.checkpoint:
+        raise CheckpointError("set --config.checkpoint to a training workdir or a converted orbax directory")
+    cfg, params = load_checkpoint(config.checkpoint)
+    tokenizer = load_tokenizer(config.tokenizer, cfg.vocab_size)
+    ids = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(config.prompt)
+    model = JambaForCausalLM(cfg)
+    sys.stdout.write(config.prompt)
+    sys.stdout.flush()
+    emitted: list[int] = []
+
+    def stream(step, tokens):  # print the text each new token adds
+        before = tokenizer.decode(emitted)
+        if tokens[0] != tokenizer.eos_id:
+            emitted.append(int(tokens[0]))
+        sys.stdout.write(tokenizer.decode(emitted)[len(before):])
+        sys.stdout.flush()
+
+    out = generate(model, params, jnp.asarray([ids], jnp.int32), max_new_tokens=config.max_new_tokens,
+                   temperature=config.temperature, top_k=config.top_k or None, top_p=config.top_p or None,
+                   eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
+                   rng=jax.random.PRNGKey(config.seed), prefill_chunk=config.prefill_chunk or None, callback=stream)
+    sys.stdout.write("\n")
+    return out
