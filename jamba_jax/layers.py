@@ -75,6 +75,57 @@ def make_attention_mask(valid_BxL, segment_ids_BxL=None):
     return mask
 
 
+ATTN_BLOCK = 1024  # keys per block of the online-softmax path, used past 2 * ATTN_BLOCK keys
+
+
+def dense_attention(q_BxQxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_BxQxS):
+    """softmax(q k^T / sqrt(d)) v in float32, materialising [batch, heads, q, s]."""
+    hd = q_BxQxKxGxD.shape[-1]
+    logits = jnp.einsum("bqkgd,bskd->bkgqs", q_BxQxKxGxD, k_BxSxKxD) * (hd ** -0.5)
+    # A finite minimum (not -inf) keeps fully masked rows (left padding) free of NaN.
+    logits = jnp.where(mask_BxQxS[:, None, None], logits.astype(_F32), jnp.finfo(_F32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_BxSxKxD.dtype)
+    return jnp.einsum("bkgqs,bskd->bqkgd", probs, v_BxSxKxD)
+
+
+def blockwise_attention(q_BxQxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_BxQxS, block: int, live_blocks=None):
+    """The same attention with an online softmax over key blocks (memory-efficient attention, Rabe &
+    Staats 2021; FlashAttention's recurrence): memory O(q x block) instead of O(q x s).
+
+    live_blocks: a (traced) count of leading key blocks that can hold unmasked keys; later blocks
+    are skipped (causal prefill and decoding from a long cache). None visits every block.
+    """
+    b, s, nkv, hd = k_BxSxKxD.shape
+    pad = (-s) % block
+    if pad:
+        k_BxSxKxD = jnp.pad(k_BxSxKxD, [(0, 0), (0, pad), (0, 0), (0, 0)])
+        v_BxSxKxD = jnp.pad(v_BxSxKxD, [(0, 0), (0, pad), (0, 0), (0, 0)])
+        mask_BxQxS = jnp.pad(mask_BxQxS, [(0, 0), (0, 0), (0, pad)])
+    n_blocks = (s + pad) // block
+    q32 = q_BxQxKxGxD.astype(_F32) * (hd ** -0.5)
+    lowest = jnp.finfo(_F32).min
+    q_len, groups = q_BxQxKxGxD.shape[1], q_BxQxKxGxD.shape[3]
+
+    def body(j, carry):
+        m, denom, acc = carry  # running max [b, K, G, q], softmax denominator (same), output [b, q, K, G, d]
+        kb = jax.lax.dynamic_slice_in_dim(k_BxSxKxD, j * block, block, axis=1).astype(_F32)
+        vb = jax.lax.dynamic_slice_in_dim(v_BxSxKxD, j * block, block, axis=1).astype(_F32)
+        mb = jax.lax.dynamic_slice_in_dim(mask_BxQxS, j * block, block, axis=2)
+        logits = jnp.where(mb[:, None, None], jnp.einsum("bqkgd,bskd->bkgqs", q32, kb), lowest)
+        m_new = jnp.maximum(m, logits.max(-1))
+        p = jnp.exp(logits - m_new[..., None])
+        corr = jnp.exp(m - m_new)
+        denom = denom * corr + p.sum(-1)
+        acc = acc * jnp.moveaxis(corr, -1, 1)[..., None] + jnp.einsum("bkgqs,bskd->bqkgd", p, vb)
+        return m_new, denom, acc
+
+    init = (jnp.full((b, nkv, groups, q_len), lowest, _F32), jnp.zeros((b, nkv, groups, q_len), _F32),
+            jnp.zeros((b, q_len, nkv, groups, hd), _F32))
+    upper = n_blocks if live_blocks is None else jnp.minimum(live_blocks, n_blocks)
+    _, denom, acc = jax.lax.fori_loop(0, upper, body, init)
+    return acc / jnp.moveaxis(denom, -1, 1)[..., None]
+
+
 class Attention(nn.Module):
     """Causal grouped-query attention with no positional embedding (the Jamba paper's choice).
 
@@ -104,12 +155,12 @@ class Attention(nn.Module):
             v_BxSxKxD = jax.lax.dynamic_update_slice(kv_cache["v"], v_BxSxKxD.astype(kv_cache["v"].dtype), start)
             new_cache = {"k": k_BxSxKxD, "v": v_BxSxKxD}
             k_BxSxKxD, v_BxSxKxD = k_BxSxKxD.astype(q.dtype), v_BxSxKxD.astype(q.dtype)
-        logits = jnp.einsum("bqkgd,bskd->bkgqs", q_BxLxKxGxD, k_BxSxKxD) * (hd ** -0.5)
-        # A finite minimum (not -inf) keeps fully masked rows (left padding) free of NaN.
-        logits = jnp.where(mask_BxQxK[:, None, None], logits.astype(_F32), jnp.finfo(_F32).min)
-        probs = jax.nn.softmax(logits, axis=-1).astype(cfg.compute_dtype)
-        out_BxLxKxGxD = jnp.einsum("bkgqs,bskd->bqkgd", probs, v_BxSxKxD)
-        out = out_BxLxKxGxD.reshape(b, length, nh * hd)
+        if k_BxSxKxD.shape[1] > 2 * ATTN_BLOCK:
+            live = None if index is None else (index + length + ATTN_BLOCK - 1) // ATTN_BLOCK
+            out_BxLxKxGxD = blockwise_attention(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_BxQxK, ATTN_BLOCK, live)
+        else:
+            out_BxLxKxGxD = dense_attention(q_BxLxKxGxD, k_BxSxKxD, v_BxSxKxD, mask_BxQxK)
+        out = out_BxLxKxGxD.astype(cfg.compute_dtype).reshape(b, length, nh * hd)
         return Dense(cfg.hidden_size, ("q_heads", "embed"), cfg, name="o_proj")(out), new_cache
 
 

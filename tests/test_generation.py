@@ -174,3 +174,22 @@ def test_generate_cli_streams_text_from_a_training_checkpoint(tmp_path, capsys):
         config.checkpoint = str(tmp_path / "empty")
         (tmp_path / "empty").mkdir()
         tasks.run(config, str(tmp_path))
+
+
+def test_long_context_attention_path_matches(model_and_params, monkeypatch):
+    """With a 2-key block, the forward pass and cached prefill/decoding take the blockwise path
+    (skipping blocks past the current position) and give the dense path's logits and tokens."""
+    import jamba_jax.layers as layers
+
+    _, model, params = model_and_params
+    ids, mask = padded_prompts(model.cfg.vocab_size)
+    dense_logits = model.apply({"params": params}, ids, attention_mask=mask).logits
+    dense_tokens = jamba_jax.generate(model, params, ids, attention_mask=mask, max_new_tokens=8, prefill_chunk=4)
+    monkeypatch.setattr(layers, "ATTN_BLOCK", 2)
+    jax.clear_caches()
+    block_logits = model.apply({"params": params}, ids, attention_mask=mask).logits
+    real = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(block_logits)[real], np.asarray(dense_logits)[real], atol=1e-4, rtol=0)
+    block_tokens = jamba_jax.generate(model, params, ids, attention_mask=mask, max_new_tokens=8, prefill_chunk=4)
+    jax.clear_caches()
+    np.testing.assert_array_equal(block_tokens, dense_tokens)
