@@ -36,3 +36,24 @@ def write_section(name: str, body: str) -> None:
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     with open(BENCHMARKS_MD, "w") as f:
         f.write(text)
+
+
+def tiny_models(**hf_overrides):
+    """transformers' JambaForCausalLM with the tiny config (torch seed 0), and our (cfg, params)
+    loaded from its save_pretrained output: the same weights on both sides."""
+    import tempfile
+
+    import torch
+    import transformers
+
+    import jamba_jax
+    from configs import jamba_tiny
+
+    cfg = jamba_jax.JambaConfig.from_dict(jamba_tiny.get_config().model.to_dict())
+    hf_kwargs = {k: v for k, v in cfg.to_hf_dict().items() if k not in ("model_type", "architectures", "dtype")}
+    torch.manual_seed(0)
+    hf = transformers.JambaForCausalLM(transformers.JambaConfig(**{**hf_kwargs, **hf_overrides})).eval()
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        cfg, params = jamba_jax.load_hf_checkpoint(d)
+    return hf, cfg, params

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -19,8 +18,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import jamba_jax  # noqa: E402
-from benchmarks.common import machine, time_fn, write_section  # noqa: E402
-from configs import jamba_tiny  # noqa: E402
+from benchmarks.common import machine, time_fn, tiny_models, write_section  # noqa: E402
 
 
 def main(argv=None):
@@ -30,13 +28,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
 
-    cfg = jamba_jax.JambaConfig.from_dict(jamba_tiny.get_config().model.to_dict())
-    hf_kwargs = {k: v for k, v in cfg.to_hf_dict().items() if k not in ("model_type", "architectures", "dtype")}
-    torch.manual_seed(0)
-    hf = transformers.JambaForCausalLM(transformers.JambaConfig(**hf_kwargs)).eval()
-    with tempfile.TemporaryDirectory() as d:
-        hf.save_pretrained(d)
-        cfg, params = jamba_jax.load_hf_checkpoint(d)
+    hf, cfg, params = tiny_models()
 
     ids = np.random.RandomState(0).randint(0, cfg.vocab_size, (args.batch, args.seq_len))
     model = jamba_jax.JambaForCausalLM(cfg)

@@ -15,7 +15,6 @@ import os
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -50,15 +49,10 @@ def _prefill_child(length: int) -> None:
 
 def decode_figures(batches, prompt_len, new_tokens):
     import torch
-    import transformers
 
-    cfg = tiny_cfg()
-    hf_kwargs = {k: v for k, v in cfg.to_hf_dict().items() if k not in ("model_type", "architectures", "dtype")}
-    torch.manual_seed(0)
-    hf = transformers.JambaForCausalLM(transformers.JambaConfig(**hf_kwargs)).eval()
-    with tempfile.TemporaryDirectory() as d:
-        hf.save_pretrained(d)
-        cfg, params = jamba_jax.load_hf_checkpoint(d)
+    from benchmarks.common import tiny_models
+
+    hf, cfg, params = tiny_models()
     model = jamba_jax.JambaForCausalLM(cfg)
     rows = []
     for batch in batches:

@@ -12,8 +12,9 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jamba_jax import JambaConfig, JambaForCausalLM, format_param_table, init_params
+from jamba_jax import JambaConfig, JambaForCausalLM, format_param_table, generate, init_params
 from jamba_jax.losses import next_token_nll, target_weights
 from training.data import lm_dataset, load_tokenizer, text_source
 
@@ -75,22 +76,7 @@ class JambaLMTask:
         prompt, n = self.config.sample_prompt, self.config.sample_tokens
         if not prompt or n <= 0:
             return
-        ids = [self.tokenizer.bos_id] + self.tokenizer.encode(prompt)
-        new = greedy_sample(self.model, params, ids, n, self.tokenizer.eos_id)
-        print(f"greedy sample: {prompt!r} -> {self.tokenizer.decode(new)!r}")
-
-
-def greedy_sample(model, params, prompt_ids, max_new_tokens, eos_id=None):
-    """Greedy continuation by full re-forward over one fixed-size buffer (one compilation; the cached
-    decoder lives in jamba_jax.generation)."""
-    total = len(prompt_ids) + max_new_tokens
-    buf = jnp.zeros((1, total), jnp.int32).at[0, :len(prompt_ids)].set(jnp.asarray(prompt_ids, jnp.int32))
-    fwd = jax.jit(lambda p, x: model.apply({"params": p}, x).logits[0])
-    new = []
-    for pos in range(len(prompt_ids), total):
-        token = int(jnp.argmax(fwd(params, buf)[pos - 1]))
-        if token == eos_id:
-            break
-        new.append(token)
-        buf = buf.at[0, pos].set(token)
-    return new
+        ids = np.asarray([[self.tokenizer.bos_id] + self.tokenizer.encode(prompt)], np.int32)
+        new = generate(self.model, params, ids, max_new_tokens=n, eos_token_id=self.tokenizer.eos_id,
+                       pad_token_id=self.tokenizer.pad_id)[0]
+        print(f"greedy sample: {prompt!r} -> {self.tokenizer.decode(new[new != self.tokenizer.pad_id])!r}")
