@@ -1,10 +1,12 @@
-"""Generation with the hybrid cache: chunked prefill, then one jitted decode step per token.
+"""Generation with the hybrid cache: chunked prefill, then decoding: one compiled
+while-loop over all steps, or (when streaming through a callback) one jitted step per token.
 
 Prefill feeds the prompt in chunks of `prefill_chunk` tokens, carrying the Mamba states and filling
-the KV cache, so a long prompt needs the weights, the KV cache and one chunk's activations. Each
-decode step is one call of a single jitted function with static shapes (no recompilation per
-token). Left-padded batches work (pass their attention_mask); each row stops at its own EOS and is
-padded with pad_token_id after it.
+the KV cache, so a long prompt needs the weights, the KV cache and one chunk's activations. Decoding
+runs with static shapes (no recompilation per token): without a callback as one compiled
+while-loop over all steps, with a callback as one call of a single jitted step per token.
+Left-padded batches work (pass their attention_mask); each row stops at its own EOS and is padded
+with pad_token_id after it.
 """
 
 from __future__ import annotations
@@ -60,6 +62,27 @@ def _decode_step(model, params, cache, logits_BxV, done_B, rng, temperature, top
     return token, done_B, out.logits[:, -1].astype(jnp.float32), out.cache
 
 
+@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 9, 10, 11))
+def _decode_loop(model, params, cache, logits_BxV, done_B, rng, n_steps, temperature, top_k, top_p, eos_id, pad_id):
+    """All `n_steps` decode steps in one compiled while-loop (stops early once every row is done)."""
+    b = logits_BxV.shape[0]
+
+    def cond(carry):
+        step, _, _, done, _ = carry
+        return (step < n_steps) & ~jnp.all(done)
+
+    def body(carry):
+        step, cache, logits, done, tokens = carry
+        token, done, logits, cache = _decode_step.__wrapped__(model, params, cache, logits, done,
+                                                              jax.random.fold_in(rng, step), temperature, top_k,
+                                                              top_p, eos_id, pad_id)
+        return step + 1, cache, logits, done, tokens.at[:, step].set(token)
+
+    tokens = jnp.full((b, n_steps), pad_id, jnp.int32)
+    init = (jnp.zeros((), jnp.int32), cache, logits_BxV, done_B, tokens)
+    return jax.lax.while_loop(cond, body, init)[4]
+
+
 def prefill(model: JambaForCausalLM, params, input_ids, attention_mask=None, max_length: int | None = None,
             prefill_chunk: int | None = None, cache_dtype=None):
     """Runs the prompt through the model in chunks; returns (logits of its last position, cache)."""
@@ -113,6 +136,9 @@ def generate(model: JambaForCausalLM, params, input_ids, attention_mask=None, ma
     logits, cache = prefill(model, params, input_ids, attention_mask, max_length, prefill_chunk)
     b = input_ids.shape[0]
     done = jnp.zeros((b,), bool)
+    if callback is None:  # no streaming: the whole decode runs as one compiled loop
+        return np.asarray(_decode_loop(model, params, cache, logits, done, rng, max_new_tokens, float(temperature),
+                                       top_k, top_p, eos_token_id, int(pad_id)))
     tokens = np.full((b, max_new_tokens), pad_id, np.int32)
     for step in range(max_new_tokens):
         token, done, logits, cache = _decode_step(model, params, cache, logits, done, jax.random.fold_in(rng, step),

@@ -160,12 +160,32 @@ def read_hf_config(path: str, **overrides) -> JambaConfig:
     return JambaConfig.from_hf_dict(d, **overrides)
 
 
-def load_hf_checkpoint(path: str, **config_overrides) -> tuple[JambaConfig, dict[str, Any]]:
+def load_hf_checkpoint(path: str, quantize: str | None = None, **config_overrides) -> tuple[JambaConfig, dict]:
     """Reads a local HF Jamba directory. `config_overrides` set our fields (dtype, param_dtype, ...).
 
+    quantize="experts_int8" quantises each expert stack and dense MLP weight as soon as it is read
+    (jamba_jax.quantization), so the full-precision model never sits in memory.
     Returns (cfg, params) with params a plain nested dict of arrays in `cfg.param_dtype`.
     """
     cfg = read_hf_config(path, **config_overrides)
+    if quantize not in (None, "experts_int8"):
+        raise CheckpointError(f"quantize={quantize!r}; the supported scheme is 'experts_int8'")
+    quant_paths = {}
+    if quantize:
+        from jamba_jax.quantization import QuantizationError, quantize_int8, quantized_weights
+
+        if not any(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers)):
+            raise QuantizationError(f"{path}: the config has no mixture-of-experts layer to quantise")
+        quant_paths = {p + (name,): scale for p, name, scale in quantized_weights(cfg, include_mlp=True)}
+
+    def store(fpath, value_np):
+        if fpath in quant_paths:
+            q, scale = quantize_int8(value_np, xp=np)
+            _set(params, fpath, jnp.asarray(q))
+            _set(params, fpath[:-1] + (quant_paths[fpath],), jnp.asarray(scale))
+        else:
+            _set(params, fpath, jnp.asarray(value_np))
+
     shapes = abstract_params(cfg)
     table = {e.hf_key: e for e in param_table(cfg)}
     files = _shard_files(path)
@@ -202,7 +222,7 @@ def load_hf_checkpoint(path: str, **config_overrides) -> tuple[JambaConfig, dict
             except SafetensorError as e:
                 raise CheckpointError(f"{fpath}: cannot read tensor {key}: {e}") from e
             if entry.expert is None:
-                _set(params, entry.path, jnp.asarray(value))
+                store(entry.path, value)
                 continue
             if entry.path not in pending:
                 pending[entry.path] = [np.empty(flax_shape, dtype), flax_shape[0]]
@@ -210,7 +230,7 @@ def load_hf_checkpoint(path: str, **config_overrides) -> tuple[JambaConfig, dict
             slot[0][entry.expert] = value
             slot[1] -= 1
             if slot[1] == 0:
-                _set(params, entry.path, jnp.asarray(pending.pop(entry.path)[0]))
+                store(entry.path, pending.pop(entry.path)[0])
     return cfg, params
 
 

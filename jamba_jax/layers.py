@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jamba_jax.config import JambaConfig
+from kernels.int8_matmul import int8_matmul
 
 _F32 = jnp.float32
 
@@ -42,7 +43,12 @@ class Dense(nn.Module):
         kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes),
                             (x.shape[-1],) + feats, self.cfg.weights_dtype)
         dtype = self.cfg.compute_dtype
-        y = jnp.tensordot(x.astype(dtype), kernel.astype(dtype), axes=((x.ndim - 1,), (0,)))
+        if self.has_variable("params", "kernel_scale"):  # ExpertsInt8-quantised dense MLP weight
+            scale = self.get_variable("params", "kernel_scale")
+            y = int8_matmul(x.astype(dtype).reshape(-1, x.shape[-1]), kernel.reshape(kernel.shape[0], -1),
+                            scale.reshape(-1)).reshape(x.shape[:-1] + feats)
+        else:
+            y = jnp.tensordot(x.astype(dtype), kernel.astype(dtype), axes=((x.ndim - 1,), (0,)))
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
                               feats, self.cfg.weights_dtype)

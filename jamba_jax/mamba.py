@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from jamba_jax.config import JambaConfig
 from jamba_jax.layers import Dense, RMSNorm, activation, normal_init
-from kernels import selective_scan
+from kernels import selective_scan, selective_state_update
 
 _F32 = jnp.float32
 
@@ -107,9 +107,15 @@ class MambaMixer(nn.Module):
         if segment_ids_BxL is not None:  # a packed document starts where the segment id changes
             reset = jnp.concatenate([jnp.ones_like(segment_ids_BxL[:, :1], dtype=bool),
                                      segment_ids_BxL[:, 1:] != segment_ids_BxL[:, :-1]], axis=1)
-        y, ssm_state = selective_scan(x, dt, A, B, C, D=d_skip.astype(_F32), z=z, delta_bias=dt_bias.astype(_F32),
-                                      delta_softplus=True, initial_state=None if state is None else state["ssm"],
-                                      return_final_state=True, reset=reset, impl=cfg.scan_impl)
+        if state is not None and x.shape[1] == 1:  # one decoding step: no scan machinery
+            y, ssm_state = selective_state_update(state["ssm"], x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0],
+                                                  D=d_skip.astype(_F32), z=z[:, 0], dt_bias=dt_bias.astype(_F32),
+                                                  dt_softplus=True)
+            y = y[:, None]
+        else:
+            y, ssm_state = selective_scan(x, dt, A, B, C, D=d_skip.astype(_F32), z=z, delta_bias=dt_bias.astype(_F32),
+                                          delta_softplus=True, initial_state=None if state is None else state["ssm"],
+                                          return_final_state=True, reset=reset, impl=cfg.scan_impl)
         out = Dense(cfg.hidden_size, ("mamba_inner", "embed"), cfg, use_bias=cfg.mamba_proj_bias,
                     name="out_proj")(y.astype(dtype))
         new_state = None if state is None else {"conv": conv_state.astype(state["conv"].dtype), "ssm": ssm_state}

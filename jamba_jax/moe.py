@@ -21,15 +21,18 @@ import jax.numpy as jnp
 
 from jamba_jax.config import JambaConfig
 from jamba_jax.layers import Dense, activation, normal_init
+from kernels.int8_matmul import int8_matmul
 
 _F32 = jnp.float32
 
 
-def _ffn_ragged(x_MxH, group_sizes_E, expert_of_M, w_gate, w_up, w_down, act):
-    del expert_of_M
-    gate = jax.lax.ragged_dot(x_MxH, w_gate, group_sizes_E)
-    up = jax.lax.ragged_dot(x_MxH, w_up, group_sizes_E)
-    return jax.lax.ragged_dot(act(gate) * up, w_down, group_sizes_E)
+def _ffn_ragged(x_MxH, group_sizes_E, expert_of_M, w_gate, w_up, w_down, act, scales=None):
+    def mm(x, w, s):  # int8 weights: the convert fuses into the grouped GEMM, rows scaled by their expert
+        y = jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes_E)
+        return y if s is None else (y * s[expert_of_M]).astype(x.dtype)
+
+    sg, su, sd = scales or (None, None, None)
+    return mm(act(mm(x_MxH, w_gate, sg)) * mm(x_MxH, w_up, su), w_down, sd)
 
 
 def _block_rows(m: int, e: int) -> int:
@@ -38,7 +41,7 @@ def _block_rows(m: int, e: int) -> int:
     return 1 << (target.bit_length() - 1)
 
 
-def _ffn_blocked(x_MxH, group_sizes_E, expert_of_M, w_gate, w_up, w_down, act):
+def _ffn_blocked(x_MxH, group_sizes_E, expert_of_M, w_gate, w_up, w_down, act, scales=None):
     m, h = x_MxH.shape
     e = w_gate.shape[0]
     blk = _block_rows(m, e)
@@ -51,9 +54,14 @@ def _ffn_blocked(x_MxH, group_sizes_E, expert_of_M, w_gate, w_up, w_down, act):
     padded_end_E = jnp.cumsum(padded_E)
     block_expert = jnp.minimum(jnp.searchsorted(padded_end_E, jnp.arange(n_blocks) * blk, side="right"), e - 1)
 
+    def mm(x, w, s, ex):
+        return x @ w[ex] if s is None else int8_matmul(x, w[ex], s[ex])
+
+    sg, su, sd = scales or (None, None, None)
+
     def one_block(args):
         xb, ex = args
-        return (act(xb @ w_gate[ex]) * (xb @ w_up[ex])) @ w_down[ex]
+        return mm(act(mm(xb, w_gate, sg, ex)) * mm(xb, w_up, su, ex), w_down, sd, ex)
 
     y = jax.lax.map(one_block, (x_pad.reshape(n_blocks, blk, h), block_expert))
     return y.reshape(n_blocks * blk, -1)[dest_M]
@@ -79,13 +87,18 @@ class Experts(nn.Module):
         e, h, i = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
         dtype = cfg.compute_dtype
 
+        quantized = self.has_variable("params", "gate_proj_scale")  # ExpertsInt8: int8 weights + scales
+
         def weight(name, shape, axes):
             w = self.param(name, nn.with_logical_partitioning(normal_init(cfg), axes), shape, cfg.weights_dtype)
-            return w.astype(dtype)
+            return w if quantized else w.astype(dtype)
 
         w_gate = weight("gate_proj", (e, h, i), ("exp", "embed", "mlp"))
         w_up = weight("up_proj", (e, h, i), ("exp", "embed", "mlp"))
         w_down = weight("down_proj", (e, i, h), ("exp", "mlp", "embed"))
+        scales = None
+        if quantized:
+            scales = tuple(self.get_variable("params", f"{n}_scale") for n in ("gate_proj", "up_proj", "down_proj"))
 
         t, k = top_idx_TxK.shape
         expert_of_M = top_idx_TxK.reshape(-1)  # M = t * k (token, choice) pairs
@@ -94,7 +107,7 @@ class Experts(nn.Module):
         group_sizes = jnp.bincount(expert_of_M, length=e).astype(jnp.int32)
         ffn = FFN_IMPLS[self.impl or default_ffn_impl()]
         y_MxH = ffn(x_TxH.astype(dtype)[token_of_M], group_sizes, expert_of_M[order_M], w_gate, w_up, w_down,
-                    activation(cfg.hidden_act))
+                    activation(cfg.hidden_act), scales)
         y_MxH = y_MxH * top_w_TxK.reshape(-1)[order_M][:, None].astype(dtype)
         return jnp.zeros((t, h), dtype).at[token_of_M].add(y_MxH)
 

@@ -18,6 +18,7 @@ from jamba_jax.params import abstract_params
 
 CONFIG_FILE = "jamba_config.json"
 PARAMS_DIR = "params"
+QUANT_FILE = "quantization.json"  # present when the params are ExpertsInt8-quantised
 
 
 def save_config(cfg: JambaConfig, directory: str) -> None:
@@ -42,6 +43,12 @@ def save_params(cfg: JambaConfig, params: dict[str, Any], directory: str) -> Non
     if os.path.exists(target):
         raise CheckpointError(f"{target} exists already; choose a new directory")
     save_config(cfg, directory)
+    from jamba_jax.quantization import check_quantized, is_quantized
+
+    if is_quantized(params):
+        check_quantized(cfg, params)
+        with open(os.path.join(directory, QUANT_FILE), "w") as f:
+            json.dump({"scheme": "experts_int8", "include_mlp": True}, f)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(target, nn.unbox(params))
         ckptr.wait_until_finished()
@@ -55,9 +62,16 @@ def load_params(directory: str, **overrides) -> tuple[JambaConfig, dict[str, Any
     if not os.path.isdir(target):
         raise CheckpointError(f"{directory}: no {PARAMS_DIR}/ orbax checkpoint")
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), abstract_params(cfg))
+    quantized = os.path.exists(os.path.join(directory, QUANT_FILE))
+    if quantized:
+        from jamba_jax.quantization import check_quantized, quantize_experts_int8
+
+        abstract = jax.eval_shape(lambda p: quantize_experts_int8(cfg, p), abstract)
     try:
         with ocp.StandardCheckpointer() as ckptr:
             params = ckptr.restore(target, abstract)
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise CheckpointError(f"{target}: does not match the config in {CONFIG_FILE}: {e}") from e
+    if quantized:
+        check_quantized(cfg, params)
     return cfg, params

@@ -9,7 +9,7 @@ from conftest import make_hf_model, random_ids
 
 import jamba_jax
 from jamba_jax import GenerationError, TokenIdError
-from jamba_jax.generation import _decode_step, prefill
+from jamba_jax.generation import _decode_loop, _decode_step, prefill
 
 
 @pytest.fixture(scope="module")
@@ -115,11 +115,14 @@ def test_eos_ends_a_row_and_pads_it(model_and_params):
 def test_decode_steps_do_not_recompile(model_and_params):
     _, model, params = model_and_params
     ids = random_ids((2, 5), model.cfg.vocab_size, seed=25)
-    jamba_jax.generate(model, params, ids, max_new_tokens=3)
-    before = _decode_step._cache_size()
-    jamba_jax.generate(model, params, ids, max_new_tokens=3)  # same shapes: nothing new
-    jamba_jax.generate(model, params, ids[:, :4], max_new_tokens=4)  # same cache size 8: nothing new
-    assert _decode_step._cache_size() == before
+    jax.clear_caches()
+    seen = []
+    streamed = jamba_jax.generate(model, params, ids, max_new_tokens=8, callback=lambda s, t: seen.append(s))
+    assert seen == list(range(8)) and _decode_step._cache_size() == 1  # 8 streamed steps, one compilation
+    looped = jamba_jax.generate(model, params, ids, max_new_tokens=8)
+    jamba_jax.generate(model, params, ids[:, :4], max_new_tokens=8, max_length=13)  # same cache: same loop
+    assert _decode_loop._cache_size() == 1
+    np.testing.assert_array_equal(looped, streamed)
 
 
 def test_bad_generation_inputs_are_named(model_and_params):
