@@ -44,7 +44,7 @@ def training_config():
     c.data.validation_split = "test"  # tfds: split for eval
     c.data.tokenizer = ""  # tokenizer.json or SentencePiece .model ("" = the bundled 2048-token BPE)
 
-    c.mesh = ml_collections.ConfigDict()  # device mesh axis sizes (-1 fills the remaining devices)
+    c.mesh = ml_collections.ConfigDict()  # mesh axis sizes (-1 = the rest); read once meshes land, 1 device today
     c.mesh.data = -1
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
