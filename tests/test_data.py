@@ -94,3 +94,16 @@ def test_missing_tfds_dataset_is_named(tmp_path):
 def test_unknown_source_is_named():
     with pytest.raises(DataError, match="source='hdfs'"):
         text_source(data_cfg(source="hdfs"), "train")
+
+
+def test_sentencepiece_tokenizer(tmp_path):
+    spm = pytest.importorskip("sentencepiece")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(text_source(data_cfg(), "validation")[:500]))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=300,
+                                   bos_id=1, eos_id=2, pad_id=0, unk_id=3)
+    tok = load_tokenizer(str(tmp_path / "sp.model"), 512)
+    assert (tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id) == (300, 0, 1, 2)
+    assert tok.decode(tok.encode("a small dog")) == "a small dog"
+    with pytest.raises(DataError, match="300 tokens but the model's vocab_size is 200"):
+        load_tokenizer(str(tmp_path / "sp.model"), 200)
