@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
+from tqdm import tqdm
 
 from jamba_jax.config import JambaConfig
 from jamba_jax.params import abstract_params
@@ -204,6 +205,8 @@ def load_hf_checkpoint(path: str, quantize: str | None = None, **config_override
     dtype = cfg.weights_dtype
     pending: dict[tuple[str, ...], list] = {}  # path -> [numpy buffer, pieces still to come]
     params: dict[str, Any] = {}
+    bar = tqdm(total=len(table), desc=f"loading {os.path.basename(os.path.normpath(path))}", unit="tensor",
+               disable=None, leave=False)  # disable=None: shown on a terminal only
     for fname, keys in sorted(files.items()):
         fpath = os.path.join(path, fname)
         handle = _open(fpath)
@@ -221,6 +224,7 @@ def load_hf_checkpoint(path: str, quantize: str | None = None, **config_override
                 value = entry.to_flax(handle.get_tensor(key)).astype(dtype)
             except SafetensorError as e:
                 raise CheckpointError(f"{fpath}: cannot read tensor {key}: {e}") from e
+            bar.update(1)
             if entry.expert is None:
                 store(entry.path, value)
                 continue
@@ -231,6 +235,7 @@ def load_hf_checkpoint(path: str, quantize: str | None = None, **config_override
             slot[1] -= 1
             if slot[1] == 0:
                 store(entry.path, pending.pop(entry.path)[0])
+    bar.close()
     return cfg, params
 
 
@@ -282,7 +287,8 @@ def save_hf_checkpoint(cfg: JambaConfig, params: dict[str, Any], path: str,
 
     os.makedirs(path, exist_ok=True)
     weight_map = {}
-    for name, entries in zip(names, shards, strict=True):
+    for name, entries in tqdm(list(zip(names, shards, strict=True)), desc=f"writing {os.path.basename(path)}",
+                              unit="shard", disable=None, leave=False):
         tensors = {}
         for entry in entries:
             value = _get(params, entry.path)
