@@ -56,8 +56,8 @@ def _decode_step(model, params, cache, logits_BxV, done_B, rng, temperature, top
     """Samples the next token from `logits`, then runs it through the model: (token, done, logits, cache)."""
     token = sample_logits(logits_BxV, rng, temperature, top_k, top_p)
     token = jnp.where(done_B, pad_id, token)
-    if eos_id is not None:
-        done_B = done_B | (token == eos_id)
+    if eos_id is not None:  # one id or a tuple of them (a config's eos_token_id may be a list)
+        done_B = done_B | jnp.isin(token, jnp.asarray(eos_id, jnp.int32))
     out = model.apply({"params": params}, token[:, None], cache=cache)
     return token, done_B, out.logits[:, -1].astype(jnp.float32), out.cache
 
@@ -131,6 +131,8 @@ def generate(model: JambaForCausalLM, params, input_ids, attention_mask=None, ma
         raise GenerationError("a row of attention_mask has no real token: every prompt needs at least one")
     pad_id = cfg.pad_token_id if pad_token_id is None else pad_token_id
     pad_id = 0 if pad_id is None else pad_id
+    if isinstance(eos_token_id, list):
+        eos_token_id = tuple(eos_token_id)
     rng = jax.random.PRNGKey(0) if rng is None else rng
 
     logits, cache = prefill(model, params, input_ids, attention_mask, max_length, prefill_chunk)
@@ -144,8 +146,7 @@ def generate(model: JambaForCausalLM, params, input_ids, attention_mask=None, ma
         token, done, logits, cache = _decode_step(model, params, cache, logits, done, jax.random.fold_in(rng, step),
                                                   float(temperature), top_k, top_p, eos_token_id, int(pad_id))
         tokens[:, step] = np.asarray(token)
-        if callback is not None:
-            callback(step, tokens[:, step])
+        callback(step, tokens[:, step])
         if bool(jnp.all(done)):
             break
     return tokens

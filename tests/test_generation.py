@@ -196,3 +196,13 @@ def test_long_context_attention_path_matches(model_and_params, monkeypatch):
     block_tokens = jamba_jax.generate(model, params, ids, attention_mask=mask, max_new_tokens=8, prefill_chunk=4)
     jax.clear_caches()
     np.testing.assert_array_equal(block_tokens, dense_tokens)
+
+
+def test_several_eos_ids(model_and_params):
+    _, model, params = model_and_params
+    ids = random_ids((1, 6), model.cfg.vocab_size, seed=27)
+    free = jamba_jax.generate(model, params, ids, max_new_tokens=10)
+    eos = [int(free[0, 2]), 96]  # a list, as config.json may give it
+    out = jamba_jax.generate(model, params, ids, max_new_tokens=10, eos_token_id=eos, pad_token_id=0)
+    np.testing.assert_array_equal(out[0, :3], free[0, :3])
+    assert (out[0, 3:] == 0).all()
