@@ -51,8 +51,7 @@ def _prefill_chunk(model: JambaForCausalLM, params, cache, ids_BxC, mask_BxC):
     return out.logits[:, -1].astype(jnp.float32), out.cache
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 9, 10), donate_argnums=(2,))
-def _decode_step(model, params, cache, logits_BxV, done_B, rng, temperature, top_k, top_p, eos_id, pad_id):
+def _decode_body(model, params, cache, logits_BxV, done_B, rng, temperature, top_k, top_p, eos_id, pad_id):
     """Samples the next token from `logits`, then runs it through the model: (token, done, logits, cache)."""
     token = sample_logits(logits_BxV, rng, temperature, top_k, top_p)
     token = jnp.where(done_B, pad_id, token)
@@ -60,6 +59,9 @@ def _decode_step(model, params, cache, logits_BxV, done_B, rng, temperature, top
         done_B = done_B | jnp.isin(token, jnp.asarray(eos_id, jnp.int32))
     out = model.apply({"params": params}, token[:, None], cache=cache)
     return token, done_B, out.logits[:, -1].astype(jnp.float32), out.cache
+
+
+_decode_step = jax.jit(_decode_body, static_argnums=(0, 6, 7, 8, 9, 10), donate_argnums=(2,))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 9, 10, 11))
@@ -73,9 +75,8 @@ def _decode_loop(model, params, cache, logits_BxV, done_B, rng, n_steps, tempera
 
     def body(carry):
         step, cache, logits, done, tokens = carry
-        token, done, logits, cache = _decode_step.__wrapped__(model, params, cache, logits, done,
-                                                              jax.random.fold_in(rng, step), temperature, top_k,
-                                                              top_p, eos_id, pad_id)
+        token, done, logits, cache = _decode_body(model, params, cache, logits, done, jax.random.fold_in(rng, step),
+                                                  temperature, top_k, top_p, eos_id, pad_id)
         return step + 1, cache, logits, done, tokens.at[:, step].set(token)
 
     tokens = jnp.full((b, n_steps), pad_id, jnp.int32)

@@ -59,17 +59,14 @@ class JambaLMTask:
         del rng  # no dropout in Jamba
         act_coef = self.config.activation_loss_coef
         out, act = self._forward(params, batch, act_coef > 0)
-        w = target_weights(batch["inputs"], None, batch["segment_ids"])
-        tokens = jnp.sum(w)
-        ce = jnp.sum(next_token_nll(out.logits, batch["inputs"]) * w)
+        ce, tokens = _nll_sum(out, batch)
         objective = ce + tokens * (self.cfg.router_aux_loss_coef * out.aux_loss + act_coef * act)
         return objective, {"loss": ce, "aux_loss": tokens * out.aux_loss, "activation_loss": tokens * act,
                            "tokens": tokens}
 
     def eval_sums(self, params, batch):
-        out, _ = self._forward(params, batch, False)
-        w = target_weights(batch["inputs"], None, batch["segment_ids"])
-        return {"nll": jnp.sum(next_token_nll(out.logits, batch["inputs"]) * w), "tokens": jnp.sum(w)}
+        nll, tokens = _nll_sum(self._forward(params, batch, False)[0], batch)
+        return {"nll": nll, "tokens": tokens}
 
     # --- end of training -----------------------------------------------------------------------------
     def on_end(self, params):
@@ -80,3 +77,9 @@ class JambaLMTask:
         new = generate(self.model, params, ids, max_new_tokens=n, eos_token_id=self.tokenizer.eos_id,
                        pad_token_id=self.tokenizer.pad_id)[0]
         print(f"greedy sample: {prompt!r} -> {self.tokenizer.decode(new[new != self.tokenizer.pad_id])!r}")
+
+
+def _nll_sum(out, batch):
+    """(summed next-token NLL over real same-document targets, number of those targets)."""
+    w = target_weights(batch["inputs"], None, batch["segment_ids"])
+    return jnp.sum(next_token_nll(out.logits, batch["inputs"]) * w), jnp.sum(w)
