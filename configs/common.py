@@ -8,6 +8,7 @@ def training_config():
     c.task = "jamba_lm"  # which task main.py runs (tasks.TASKS)
     c.seed = 0  # PRNG seed: init, data order
     c.dry_run = False  # only build the abstract state and report parameter / memory sizes
+    c.dry_run_devices = 0  # dry run: size the mesh for this many devices (0 = the devices present)
 
     c.num_train_steps = 1000  # optimizer steps
     c.batch_size = 8  # sequences per optimizer step (global, all processes)
@@ -44,9 +45,16 @@ def training_config():
     c.data.validation_split = "test"  # tfds: split for eval
     c.data.tokenizer = ""  # tokenizer.json or SentencePiece .model ("" = the bundled 2048-token BPE)
 
-    c.mesh = ml_collections.ConfigDict()  # mesh axis sizes (-1 = the rest); read once meshes land, 1 device today
-    c.mesh.data = -1
-    c.mesh.fsdp = 1
-    c.mesh.tensor = 1
-    c.mesh.expert = 1
+    c.mesh = ml_collections.ConfigDict()  # device mesh (jamba_jax.sharding); sizes multiply to the device count
+    c.mesh.data = -1  # data parallel (-1 = the devices the other axes leave)
+    c.mesh.fsdp = 1  # batch split + parameters sharded over `embed` (ZeRO-3)
+    c.mesh.expert = 1  # batch split + experts split (all-to-all expert parallelism)
+    c.mesh.tensor = 1  # heads / MLP hidden / Mamba d_inner / vocab split (Megatron)
+    c.mesh.rules = ml_collections.ConfigDict()  # {logical axis: mesh axes} overriding sharding.DEFAULT_RULES
+
+    c.distributed = ml_collections.ConfigDict()  # multi-host start-up (training.distributed)
+    c.distributed.initialize = False  # join a cluster (auto-detected on TPU pods / SLURM when no address)
+    c.distributed.coordinator_address = ""  # "host:port" of process 0 for an explicit cluster
+    c.distributed.num_processes = -1  # explicit cluster: number of processes
+    c.distributed.process_id = -1  # explicit cluster: this process's index
     return c

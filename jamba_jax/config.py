@@ -2,7 +2,8 @@
 
 The HF fields keep their exact names and defaults so that a Hub `config.json` maps one to one
 (`from_hf_dict` / `to_hf_dict`). Our additions are the numerics and execution knobs:
-`dtype` (compute), `param_dtype`, `scan_impl` (see `kernels.selective_scan`) and `remat`.
+`dtype` (compute), `param_dtype`, `scan_impl` (see `kernels.selective_scan`), `remat` and
+`moe_capacity_factor` (see `jamba_jax.expert_parallel`).
 
 The layer schedule (Jamba paper, section 2): layer i is attention when
 `i % attn_layer_period == attn_layer_offset`, otherwise Mamba; its feed-forward is a
@@ -86,6 +87,7 @@ class JambaConfig:
     param_dtype: str = "float32"  # storage dtype of the parameters
     scan_impl: str = "auto"  # selective-scan implementation, see kernels.selective_scan
     remat: bool = False  # rematerialise each decoder layer in the backward pass
+    moe_capacity_factor: float = 0.0  # expert-parallel slots per device pair (0 = dropless), see expert_parallel
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
@@ -123,6 +125,7 @@ class JambaConfig:
         need(self.param_dtype in _DTYPES, "param_dtype", f"must be one of {_DTYPES}")
         need(self.scan_impl in _SCAN_IMPLS, "scan_impl", f"must be one of {_SCAN_IMPLS}")
         need(self.rms_norm_eps > 0, "rms_norm_eps", "must be positive")
+        need(self.moe_capacity_factor >= 0, "moe_capacity_factor", "must be 0 (dropless) or positive")
         for f in ("pad_token_id", "bos_token_id"):
             v = getattr(self, f)
             need(v is None or 0 <= v < self.vocab_size, f, f"must lie in [0, vocab_size={self.vocab_size})")
@@ -167,7 +170,7 @@ class JambaConfig:
 
     @classmethod
     def hf_field_names(cls) -> tuple[str, ...]:
-        ours = {"dtype", "param_dtype", "scan_impl", "remat"}
+        ours = {"dtype", "param_dtype", "scan_impl", "remat", "moe_capacity_factor"}
         return tuple(f.name for f in dataclasses.fields(cls) if f.name not in ours)
 
     @classmethod

@@ -14,9 +14,11 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from jamba_jax.config import JambaConfig
 from jamba_jax.layers import Dense, RMSNorm, activation, normal_init
+from jamba_jax.sharding import current_mesh, fitted_spec
 from kernels import selective_scan, selective_state_update
 
 _F32 = jnp.float32
@@ -40,6 +42,32 @@ def causal_depthwise_conv(x_BxLxD, kernel_KxD, bias_D=None, conv_state_BxKm1xD=N
     if bias_D is not None:
         out = out + bias_D
     return out, xp[:, length:]
+
+
+# where selective_scan's arguments have their batch ("b") and d_inner ("d") dimensions
+_SCAN_DIMS = {"u": "b.d", "delta": "b.d", "A": "d.", "B": "b..", "C": "b..", "D": "d", "z": "b.d",
+              "delta_bias": "d", "initial_state": "bd.", "reset": "b."}
+
+
+def sharded_selective_scan(args: dict, impl: str):
+    """(y, final state) of `kernels.selective_scan(**args)`; under a multi-device mesh, one
+    `jax.shard_map` over batch and d_inner shards: every channel is independent, so each device
+    scans its own slice with no communication (and a Pallas kernel runs per device, unpartitioned)."""
+    args = {k: v for k, v in args.items() if v is not None}
+
+    def scan(**a):
+        return selective_scan(**a, delta_softplus=True, return_final_state=True, impl=impl)
+
+    mesh = current_mesh()
+    if mesh is None:
+        return scan(**args)
+    u_spec = fitted_spec(args["u"].shape, ("batch", None, "mamba_inner"), mesh)
+    bs, ds = u_spec[0], u_spec[2]  # every argument's d_inner split like u's (the activations')
+    specs = {k: P(*({"b": bs, "d": ds}.get(c) for c in _SCAN_DIMS[k])) for k in args}
+    # check_vma=False: the kernels start their carries from fresh zeros, which the varying-axes
+    # check would want cast; with no collective inside, nothing depends on it
+    return jax.shard_map(lambda a: scan(**a), mesh=mesh, in_specs=(specs,),
+                         out_specs=(P(bs, None, ds), P(bs, ds, None)), check_vma=False)(args)
 
 
 def _dt_bias_init(dt_min=1e-3, dt_max=0.1, floor=1e-4):
@@ -113,9 +141,9 @@ class MambaMixer(nn.Module):
                                                   dt_softplus=True)
             y = y[:, None]
         else:
-            y, ssm_state = selective_scan(x, dt, A, B, C, D=d_skip.astype(_F32), z=z, delta_bias=dt_bias.astype(_F32),
-                                          delta_softplus=True, initial_state=None if state is None else state["ssm"],
-                                          return_final_state=True, reset=reset, impl=cfg.scan_impl)
+            y, ssm_state = sharded_selective_scan(
+                dict(u=x, delta=dt, A=A, B=B, C=C, D=d_skip.astype(_F32), z=z, delta_bias=dt_bias.astype(_F32),
+                     initial_state=None if state is None else state["ssm"], reset=reset), cfg.scan_impl)
         out = Dense(cfg.hidden_size, ("mamba_inner", "embed"), cfg, use_bias=cfg.mamba_proj_bias,
                     name="out_proj")(y.astype(dtype))
         new_state = None if state is None else {"conv": conv_state.astype(state["conv"].dtype), "ssm": ssm_state}

@@ -18,6 +18,7 @@ from jamba_jax.config import JambaConfig
 from jamba_jax.layers import MLP, Attention, RMSNorm, make_attention_mask, normal_init
 from jamba_jax.mamba import MambaMixer
 from jamba_jax.moe import SparseMoE, load_balancing_loss
+from jamba_jax.sharding import constrain
 
 
 class TokenIdError(ValueError):
@@ -71,13 +72,14 @@ class JambaModel(nn.Module):
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype, param_dtype=cfg.weights_dtype,
                          embedding_init=nn.with_logical_partitioning(normal_init(cfg), ("vocab", "embed")),
                          name="embed_tokens")
-        h = embed(input_ids)
+        h = constrain(embed(input_ids), ("batch", None, None))
         layer_cls = nn.remat(DecoderLayer) if cfg.remat else DecoderLayer
         router_logits, new_caches = [], []
         for i in range(cfg.num_hidden_layers):
             layer_cache = None if layer_caches is None else layer_caches[i]
             h, rl, layer_cache = layer_cls(cfg, i, name=f"layers_{i}")(h, valid_BxL, mask_BxQxK, segment_ids,
                                                                        layer_cache, index)
+            h = constrain(h, ("batch", None, None))
             new_caches.append(layer_cache)
             if rl is not None:
                 router_logits.append(rl)

@@ -2,13 +2,8 @@
 renormalisation, and dropless SwiGLU experts (transformers' JambaSparseMoeBlock), plus the Switch
 load-balancing loss.
 
-Tokens are permuted so that each expert's tokens are contiguous, run through a grouped matmul, and
-unpermuted (MaxText's plan). The grouped matmul has two implementations with the same result:
-  ragged   `jax.lax.ragged_dot`: what GPU and TPU lower to a real grouped GEMM;
-  blocked  rows padded per expert to whole blocks of `block` rows, then one `lax.map` over blocks,
-           each a dense [block, hidden] @ [hidden, ffn] with its expert's weights. XLA:CPU lowers
-           ragged_dot to a dense product over all experts (num_experts x the work), so the CPU
-           uses this. Padding adds at most num_experts * (block - 1) rows.
+The experts themselves are `jamba_jax.grouped_ffn`; under a multi-device mesh they run expert-parallel
+(`jamba_jax.expert_parallel`).
 """
 
 from __future__ import annotations
@@ -20,58 +15,12 @@ import jax
 import jax.numpy as jnp
 
 from jamba_jax.config import JambaConfig
+from jamba_jax.expert_parallel import expert_parallel_moe
+from jamba_jax.grouped_ffn import combine_local
 from jamba_jax.layers import Dense, activation, normal_init
-from kernels.int8_matmul import int8_matmul
+from jamba_jax.sharding import current_mesh
 
 _F32 = jnp.float32
-
-
-def _ffn_ragged(x_MxH, group_sizes_E, expert_of_M, w_gate, w_up, w_down, act, scales=None):
-    def mm(x, w, s):  # int8 weights: the convert fuses into the grouped GEMM, rows scaled by their expert
-        y = jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes_E)
-        return y if s is None else (y * s[expert_of_M]).astype(x.dtype)
-
-    sg, su, sd = scales or (None, None, None)
-    return mm(act(mm(x_MxH, w_gate, sg)) * mm(x_MxH, w_up, su), w_down, sd)
-
-
-def _block_rows(m: int, e: int) -> int:
-    """A power of two near m / (4 e), in [8, 256]: padding stays a small fraction of the rows."""
-    target = max(8, min(256, m // max(4 * e, 1)))
-    return 1 << (target.bit_length() - 1)
-
-
-def _ffn_blocked(x_MxH, group_sizes_E, expert_of_M, w_gate, w_up, w_down, act, scales=None):
-    m, h = x_MxH.shape
-    e = w_gate.shape[0]
-    blk = _block_rows(m, e)
-    n_blocks = -(-(m + e * (blk - 1)) // blk)  # static bound on the padded row count
-    padded_E = -(-group_sizes_E // blk) * blk
-    padded_start_E = jnp.cumsum(padded_E) - padded_E
-    start_E = jnp.cumsum(group_sizes_E) - group_sizes_E
-    dest_M = padded_start_E[expert_of_M] + (jnp.arange(m) - start_E[expert_of_M])
-    x_pad = jnp.zeros((n_blocks * blk, h), x_MxH.dtype).at[dest_M].set(x_MxH)
-    padded_end_E = jnp.cumsum(padded_E)
-    block_expert = jnp.minimum(jnp.searchsorted(padded_end_E, jnp.arange(n_blocks) * blk, side="right"), e - 1)
-
-    def mm(x, w, s, ex):
-        return x @ w[ex] if s is None else int8_matmul(x, w[ex], s[ex])
-
-    sg, su, sd = scales or (None, None, None)
-
-    def one_block(args):
-        xb, ex = args
-        return mm(act(mm(xb, w_gate, sg, ex)) * mm(xb, w_up, su, ex), w_down, sd, ex)
-
-    y = jax.lax.map(one_block, (x_pad.reshape(n_blocks, blk, h), block_expert))
-    return y.reshape(n_blocks * blk, -1)[dest_M]
-
-
-FFN_IMPLS = {"ragged": _ffn_ragged, "blocked": _ffn_blocked}
-
-
-def default_ffn_impl() -> str:
-    return "blocked" if jax.default_backend() == "cpu" else "ragged"
 
 
 class Experts(nn.Module):
@@ -100,16 +49,12 @@ class Experts(nn.Module):
         if quantized:
             scales = tuple(self.get_variable("params", f"{n}_scale") for n in ("gate_proj", "up_proj", "down_proj"))
 
-        t, k = top_idx_TxK.shape
-        expert_of_M = top_idx_TxK.reshape(-1)  # M = t * k (token, choice) pairs
-        order_M = jnp.argsort(expert_of_M, stable=True)
-        token_of_M = order_M // k
-        group_sizes = jnp.bincount(expert_of_M, length=e).astype(jnp.int32)
-        ffn = FFN_IMPLS[self.impl or default_ffn_impl()]
-        y_MxH = ffn(x_TxH.astype(dtype)[token_of_M], group_sizes, expert_of_M[order_M], w_gate, w_up, w_down,
-                    activation(cfg.hidden_act), scales)
-        y_MxH = y_MxH * top_w_TxK.reshape(-1)[order_M][:, None].astype(dtype)
-        return jnp.zeros((t, h), dtype).at[token_of_M].add(y_MxH)
+        weights, act, x_TxH = (w_gate, w_up, w_down), activation(cfg.hidden_act), x_TxH.astype(dtype)
+        top_w_TxK = top_w_TxK.astype(dtype)
+        if current_mesh() is not None:  # tokens sharded over the batch axes, experts over `expert`
+            return expert_parallel_moe(x_TxH, top_idx_TxK, top_w_TxK, weights, scales, act, self.impl,
+                                       cfg.moe_capacity_factor)
+        return combine_local(x_TxH, top_idx_TxK, top_w_TxK, weights, act, scales, self.impl)
 
 
 class SparseMoE(nn.Module):

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
 from jamba_jax.config import JambaConfig
 from jamba_jax.model import JambaForCausalLM
@@ -29,6 +30,27 @@ def abstract_variables(cfg: JambaConfig) -> dict[str, Any]:
 def abstract_params(cfg: JambaConfig) -> dict[str, Any]:
     """Plain (unboxed) parameter tree of ShapeDtypeStructs."""
     return nn.unbox(abstract_variables(cfg))
+
+
+def param_logical_specs(cfg: JambaConfig, params=None) -> dict[str, Any]:
+    """Logical PartitionSpecs of the parameters; with `params` given, of that tree, which may be
+    ExpertsInt8-quantised: a `<name>_scale` [..., out] shards as its weight [..., in, out] minus `in`."""
+    specs = nn.get_partition_spec(abstract_variables(cfg))
+    if params is None:
+        return specs
+
+    def spec_of(path, _):
+        keys = [getattr(p, "key", str(p)) for p in path]
+        node = specs
+        for key in keys[:-1]:
+            node = node[key]
+        name = keys[-1]
+        if name.endswith("_scale"):
+            weight = tuple(node[name[:-len("_scale")]])
+            return PartitionSpec(*(weight[:-2] + weight[-1:]))
+        return node[name]
+
+    return jax.tree_util.tree_map_with_path(spec_of, params)
 
 
 def init_params(cfg: JambaConfig, rng: jax.Array) -> dict[str, Any]:

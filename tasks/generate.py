@@ -20,6 +20,7 @@ from jamba_jax import JambaConfig, JambaForCausalLM, generate
 from jamba_jax.hf_checkpoint import CheckpointError
 from jamba_jax.orbax_io import CONFIG_FILE, load_params
 from jamba_jax.params import abstract_params
+from training.checkpoint import restore_run_params
 from training.data import load_tokenizer
 
 
@@ -34,19 +35,15 @@ def load_checkpoint(path: str) -> tuple[JambaConfig, dict]:
     mngr = ocp.CheckpointManager(root, item_names=("state", "data", "meta"),
                                  options=ocp.CheckpointManagerOptions(read_only=True))
     step = mngr.latest_step()
+    meta = None if step is None else mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    mngr.close()
     if step is None:
         raise CheckpointError(f"{path}: holds neither {CONFIG_FILE} nor a training checkpoint")
-    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    if "model" not in meta:
+    if "model" not in meta or meta.get("task", "jamba_lm") != "jamba_lm":
         raise CheckpointError(f"{root}/{step}: the checkpoint's metadata names no Jamba model")
     cfg = JambaConfig.from_dict(meta["model"])
-    abstract = {"params": jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), abstract_params(cfg))}
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(dtype=s.dtype, sharding=device), abstract)
-    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=abstract, restore_args=restore_args, partial_restore=True))).state  # params only
-    mngr.close()
-    return cfg, state["params"]
+    _, params, _ = restore_run_params(root, abstract_params(cfg))  # params only
+    return cfg, params
 
 
 def run(config, workdir: str) -> np.ndarray:

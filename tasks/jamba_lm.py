@@ -16,6 +16,7 @@ import numpy as np
 
 from jamba_jax import JambaConfig, JambaForCausalLM, format_param_table, generate, init_params
 from jamba_jax.losses import next_token_nll, target_weights
+from jamba_jax.params import param_logical_specs
 from training.data import lm_dataset, load_tokenizer, text_source
 
 
@@ -35,17 +36,20 @@ class JambaLMTask:
     def init_params(self, rng):
         return init_params(self.cfg, rng)
 
+    def param_specs(self):
+        return param_logical_specs(self.cfg)
+
     # --- data ------------------------------------------------------------------------------------
     def _dataset(self, split, train, pidx=0, pcount=1):
         c = self.config
-        return lm_dataset(text_source(c.data, split), self.tokenizer, batch_size=c.batch_size // pcount,
+        return lm_dataset(text_source(c.data, split), self.tokenizer, batch_size=c.batch_size,
                           seq_len=c.seq_len, seed=c.seed, train=train, process_index=pidx, process_count=pcount)
 
     def train_dataset(self, process_index, process_count):
         return self._dataset("train", True, process_index, process_count)
 
-    def eval_dataset(self):
-        return self._dataset("validation", False)
+    def eval_dataset(self, process_index, process_count):
+        return self._dataset("validation", False, process_index, process_count)
 
     # --- loss --------------------------------------------------------------------------------------
     def _forward(self, params, batch, with_activations):

@@ -109,6 +109,9 @@ def test_dry_run_of_jamba_mini_reports_52b_parameters(tmp_path, capsys):
     assert abs(report["params"] / 1e9 - 52) < 1
     assert abs(report["opt_state_bytes"] - 2 * report["param_bytes"]) < 1024  # Adam moments (+ step counts)
     assert "dry run: 51," in capsys.readouterr().out
+    # the config's mesh (fsdp=-1 x expert=8) on the fewest devices it needs: 8, everything split 8 ways
+    assert report["devices"] == 8 and report["mesh"]["expert"] == 8
+    assert abs(report["param_bytes_per_device"] - report["param_bytes"] / 8) < 0.01 * report["param_bytes"]
     assert not os.listdir(tmp_path)  # nothing written, nothing allocated
 
 

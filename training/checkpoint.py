@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 
@@ -48,6 +49,34 @@ class Checkpointer:
 
     def close(self) -> None:
         self._mngr.close()
+
+
+def restore_run_params(path: str, abstract_params) -> tuple[dict, Any, int]:
+    """(meta, params, step) from the latest checkpoint of a training workdir (or its checkpoints/
+    directory). Only the subtree of the parameters that `abstract_params` describes is restored (a
+    partial tree is fine: e.g. a pre-trained encoder without its heads), onto the first device;
+    None restores no parameters. Raises FileNotFoundError when there is no checkpoint."""
+    path = os.path.abspath(path)
+    root = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"{path}: no such checkpoint directory")
+    mngr = ocp.CheckpointManager(root, item_names=("state", "data", "meta"),
+                                 options=ocp.CheckpointManagerOptions(read_only=True))
+    try:
+        step = mngr.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"{root}: holds no training checkpoint")
+        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        if abstract_params is None:
+            return meta, None, step
+        item = {"params": jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), abstract_params)}
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(dtype=s.dtype, sharding=device), item)
+        state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=item, restore_args=restore_args, partial_restore=True))).state
+    finally:
+        mngr.close()
+    return meta, state["params"], step
 
 
 def _diff(saved: dict, current: dict, prefix: str = "") -> list[str]:

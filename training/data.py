@@ -8,10 +8,11 @@ Sources (`config.data.source`):
   tfds     any TFDS dataset prepared under `tfds_data_dir`, read with `tfds.data_source`
            (array_record: random access, no TensorFlow needed), text under `text_field`
 
-The pipeline is deterministic: shard by JAX process, shuffle with the seed (a fresh order each
-epoch), tokenize (<bos> doc <eos>), concatenate and split into rows of `seq_len` with segment ids
-(1, 2, ... per document piece, 0 for padding), batch. Its iterator state is a small JSON dict saved
-with every checkpoint, so a resumed run sees exactly the batches the uninterrupted run would.
+The pipeline is deterministic: shuffle with the seed (a fresh order each epoch), tokenize
+(<bos> doc <eos>), concatenate and split into rows of `seq_len` with segment ids (1, 2, ... per
+document piece, 0 for padding), batch, and keep this JAX process's rows. Its iterator state is a
+small JSON dict saved with every checkpoint, so a resumed run sees exactly the batches the
+uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -164,12 +165,19 @@ def text_source(data_cfg, split: str):
 # ------------------------------------------------------------------------------------------------
 def lm_dataset(docs, tokenizer: TextTokenizer, *, batch_size: int, seq_len: int, seed: int, train: bool,
                process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-    """Batches {"inputs": int32 [batch, seq_len], "segment_ids": int32 [batch, seq_len]}."""
+    """Batches {"inputs": int32 [rows, seq_len], "segment_ids": int32 [rows, seq_len]}.
+
+    batch_size is the global batch; process p of process_count gets rows [p * n, (p + 1) * n),
+    n = batch_size / process_count, of every global batch. Every process reads the same stream,
+    so the global batches (and the iterator state) do not depend on the number of processes.
+    Eval batches (train=False) keep the last partial batch, padded with all-zero rows (segment 0:
+    no targets) to the full batch size.
+    """
+    if batch_size % process_count:
+        raise DataError(f"batch_size={batch_size} is not divisible by the {process_count} processes")
     ds = grain.MapDataset.source(docs)
-    if process_count > 1:
-        ds = ds[process_index::process_count]
     if len(ds) == 0:
-        raise DataError("the data source holds no documents for this process")
+        raise DataError("the data source holds no documents")
     if train:
         ds = ds.shuffle(seed=seed).repeat(None)  # a fresh permutation every epoch
 
@@ -179,10 +187,23 @@ def lm_dataset(docs, tokenizer: TextTokenizer, *, batch_size: int, seq_len: int,
         ids = ([bos] if bos is not None else []) + tokenizer.encode(text) + ([eos] if eos is not None else [])
         return {"inputs": np.asarray(ids, np.int32)}
 
+    def finish(b):
+        out = {"inputs": b["inputs"], "segment_ids": b["inputs_segment_ids"]}
+        return process_rows(out, batch_size, process_index, process_count)
+
     it = ds.map(tokenize).to_iter_dataset()
     it = grain_experimental.ConcatThenSplitIterDataset(it, length_struct={"inputs": seq_len})
-    it = it.batch(batch_size, drop_remainder=train)
-    return it.map(lambda b: {"inputs": b["inputs"], "segment_ids": b["inputs_segment_ids"]})
+    return it.batch(batch_size, drop_remainder=train).map(finish)
+
+
+def process_rows(batch: dict[str, np.ndarray], batch_size: int, process_index: int, process_count: int) -> dict:
+    """This process's rows [p * n, (p + 1) * n) of a global batch, after padding a short (last eval)
+    batch with all-zero rows to batch_size."""
+    short = batch_size - next(iter(batch.values())).shape[0]
+    if short:
+        batch = {k: np.concatenate([v, np.zeros((short,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
+    rows = batch_size // process_count
+    return {k: v[process_index * rows:(process_index + 1) * rows] for k, v in batch.items()}
 
 
 def make_iterator(ds: grain.IterDataset, state: dict[str, Any] | None = None):

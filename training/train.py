@@ -6,9 +6,20 @@ A Task (see `training.task.Task`) provides:
   init_params(rng)                -> parameter pytree
   loss(params, batch, rng)        -> (objective summed over target tokens, metrics summed likewise);
                                      metrics must include "tokens" (the number of targets)
-  train_dataset(pidx, pcount), eval_dataset() -> grain IterDatasets of dict batches
-  eval_sums(params, batch)        -> {"nll": sum, "tokens": count}
+  train_dataset(pidx, pcount), eval_dataset(pidx, pcount)
+                                  -> grain IterDatasets of dict batches: this process's rows of
+                                     each global batch (eval batches may end in all-zero rows,
+                                     which must count for nothing)
+  eval_sums(params, batch)        -> {"nll": sum, "tokens": count, optional other sums k with
+                                     counts "k_n"} (reported as eval_loss, eval_k)
   on_end(params)                  -> e.g. print a sample
+  param_specs()                   -> optional: logical PartitionSpecs of the parameters (default:
+                                     replicated), mapped onto the mesh by config.mesh.rules
+
+Everything runs on the mesh of `config.mesh` (`jamba_jax.sharding`): the state is created
+directly sharded (a jitted init with out_shardings, so no device ever holds the whole model),
+restored onto whatever mesh the current config asks for, and every batch is split over the
+batch axes.
 """
 
 from __future__ import annotations
@@ -18,11 +29,29 @@ import math
 import time
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import AbstractMesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from jamba_jax.sharding import (
+    MESH_AXES,
+    MeshError,
+    axes_size,
+    batch_sharding,
+    batch_shards,
+    fitted_spec,
+    make_mesh,
+    mesh_shape,
+    put_batch,
+    rules_from_config,
+    sharding_context,
+    spec_axes,
+    tree_shardings,
+)
 from training.checkpoint import Checkpointer
 from training.data import make_iterator
 from training.metrics import MetricsWriter, progress_bar
@@ -83,30 +112,94 @@ def make_train_step(task, optimizer, grad_accum_steps: int):
     return train_step
 
 
-def evaluate(task, eval_step, params, max_batches: int) -> dict[str, float]:
-    nll = tokens = 0.0
-    for i, batch in enumerate(make_iterator(task.eval_dataset())):
+def state_shardings(task, optimizer, abstract_state, mesh, rules):
+    """NamedShardings of the train state: parameters by the task's logical specs and the rules,
+    optimizer moments like their parameters, counters and the rng replicated."""
+    replicated = NamedSharding(mesh, P())
+    params = abstract_state["params"]
+    specs = task.param_specs() if hasattr(task, "param_specs") else jax.tree.map(lambda _: P(), params)
+    param_sh = tree_shardings(params, specs, mesh, rules)
+    opt_sh = optax.tree_map_params(optimizer, lambda _, sh: sh, abstract_state["opt_state"], param_sh,
+                                   transform_non_params=lambda _: replicated)
+    return {"step": replicated, "params": param_sh, "opt_state": opt_sh, "rng": replicated}
+
+
+def check_batch_fits(config, mesh, rules) -> None:
+    shards, micro = batch_shards(mesh, rules), config.batch_size // config.grad_accum_steps
+    if micro % shards:
+        raise MeshError(f"config.batch_size / config.grad_accum_steps = {micro} rows per micro-batch do not split "
+                        f"over the {shards} batch shards of config.mesh ({dict(mesh.shape)})")
+    if config.batch_size % jax.process_count():
+        raise MeshError(f"config.batch_size={config.batch_size} does not split over {jax.process_count()} processes")
+
+
+def evaluate(task, eval_step, params, max_batches: int, sharding) -> dict[str, float]:
+    """eval_loss / eval_perplexity from the summed "nll" over "tokens"; any other sum k the task
+    returns is reported as eval_k, divided by its count "k_n" if present, else by "tokens"."""
+    totals: dict[str, float] = {}
+    for i, batch in enumerate(make_iterator(task.eval_dataset(jax.process_index(), jax.process_count()))):
         if i >= max_batches:
             break
-        sums = eval_step(params, batch)
-        nll, tokens = nll + float(sums["nll"]), tokens + float(sums["tokens"])
-    loss = nll / max(tokens, 1.0)
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+        sums = jax.device_get(eval_step(params, put_batch(batch, sharding, jax.process_count())))
+        for k, v in sums.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    tokens = max(totals.get("tokens", 0.0), 1.0)
+    loss = totals.get("nll", 0.0) / tokens
+    out = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+    for k, v in totals.items():
+        if k not in ("nll", "tokens") and not k.endswith("_n"):
+            out[f"eval_{k}"] = v / max(totals.get(f"{k}_n", tokens), 1.0)
+    return out
 
 
 def tree_bytes(tree) -> int:
     return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
+def shard_bytes(tree, logical_specs, mesh, rules) -> int:
+    """Bytes one device holds of `tree` sharded by `logical_specs` (every shard is the same size:
+    `fitted_spec` only splits a dimension over axes that divide it)."""
+    total = 0
+    with nn.logical_axis_rules(rules):
+        for x, spec in zip(jax.tree.leaves(tree), jax.tree.leaves(logical_specs, is_leaf=lambda v: isinstance(v, P)),
+                           strict=True):
+            fitted = fitted_spec(x.shape, tuple(spec), mesh)
+            shard = [d // axes_size(mesh, spec_axes(e)) for d, e in zip(x.shape, fitted, strict=True)]
+            total += int(np.prod(shard)) * jnp.dtype(x.dtype).itemsize
+    return total
+
+
+
 def dry_run(task, optimizer, config) -> dict[str, Any]:
-    """Abstract state only (jax.eval_shape): parameter count and bytes, allocating nothing."""
+    """Abstract state only (jax.eval_shape): parameter count and bytes, in all and per device of the
+    configured mesh over `config.dry_run_devices` devices (0: the devices present, or the fewest the
+    mesh's fixed axes need when they do not fit), allocating nothing."""
     abstract = jax.eval_shape(functools.partial(init_state, task, optimizer), jax.random.PRNGKey(config.seed))
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract["params"]))
+    n_devices = config.get("dry_run_devices", 0) or jax.device_count()
+    try:
+        sizes = mesh_shape(config.mesh, n_devices)
+    except MeshError:
+        if config.get("dry_run_devices", 0):
+            raise
+        n_devices = math.prod(max(int(config.mesh.get(a, 1)), 1) for a in MESH_AXES)  # the smallest mesh that fits
+        sizes = mesh_shape(config.mesh, n_devices)
+    mesh = AbstractMesh(tuple(sizes.values()), tuple(sizes))
+    rules = rules_from_config(config.mesh)
+    specs = task.param_specs() if hasattr(task, "param_specs") else jax.tree.map(lambda _: P(), abstract["params"])
+    opt_specs = optax.tree_map_params(optimizer, lambda _, sp: sp, abstract["opt_state"], specs,
+                                      transform_non_params=lambda _: P())
     report = {"params": n_params, "param_bytes": tree_bytes(abstract["params"]),
-              "opt_state_bytes": tree_bytes(abstract["opt_state"])}
-    print(f"dry run: {n_params:,} parameters ({n_params / 1e9:.2f}B); params {report['param_bytes'] / 2**30:.1f} GiB "
-          f"+ optimizer state {report['opt_state_bytes'] / 2**30:.1f} GiB = "
-          f"{(report['param_bytes'] + report['opt_state_bytes']) / 2**30:.1f} GiB")
+              "opt_state_bytes": tree_bytes(abstract["opt_state"]), "devices": n_devices, "mesh": sizes,
+              "param_bytes_per_device": shard_bytes(abstract["params"], specs, mesh, rules),
+              "opt_state_bytes_per_device": shard_bytes(abstract["opt_state"], opt_specs, mesh, rules)}
+    gib = 2 ** 30
+    print(f"dry run: {n_params:,} parameters ({n_params / 1e9:.2f}B); params {report['param_bytes'] / gib:.1f} GiB "
+          f"+ optimizer state {report['opt_state_bytes'] / gib:.1f} GiB = "
+          f"{(report['param_bytes'] + report['opt_state_bytes']) / gib:.1f} GiB")
+    print(f"per device on mesh {sizes} ({n_devices} devices): params {report['param_bytes_per_device'] / gib:.2f} GiB "
+          f"+ optimizer state {report['opt_state_bytes_per_device'] / gib:.2f} GiB = "
+          f"{(report['param_bytes_per_device'] + report['opt_state_bytes_per_device']) / gib:.2f} GiB")
     return report
 
 
@@ -121,21 +214,34 @@ def run(task, config, workdir: str, stop_after: int | None = None) -> dict[str, 
     if config.dry_run:
         return dry_run(task, optimizer, config)
 
+    mesh, rules = make_mesh(config.mesh), rules_from_config(config.mesh)
+    check_batch_fits(config, mesh, rules)
+    with sharding_context(mesh, rules):
+        return _train(task, optimizer, config, workdir, stop_after, mesh, rules)
+
+
+def _train(task, optimizer, config, workdir, stop_after, mesh, rules) -> dict[str, Any]:
     ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
     meta = task.meta()
     rng = jax.random.PRNGKey(config.seed)
-    train_ds = task.train_dataset(jax.process_index(), jax.process_count())
+    pidx, pcount = jax.process_index(), jax.process_count()
+    train_ds = task.train_dataset(pidx, pcount)
+    init_fn = functools.partial(init_state, task, optimizer)
+    abstract = jax.eval_shape(init_fn, rng)
+    shardings = state_shardings(task, optimizer, abstract, mesh, rules)
     latest = ckpt.latest_step()
     if latest is None:
-        state, data_state = jax.jit(functools.partial(init_state, task, optimizer))(rng), None
+        state, data_state = jax.jit(init_fn, out_shardings=shardings)(rng), None
     else:
         ckpt.check_meta(latest, meta)
-        abstract = jax.eval_shape(functools.partial(init_state, task, optimizer), rng)
-        state, data_state = ckpt.restore(latest, abstract)
+        target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, shardings)
+        state, data_state = ckpt.restore(latest, target)
         print(f"resumed from {ckpt.directory} at step {latest}")
     data_iter = make_iterator(train_ds, data_state)
 
-    train_step = jax.jit(make_train_step(task, optimizer, config.grad_accum_steps), donate_argnums=(0,))
+    rows = batch_sharding(mesh, rules)
+    train_step = jax.jit(make_train_step(task, optimizer, config.grad_accum_steps), donate_argnums=(0,),
+                         out_shardings=(shardings, None))
     eval_step = jax.jit(task.eval_sums)
     schedule = learning_rate_schedule(config)
     writer = MetricsWriter(workdir)
@@ -144,7 +250,7 @@ def run(task, config, workdir: str, stop_after: int | None = None) -> dict[str, 
     last_time, window = time.perf_counter(), []
     metrics: dict[str, float] = {}
     for step in range(start + 1, config.num_train_steps + 1):
-        state, step_metrics = train_step(state, next(data_iter))
+        state, step_metrics = train_step(state, put_batch(next(data_iter), rows, pcount))
         window.append(step_metrics)
         if step % config.log_every_steps == 0 or step == config.num_train_steps:
             window = jax.device_get(window)
@@ -156,11 +262,10 @@ def run(task, config, workdir: str, stop_after: int | None = None) -> dict[str, 
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_second']:,.0f}")
             last_time, window = now, []
         if step % config.eval_every_steps == 0 or step == config.num_train_steps:
-            eval_metrics = evaluate(task, eval_step, state["params"], config.eval_batches)
+            eval_metrics = evaluate(task, eval_step, state["params"], config.eval_batches, rows)
             writer.write(step, eval_metrics)
             metrics.update(eval_metrics)
-            bar.write(f"step {step}: eval loss {eval_metrics['eval_loss']:.4f}, "
-                      f"perplexity {eval_metrics['eval_perplexity']:.2f}")
+            bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
         if step % config.save_every_steps == 0 or step == config.num_train_steps:
             ckpt.save(step, state, data_iter.get_state(), meta)
         bar.update(1)

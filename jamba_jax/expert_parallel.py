@@ -1,0 +1,110 @@
+"""The MoE experts under a device mesh, as one `jax.shard_map` (GShard's expert parallelism).
+
+Inside, every device holds its own tokens (split over the batch axes) and num_experts / n of the
+experts (split over the `expert` axis, n devices), whole along `embed` (fsdp-sharded weights are
+all-gathered as they enter: ZeRO-3) and split along the expert hidden size over `tensor` (each
+device computes a partial FFN; one psum sums them: Megatron's MLP split).
+
+Expert parallel, when the `expert` axis is one of the axes the tokens are split over:
+  1. sort this device's (token, choice) pairs by expert, so those bound for each expert shard
+     are contiguous, and copy them into a send buffer [n, C, hidden] (slot c of row d: the c-th
+     pair bound for device d), with the local expert id of each slot (or "none");
+  2. all-to-all: device d receives the [n, C] slots every device sent it;
+  3. grouped FFN of its local experts over the received rows (empty slots cost nothing);
+  4. all-to-all back, and each pair's result is weighted by its router probability and added
+     into its token.
+C, the slots per (source, destination) pair, is static. Dropless (capacity_factor 0, the default)
+takes C = the pairs a device holds, the most it can send one destination, so nothing is ever
+dropped and each device sends n x its pairs. A capacity factor f > 0 takes C = ceil(f x pairs /
+n) and drops the pairs past it (their contribution is 0, the residual carries the token).
+
+When the tokens are not split over `expert` (a batch the mesh does not divide, e.g. one sequence
+while generating), each device instead runs the choices of its local experts on all its tokens
+and one psum over `expert` sums the experts' contributions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from jamba_jax.grouped_ffn import combine_local
+from jamba_jax.sharding import axes_size, current_mesh, fitted_spec, spec_axes
+
+
+def expert_parallel_moe(x_TxH, top_idx_TxK, top_w_TxK, weights, scales, act, impl=None,
+                        capacity_factor: float = 0.0):
+    """sum_k top_w[t, k] * FFN_{top_idx[t, k]}(x[t]) with the experts sharded as the rules say.
+
+    weights: (gate [E, H, F], up [E, H, F], down [E, F, H]); scales: None or their int8 scales
+    ([E, F], [E, F], [E, H]), sharded with them.
+    """
+    mesh = current_mesh()
+    t, k = top_idx_TxK.shape
+    w_gate, w_up, w_down = weights
+    tok_spec = fitted_spec((t,), ("batch",), mesh)
+    gate_spec = fitted_spec(w_gate.shape, ("exp", "embed", "mlp"), mesh)
+    down_spec = fitted_spec(w_down.shape, ("exp", "mlp", "embed"), mesh)
+    # fsdp: the weights enter with `embed` whole (XLA all-gathers them at the boundary, and
+    # reduce-scatters their gradients back): ZeRO-3
+    gate_spec, down_spec = P(gate_spec[0], None, gate_spec[2]), P(down_spec[0], down_spec[1], None)
+    tok_axes, ep_axes, mlp_axes = spec_axes(tok_spec[0]), spec_axes(gate_spec[0]), spec_axes(gate_spec[2])
+    n_ep = axes_size(mesh, ep_axes)
+    all_to_all = bool(ep_axes) and set(ep_axes) <= set(tok_axes)
+
+    def body(x, idx, w, wg, wu, wd, *sc):
+        local = (wg, wu, wd)
+        e_loc = wg.shape[0]
+        sc = sc or None
+        if all_to_all:
+            out = _all_to_all_experts(x, idx, w, local, sc, act, impl, ep_axes, n_ep, e_loc, capacity_factor)
+        else:
+            if ep_axes:  # choices of another device's experts -> "no expert" here
+                first = jax.lax.axis_index(ep_axes) * e_loc
+                idx = jnp.where((idx >= first) & (idx < first + e_loc), idx - first, e_loc)
+            out = combine_local(x, idx, w, local, act, sc, impl)
+            if ep_axes:
+                out = jax.lax.psum(out, ep_axes)
+        return jax.lax.psum(out, mlp_axes) if mlp_axes else out
+
+    args = [x_TxH, top_idx_TxK, top_w_TxK, w_gate, w_up, w_down]
+    specs = [P(tok_spec[0], None)] * 3 + [gate_spec, gate_spec, down_spec]
+    if scales is not None:
+        args += list(scales)
+        specs += [P(gate_spec[0], gate_spec[2])] * 2 + [P(down_spec[0], None)]
+    return jax.shard_map(body, mesh=mesh, in_specs=tuple(specs), out_specs=P(tok_spec[0], None))(*args)
+
+
+def capacity(pairs: int, n_ep: int, capacity_factor: float) -> int:
+    """Static slots per (source, destination) device pair."""
+    if capacity_factor <= 0:
+        return pairs
+    return max(1, min(pairs, math.ceil(capacity_factor * pairs / n_ep)))
+
+
+def _all_to_all_experts(x_TxH, idx_TxK, w_TxK, weights, scales, act, impl, ep_axes, n_ep, e_loc, capacity_factor):
+    t, h = x_TxH.shape
+    k = idx_TxK.shape[1]
+    m = t * k
+    slots = capacity(m, n_ep, capacity_factor)
+    expert_M = idx_TxK.reshape(-1)
+    order_M = jnp.argsort(expert_M, stable=True)
+    expert_S = expert_M[order_M]  # S: the pairs in sorted order
+    dest_S = expert_S // e_loc
+    per_dest = jnp.bincount(dest_S, length=n_ep)
+    slot_S = jnp.arange(m) - (jnp.cumsum(per_dest) - per_dest)[dest_S]  # rank among pairs to the same device
+    token_S = order_M // k
+
+    send_x = jnp.zeros((n_ep, slots, h), x_TxH.dtype).at[dest_S, slot_S].set(x_TxH[token_S], mode="drop")
+    send_e = jnp.full((n_ep, slots), e_loc, jnp.int32).at[dest_S, slot_S].set(expert_S % e_loc, mode="drop")
+    recv_x = jax.lax.all_to_all(send_x, ep_axes, 0, 0, tiled=True)  # [source, slot, h]
+    recv_e = jax.lax.all_to_all(send_e, ep_axes, 0, 0, tiled=True)
+    ones = jnp.ones((n_ep * slots, 1), x_TxH.dtype)
+    y = combine_local(recv_x.reshape(-1, h), recv_e.reshape(-1, 1), ones, weights, act, scales, impl)
+    back = jax.lax.all_to_all(y.reshape(n_ep, slots, h), ep_axes, 0, 0, tiled=True)  # [destination, slot, h]
+    y_S = back.at[dest_S, slot_S].get(mode="fill", fill_value=0)  # a dropped pair contributes 0
+    y_S = y_S * w_TxK.reshape(-1)[order_M][:, None]
+    return jnp.zeros((t, h), y_S.dtype).at[token_S].add(y_S)

@@ -1,0 +1,48 @@
+"""A short training run of the small test config on N virtual CPU devices (or as one process of a
+multi-process run), for tests/test_sharding.py. JAX reads XLA_FLAGS once, so each mesh needs its
+own process.
+
+  python tests/mesh_worker.py --devices 8 --mesh '{"expert": 4, "data": 2}' --workdir DIR
+      [--steps 5] [--stop-after K] [--sample] [--coordinator HOST:PORT --num-processes N --process-id I]
+
+Prints one line "RESULT {json}" with the train losses by step (process 0).
+"""
+
+import argparse
+import json
+import os
+import sys
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--devices", type=int, required=True)
+ap.add_argument("--mesh", required=True)
+ap.add_argument("--workdir", required=True)
+ap.add_argument("--steps", type=int, default=5)
+ap.add_argument("--stop-after", type=int, default=None)
+ap.add_argument("--sample", action="store_true")
+ap.add_argument("--coordinator", default="")
+ap.add_argument("--num-processes", type=int, default=-1)
+ap.add_argument("--process-id", type=int, default=-1)
+args = ap.parse_args()
+
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(HERE), HERE]
+
+from test_training import small_config, train_losses  # noqa: E402
+
+from tasks.jamba_lm import JambaLMTask  # noqa: E402
+from training import distributed, train  # noqa: E402
+
+config = small_config(num_train_steps=args.steps, save_every_steps=3, eval_every_steps=args.steps, batch_size=8,
+                      sample_prompt="dog:" if args.sample else "", sample_tokens=8)
+config.mesh.data = 1
+for axis, size in json.loads(args.mesh).items():
+    config.mesh[axis] = size
+config.distributed.coordinator_address = args.coordinator
+config.distributed.num_processes = args.num_processes
+config.distributed.process_id = args.process_id
+distributed.initialize(config)
+train.run(JambaLMTask(config), config, args.workdir, stop_after=args.stop_after)
+if args.process_id <= 0:
+    print("RESULT " + json.dumps({"losses": train_losses(args.workdir)}), flush=True)
