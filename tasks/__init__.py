@@ -16,7 +16,19 @@ def _generate(config, workdir):
     return generate.run(config, workdir)
 
 
-TASKS = {"jamba_lm": _jamba_lm, "generate": _generate}
+def _sensebert(task_cls_name):
+    def run(config, workdir):
+        from tasks import sensebert, sensebert_finetune
+        from training import train
+
+        cls = getattr(sensebert, task_cls_name, None) or getattr(sensebert_finetune, task_cls_name)
+        return train.run(cls(config), config, workdir)
+
+    return run
+
+
+TASKS = {"jamba_lm": _jamba_lm, "generate": _generate, "sensebert_pretrain": _sensebert("SenseBertPretrainTask"),
+         "sensebert_tagging": _sensebert("SupersenseTaggingTask"), "sensebert_wic": _sensebert("WordInContextTask")}
 
 
 class UnknownTaskError(ValueError):
