@@ -6,7 +6,8 @@
                        1 when both come from the same synset, 0 otherwise (how WiC was built),
                        balanced between the labels
 
-Rows are shuffled (seed 0). Both are split by lemma (crc32(lemma) % 5 == 0: test), so test lemmas are never seen in training.
+Rows are shuffled (seed 0). Both are split by lemma (crc32(lemma) % 5 == 0: test), so test lemmas
+are never seen in training.
 Writes data/sensebert_eval/{tagging,wic}.jsonl.gz.
 
   python -m data.build_sensebert_eval [--wordnet_dir /usr/share/wordnet]

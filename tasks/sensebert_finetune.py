@@ -60,8 +60,7 @@ class _FinetuneTask(SenseBertBase):
             self._pretrained = self._load_encoder(config.init_checkpoint)
 
     def _load_encoder(self, path):
-        abstract = jax.eval_shape(lambda: self.init_params(jax.random.PRNGKey(0)))["encoder"]
-        meta, params, step = restore_run_params(path, {"encoder": abstract})
+        meta, _, _ = restore_run_params(path, None)  # check what the checkpoint holds before reading arrays
         if meta.get("task") != "sensebert_pretrain":
             raise CheckpointMismatchError(f"{path}: not a sensebert_pretrain run (task {meta.get('task')!r})")
         mine = self.meta()["model"]
@@ -71,6 +70,8 @@ class _FinetuneTask(SenseBertBase):
         if meta["use_supersenses"] != self.use_supersenses:
             raise CheckpointMismatchError(f"{path} was pre-trained with use_supersenses={meta['use_supersenses']}; "
                                           f"set config.sensebert.use_supersenses to match")
+        abstract = jax.eval_shape(lambda: self.init_params(jax.random.PRNGKey(0)))["encoder"]
+        _, params, step = restore_run_params(path, {"encoder": abstract})
         print(f"encoder from {path} (step {step})")
         return jax.tree.map(np.asarray, params["encoder"])
 

@@ -12,7 +12,14 @@ import pytest
 
 import tasks
 from configs import sensebert_tagging, sensebert_tiny, sensebert_wic
-from sensebert_jax import SUPERSENSES, WordPieceTokenizer, allowed_supersenses, morphy, token_supersense_matrix
+from sensebert_jax import (
+    SUPERSENSES,
+    TokenizerError,
+    WordPieceTokenizer,
+    allowed_supersenses,
+    morphy,
+    token_supersense_matrix,
+)
 from sensebert_jax.data import choose_masked, pretraining_example, sentence_words
 from sensebert_jax.losses import supersense_loss_sums
 from sensebert_jax.predict import main as predict_main
@@ -188,3 +195,47 @@ def test_wic_runs_and_a_mismatched_encoder_is_named(pretrained, tmp_path):
     other.model.hidden_size = 32
     with pytest.raises(CheckpointMismatchError, match="hidden_size"):
         SupersenseTaggingTask(other)
+
+
+def test_vocabularies_whole_words_and_bad_files(tmp_path):
+    tok = WordPieceTokenizer()
+    assert len(dict(tok.words("happily"))["happily"]) > 1  # not in the 4096-piece vocabulary
+    whole = WordPieceTokenizer(whole_words=["happily", "Happily"])
+    assert whole.vocab_size == tok.vocab_size + 1 and dict(whole.words("happily"))["happily"] == [tok.vocab_size]
+    bad = tmp_path / "vocab.txt"
+    bad.write_text("[PAD]\n[UNK]\nthe\n")
+    with pytest.raises(TokenizerError, match=r"lacks the special token \[CLS\]"):
+        WordPieceTokenizer(str(bad))
+    with pytest.raises(TokenizerError, match="no such vocabulary file"):
+        WordPieceTokenizer(str(tmp_path / "missing.txt"))
+
+
+def test_input_embedding_adds_the_mean_supersense_embedding_and_heads_are_tied():
+    from sensebert_jax import SenseBertConfig
+    from sensebert_jax.model import SenseBertEncoder, SenseBertForPretraining
+
+    cfg = SenseBertConfig(vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                          intermediate_size=16, max_position_embeddings=8, hidden_dropout_prob=0.0)
+    ids = jnp.asarray([[3, 5]])
+    m = np.zeros((10, 45), np.float32)
+    m[3, [4, 9]] = 0.5
+    model = SenseBertForPretraining(cfg)
+    params = model.init(jax.random.PRNGKey(0), ids, jnp.ones_like(ids), jnp.zeros_like(ids), jnp.asarray(m))["params"]
+    params = jax.tree.map(lambda x: getattr(x, "value", x), params, is_leaf=lambda x: hasattr(x, "value"))
+    enc = params["encoder"]
+    assert set(params) == {"encoder", "mlm_bias", "mlm_dense", "mlm_layer_norm", "supersense_dense",
+                           "supersense_layer_norm"}  # no separate output matrices: tied to W and S
+
+    def embedded(p, mat):  # the encoder's output: a function of the input embedding alone
+        return SenseBertEncoder(cfg).apply({"params": p}, ids, jnp.ones_like(ids), jnp.zeros_like(ids), mat)[0]
+
+    # the embedding of token 3 moves by exactly the mean of S[4] and S[9] (before the LayerNorm):
+    # set S to zero except those rows and compare with S = 0 plus the same vector added to W[3]
+    s = np.zeros((45, 8), np.float32)
+    s[4], s[9] = np.arange(8), -2 * np.arange(8) + 1
+    with_s = {**enc, "supersense_embeddings": jnp.asarray(s)}
+    w = np.asarray(enc["word_embeddings"]).copy()
+    w[3] += 0.5 * (s[4] + s[9])
+    moved = {**enc, "supersense_embeddings": jnp.zeros((45, 8)), "word_embeddings": jnp.asarray(w)}
+    np.testing.assert_allclose(embedded(with_s, jnp.asarray(m)), embedded(moved, jnp.asarray(m)), atol=1e-5)
+    assert not np.allclose(embedded(with_s, jnp.asarray(m)), embedded(enc, jnp.asarray(m)), atol=1e-3)

@@ -129,7 +129,7 @@ import os
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from jamba_jax import JambaConfig, JambaForCausalLM, init_params, quantize_experts_int8
+from jamba_jax import JambaConfig, JambaForCausalLM, generate, init_params, quantize_experts_int8
 from jamba_jax.mamba import sharded_selective_scan
 from jamba_jax.params import param_logical_specs
 from jamba_jax.sharding import DEFAULT_RULES, make_mesh, sharding_context, tree_shardings
@@ -169,12 +169,14 @@ with sharding_context(mesh, DEFAULT_RULES):
     assert experts["gate_proj_scale"].sharding.spec[0] in ("expert", ("expert",))
     assert experts["gate_proj"].addressable_shards[0].data.shape[0] == 1
     out = jax.jit(lambda p, i: model.apply({"params": p}, i).logits)(qs, ids)
+    tokens = generate(model, qs, ids[:1, :5], max_new_tokens=6)  # one row: experts with replicated tokens
 np.testing.assert_allclose(out, ref, atol=1e-4)
+np.testing.assert_array_equal(tokens, generate(model, q, ids[:1, :5], max_new_tokens=6))
 print("OK")
 '''
 
 
-def test_tensor_parallel_scan_has_no_communication_and_int8_experts_shard():
+def test_tensor_parallel_scan_has_no_communication_and_int8_experts_shard_and_generate():
     out = subprocess.run([sys.executable, "-c", _IN_MESH], capture_output=True, text=True, timeout=600,
                          env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"})
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-4000:]
