@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import tempfile
 
@@ -22,7 +23,7 @@ import tasks
 from benchmarks.common import machine, time_fn, write_section
 from configs import sensebert_tagging, sensebert_tiny, sensebert_wic
 from tasks.sensebert import SenseBertPretrainTask
-from tasks.sensebert_finetune import SupersenseTaggingTask, WordInContextTask
+from tasks.sensebert_finetune import SupersenseTaggingTask, WordInContextTask, read_rows
 from training.data import make_iterator
 from training.optim import make_optimizer
 from training.train import init_state, make_train_step
@@ -79,7 +80,12 @@ def main(argv=None):
             baselines[task_name] = cls(f).baseline()
         rows.append((name, result))
         print(name, result, flush=True)
-    table = [f"| {n} | {speed[n]:,.0f} | {r['mlm']:.3f} | {r['tagging']:.4f} | {r['wic']:.4f} |" for n, r in rows]
+    n_test = {t: len(read_rows(t, "test")) for t in ("tagging", "wic")}
+
+    def acc(r, t):  # with its binomial standard error over the test rows
+        return f"{r[t]:.4f} +- {math.sqrt(r[t] * (1 - r[t]) / n_test[t]):.4f}"
+
+    table = [f"| {n} | {speed[n]:,.0f} | {r['mlm']:.3f} | {acc(r, 'tagging')} | {acc(r, 'wic')} |" for n, r in rows]
     (tl, ta), (wl, wa) = baselines["tagging"], baselines["wic"]
     table.append(f"| most frequent training label | - | - | {ta:.4f} ({tl}) | {wa:.4f} ({wl}) |")
     body = "\n".join([
@@ -92,7 +98,10 @@ def main(argv=None):
         "(configs/sensebert_wic.py), scored on the whole test split (lemmas unseen in training). Throughput: "
         f"real pieces per second of the jitted pre-training step, median of {args.repeats}.", "",
         "| model | pre-training pieces/s | eval MLM loss | supersense tagging accuracy | WiC accuracy |",
-        "|---|---|---|---|---|", *table])
+        "|---|---|---|---|---|", *table, "",
+        f"Test rows: {n_test['tagging']} tagging, {n_test['wic']} WiC pairs; +- is one binomial standard error. "
+        "SenseBERT's pre-training step also runs the supersense head and losses (the throughput ratio), and its "
+        "masked-LM loss pays for the two extra objectives at this size."])
     write_section("sensebert", body)
 
 

@@ -82,7 +82,7 @@ def rules_from_config(mesh_cfg: Mapping[str, Any]) -> tuple[tuple[str, Any], ...
     """DEFAULT_RULES with `config.mesh.rules` ({logical name: mesh axis, axes or None}) on top."""
     overrides = dict(mesh_cfg.get("rules", None) or {})
     for name, axes in overrides.items():
-        for a in (axes,) if isinstance(axes, str) else (axes or ()):
+        for a in spec_axes(axes):
             if a not in MESH_AXES:
                 raise MeshError(f"config.mesh.rules[{name!r}] names mesh axis {a!r}; the axes are {list(MESH_AXES)}")
     overrides = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in overrides.items()}
