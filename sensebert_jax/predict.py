@@ -18,7 +18,7 @@ import numpy as np
 from sensebert_jax.config import SenseBertConfig
 from sensebert_jax.model import SenseBertForPretraining
 from sensebert_jax.supersenses import SUPERSENSES, allowed_ids
-from sensebert_jax.tokenizer import WordPieceTokenizer, token_supersense_matrix
+from sensebert_jax.tokenizer import WordPieceTokenizer, load_whole_words, token_supersense_matrix
 from training.checkpoint import restore_run_params
 
 
@@ -52,11 +52,7 @@ def main(argv=None):
     if meta.get("task") != "sensebert_pretrain":
         raise SystemExit(f"{args.workdir}: not a sensebert_pretrain run (task {meta.get('task')!r})")
     cfg = SenseBertConfig.from_dict(meta["model"])
-    whole = []
-    if meta.get("whole_words_file"):
-        with open(meta["whole_words_file"], encoding="utf-8") as f:
-            whole = [w.strip() for w in f if w.strip()]
-    tok = WordPieceTokenizer(meta.get("vocab_file", ""), whole)
+    tok = WordPieceTokenizer(meta.get("vocab_file", ""), load_whole_words(meta.get("whole_words_file", "")))
     model = SenseBertForPretraining(cfg)
     m = jnp.asarray(token_supersense_matrix(tok.vocab))
     ids = jnp.zeros((1, 4), jnp.int32)

@@ -76,6 +76,16 @@ class WordPieceTokenizer:
         return self.vocab[i]
 
 
+def load_whole_words(path: str) -> list[str]:
+    """Words, one per line, to add to the vocabulary ("" = none)."""
+    if not path:
+        return []
+    if not os.path.exists(path):
+        raise TokenizerError(f"{path}: no such whole-words file")
+    with open(path, encoding="utf-8") as f:
+        return [w.strip() for w in f if w.strip()]
+
+
 def token_supersense_matrix(vocab: list[str]) -> np.ndarray:
     """M [vocab, 45] float32: M[w, s] = 1/|A(w)| for s in A(w) of the token's string (empty for
     pieces "##...", special tokens, short and stop words)."""

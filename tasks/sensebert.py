@@ -20,14 +20,8 @@ from sensebert_jax.data import pretraining_dataset
 from sensebert_jax.losses import masked_lm_sum, supersense_loss_sums
 from sensebert_jax.model import SenseBertForPretraining
 from sensebert_jax.predict import format_tagged, predict_supersenses
+from sensebert_jax.tokenizer import load_whole_words
 from training.data import text_source
-
-
-def load_whole_words(path: str) -> list[str]:
-    if not path:
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [w.strip() for w in f if w.strip()]
 
 
 class SenseBertBase:
