@@ -14,7 +14,7 @@ import numpy as np
 
 from sensebert_jax.supersenses import NUM_SUPERSENSES, allowed_ids
 from sensebert_jax.tokenizer import WordPieceTokenizer
-from training.data import DataError, process_rows
+from training.data import document_stream, process_rows
 
 MASK_BUDGET = 0.15
 SINGLE_SENSE_SHARE = 0.4
@@ -78,13 +78,7 @@ def pretraining_dataset(docs, tok: WordPieceTokenizer, *, batch_size: int, seq_l
                         process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
     """Batches of pretraining_example dicts (one sentence per row, padded), this process's rows.
     Masks are drawn per (example, epoch) from the seed, so a resumed run sees the same batches."""
-    if batch_size % process_count:
-        raise DataError(f"batch_size={batch_size} is not divisible by the {process_count} processes")
-    ds = grain.MapDataset.source(docs)
-    if len(ds) == 0:
-        raise DataError("the data source holds no documents")
-    if train:
-        ds = ds.shuffle(seed=seed).repeat(None)
+    ds = document_stream(docs, batch_size, seed, train, process_count)
     ds = ds.random_map(lambda text, rng: pretraining_example(tok, text, seq_len, rng), seed=seed)
     ds = ds.batch(batch_size, drop_remainder=train)
     return ds.map(lambda b: process_rows(b, batch_size, process_index, process_count)).to_iter_dataset()

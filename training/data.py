@@ -173,14 +173,7 @@ def lm_dataset(docs, tokenizer: TextTokenizer, *, batch_size: int, seq_len: int,
     Eval batches (train=False) keep the last partial batch, padded with all-zero rows (segment 0:
     no targets) to the full batch size.
     """
-    if batch_size % process_count:
-        raise DataError(f"batch_size={batch_size} is not divisible by the {process_count} processes")
-    ds = grain.MapDataset.source(docs)
-    if len(ds) == 0:
-        raise DataError("the data source holds no documents")
-    if train:
-        ds = ds.shuffle(seed=seed).repeat(None)  # a fresh permutation every epoch
-
+    ds = document_stream(docs, batch_size, seed, train, process_count)
     bos, eos = tokenizer.bos_id, tokenizer.eos_id
 
     def tokenize(text: str) -> dict[str, np.ndarray]:
@@ -194,6 +187,17 @@ def lm_dataset(docs, tokenizer: TextTokenizer, *, batch_size: int, seq_len: int,
     it = ds.map(tokenize).to_iter_dataset()
     it = grain_experimental.ConcatThenSplitIterDataset(it, length_struct={"inputs": seq_len})
     return it.batch(batch_size, drop_remainder=train).map(finish)
+
+
+def document_stream(docs, batch_size: int, seed: int, train: bool, process_count: int) -> grain.MapDataset:
+    """The documents every process reads: shuffled with a fresh permutation each epoch, endlessly,
+    when training; once, in order, for eval. Names an empty source or an unsplittable batch."""
+    if batch_size % process_count:
+        raise DataError(f"batch_size={batch_size} is not divisible by the {process_count} processes")
+    ds = grain.MapDataset.source(docs)
+    if len(ds) == 0:
+        raise DataError("the data source holds no documents")
+    return ds.shuffle(seed=seed).repeat(None) if train else ds
 
 
 def process_rows(batch: dict[str, np.ndarray], batch_size: int, process_index: int, process_count: int) -> dict:
