@@ -43,7 +43,7 @@ def expert_parallel_moe(x_TxH, top_idx_TxK, top_w_TxK, weights, scales, act, imp
     ([E, F], [E, F], [E, H]), sharded with them.
     """
     mesh = current_mesh()
-    t, k = top_idx_TxK.shape
+    t = top_idx_TxK.shape[0]
     w_gate, w_up, w_down = weights
     tok_spec = fitted_spec((t,), ("batch",), mesh)
     gate_spec = fitted_spec(w_gate.shape, ("exp", "embed", "mlp"), mesh)

@@ -148,11 +148,6 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, fitted_spec(x.shape, logical, mesh)))
 
 
-def logical_to_shardings(logical_specs, mesh: Mesh, rules) -> Any:
-    """A tree of logical PartitionSpecs -> NamedShardings on `mesh`."""
-    return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
-
-
 def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
     """Rows over the batch axes, everything else replicated."""
     with nn.logical_axis_rules(rules):

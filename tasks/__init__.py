@@ -16,19 +16,21 @@ def _generate(config, workdir):
     return generate.run(config, workdir)
 
 
-def _sensebert(task_cls_name):
+def _sensebert(module: str, cls: str):
     def run(config, workdir):
-        from tasks import sensebert, sensebert_finetune
+        import importlib
+
         from training import train
 
-        cls = getattr(sensebert, task_cls_name, None) or getattr(sensebert_finetune, task_cls_name)
-        return train.run(cls(config), config, workdir)
+        return train.run(getattr(importlib.import_module(f"tasks.{module}"), cls)(config), config, workdir)
 
     return run
 
 
-TASKS = {"jamba_lm": _jamba_lm, "generate": _generate, "sensebert_pretrain": _sensebert("SenseBertPretrainTask"),
-         "sensebert_tagging": _sensebert("SupersenseTaggingTask"), "sensebert_wic": _sensebert("WordInContextTask")}
+TASKS = {"jamba_lm": _jamba_lm, "generate": _generate,
+         "sensebert_pretrain": _sensebert("sensebert", "SenseBertPretrainTask"),
+         "sensebert_tagging": _sensebert("sensebert_finetune", "SupersenseTaggingTask"),
+         "sensebert_wic": _sensebert("sensebert_finetune", "WordInContextTask")}
 
 
 class UnknownTaskError(ValueError):
