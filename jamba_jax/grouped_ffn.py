@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels.int8_matmul import int8_matmul
+from kernels import current_platform, int8_matmul
 
 
 def _ffn_ragged(x_MxH, group_sizes_E, expert_of_M, w_gate, w_up, w_down, act, scales=None):
@@ -68,7 +68,7 @@ FFN_IMPLS = {"ragged": _ffn_ragged, "blocked": _ffn_blocked}
 
 
 def default_ffn_impl() -> str:
-    return "blocked" if jax.default_backend() == "cpu" else "ragged"
+    return "blocked" if current_platform() == "cpu" else "ragged"
 
 
 def combine_local(x_TxH, top_idx_TxK, top_w_TxK, weights, act, scales=None, impl=None):

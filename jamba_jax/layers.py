@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jamba_jax.config import JambaConfig
-from kernels.int8_matmul import int8_matmul
+from kernels import int8_matmul
 
 _F32 = jnp.float32
 

@@ -18,10 +18,16 @@ Implementations (`impl=`):
                length, materialises [batch, length, d_inner, d_state].
   chunked      associative scan inside chunks of 64 steps, state carried across chunks: memory
                bounded by one chunk's [batch, 64, d_inner, d_state].
-  pallas       a Pallas kernel (grid over batch and d_inner tiles, time loop inside) with a custom
-               VJP whose backward kernel recomputes from saved chunk-boundary states; compiled on
-               GPU/TPU, `interpret=True` on CPU.
-  auto         `scan` on CPU, `pallas` on GPU and TPU.
+  pallas       Pallas kernels with a custom VJP whose backward recomputes from saved chunk-start
+               states (`kernels.ssm_pallas`): the Mosaic TPU kernel when tracing for a TPU, the
+               Triton kernel for a GPU; on a CPU the Triton kernel's body in interpret mode.
+  pallas_tpu,  one kernel family by name (the other platform's family fails to compile; on a CPU
+  pallas_gpu   each runs in its interpreter, which is how the tests check both).
+  auto         `scan` on CPU; on GPU and TPU the platform's Pallas kernel (`KERNEL_PLATFORMS`), or
+               `chunked` with a logged warning on a platform that has none.
+
+The platform is `kernels.target_platform(...)` when set (tests lower TPU and GPU programs from a
+CPU that way), else JAX's default backend.
 
 Every implementation is differentiable in all inputs, initial_state included, and d_inner is
 independent throughout, so a tensor-parallel shard of channels needs no communication.
@@ -29,10 +35,13 @@ independent throughout, so a tensor-parallel shard of channels needs no communic
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from kernels import ssm_xla
+from kernels.platform import current_platform, log_once
 from kernels.ssm_pallas import scan_pallas
 
 _F32 = jnp.float32
@@ -72,14 +81,25 @@ _IMPL_FNS = {
     "associative": ssm_xla.scan_associative,
     "chunked": ssm_xla.scan_chunked,
     "pallas": scan_pallas,
+    "pallas_tpu": functools.partial(scan_pallas, family="tpu"),
+    "pallas_gpu": functools.partial(scan_pallas, family="gpu"),
 }
 IMPLS = tuple(_IMPL_FNS)
+# the platforms whose Pallas kernel compiles (tests/test_kernel_lowering.py lowers each one)
+KERNEL_PLATFORMS = ("tpu", "gpu")
 
 
 def resolve_impl(impl: str) -> str:
-    """'auto' -> 'scan' on CPU, 'pallas' on GPU and TPU."""
+    """'auto' -> 'scan' on CPU; 'pallas' on a platform in KERNEL_PLATFORMS, else 'chunked' (logged)."""
     if impl == "auto":
-        return "scan" if jax.default_backend() == "cpu" else "pallas"
+        platform = current_platform()
+        if platform == "cpu":
+            return "scan"
+        if platform in KERNEL_PLATFORMS:
+            return "pallas"
+        log_once("selective_scan", f"selective_scan: no Pallas kernel for platform {platform!r}; "
+                                   "impl='auto' runs the chunked XLA scan")
+        return "chunked"
     if impl not in _IMPL_FNS:
         raise ValueError(f"selective_scan impl={impl!r} is not available; choose one of "
                          f"{('auto',) + tuple(_IMPL_FNS)}")

@@ -11,7 +11,7 @@ from conftest import make_hf_model, random_ids
 import jamba_jax
 from jamba_jax.orbax_io import load_params, save_params
 from jamba_jax.quantization import QuantizationError, check_quantized, dequantize_int8, quantize_int8, weight_bytes
-from kernels.int8_matmul import int8_matmul, int8_matmul_reference
+from kernels.int8_matmul import int8_matmul, int8_matmul_reference, pallas_gpu, pallas_tpu
 
 
 @pytest.fixture(scope="module")
@@ -66,19 +66,31 @@ def test_generation_runs_on_quantised_params(peaky):
     assert (a == b).mean() >= 0.75  # greedy paths agree for most tokens before any divergence
 
 
-@pytest.mark.parametrize("m, k, n", [(5, 32, 24), (130, 16, 200)])
+@pytest.mark.parametrize("m, k, n", [(5, 32, 24), (130, 16, 200), (37, 300, 260)])
 def test_int8_matmul_kernels_equal_the_reference(m, k, n):
+    """Each implementation, the TPU kernel under the TPU interpreter and the GPU kernel under
+    Pallas's, with the blocks the platforms compile and with small blocks (several K steps, padded
+    M, N and K), in float32 and bfloat16."""
     r = np.random.RandomState(m)
     x = jnp.asarray(r.randn(m, k), jnp.float32)
     q, s = quantize_int8(jnp.asarray(r.randn(k, n), jnp.float32))
     want = int8_matmul_reference(x, q, s)
-    for impl in ("xla", "pallas"):  # pallas runs in interpret mode on CPU
-        np.testing.assert_allclose(int8_matmul(x, q, s, impl=impl), want, rtol=1e-5, atol=1e-5, err_msg=impl)
+    # float32 sums of k products in another order (scale after the sum, K in blocks): a few ulps of
+    # the output's scale
+    atol = 1e-6 * float(np.abs(want).max())
+    for impl in ("xla", "pallas", "pallas_tpu", "pallas_gpu"):
+        np.testing.assert_allclose(int8_matmul(x, q, s, impl=impl), want, rtol=1e-5, atol=atol, err_msg=impl)
+    small = {"pallas_tpu": lambda a: pallas_tpu(*a, interpret=True, blocks=(32, 128, 128)),
+             "pallas_gpu": lambda a: pallas_gpu(*a, interpret=True, blocks=(16, 32, 16))}
+    for name, fn in small.items():
+        np.testing.assert_allclose(fn((x, q, s)), want, rtol=1e-5, atol=atol, err_msg=f"{name} small blocks")
     xb = x.astype(jnp.bfloat16)
-    out = int8_matmul(xb, q, s, impl="pallas")
-    assert out.dtype == jnp.bfloat16  # activations stay in the compute dtype
-    np.testing.assert_allclose(np.asarray(out, np.float32), int8_matmul_reference(xb, q, s).astype(np.float32),
-                               rtol=2e-2, atol=2e-2)
+    want_b = int8_matmul_reference(xb, q, s).astype(np.float32)
+    for impl in ("pallas_tpu", "pallas_gpu"):
+        out = int8_matmul(xb, q, s, impl=impl)
+        assert out.dtype == jnp.bfloat16  # activations stay in the compute dtype
+        # bf16 output rounding (2^-8 relative) of sums of k terms of size ~1
+        np.testing.assert_allclose(np.asarray(out, np.float32), want_b, rtol=2e-2, atol=2e-2, err_msg=impl)
 
 
 def test_quantise_while_loading_equals_quantise_after(peaky):

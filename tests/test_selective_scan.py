@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from kernels import IMPLS, selective_scan, selective_state_update, ssm_pallas, ssm_xla
 
 RTOL, ATOL = 6e-4, 2e-3
+# "pallas" on a CPU is "pallas_gpu" in interpret mode: checked once below, not again per case
+CHECKED = [i for i in IMPLS if i not in ("reference", "pallas")]
 
 
 def selective_scan_ref_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -112,7 +114,7 @@ def test_reference_equals_mamba_ssm_formula():
             np.testing.assert_allclose(g_j[k], g_t[k], rtol=1e-4, atol=1e-4, err_msg=f"{name} d{k}")
 
 
-@pytest.mark.parametrize("impl", [i for i in IMPLS if i != "reference"])
+@pytest.mark.parametrize("impl", CHECKED)
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_impl_matches_reference_forward_and_gradients(impl, case):
     x = make_inputs(3, **CASES[case])
@@ -125,7 +127,7 @@ def test_impl_matches_reference_forward_and_gradients(impl, case):
         np.testing.assert_allclose(grads[k], g_r[k], rtol=RTOL, atol=ATOL, err_msg=f"d{k}")
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", CHECKED)
 def test_bfloat16_inputs_with_float32_state(impl):
     x = make_inputs(5, length=64)
     y32, h32, _ = run_jax(x, "reference")
@@ -137,7 +139,24 @@ def test_bfloat16_inputs_with_float32_state(impl):
     assert np.abs(y16.astype(np.float32) - y32).max() <= 3e-2 * scale  # a few bf16 ulps of the range
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", ["scan", "pallas_tpu", "pallas_gpu"])
+def test_bfloat16_gradients_with_reset(impl):
+    """Gradients of every input from bf16 activations (float32 state inside), odd length and width,
+    against the float32 reference run on the same bf16-rounded values."""
+    x = make_inputs(15, length=41, d=9, with_h0=True, with_reset=True)
+    x16 = {k: (v.astype(jnp.bfloat16) if k in ("u", "delta", "B", "C", "z") and v is not None else v)
+           for k, v in x.items()}
+    x32 = {k: (np.asarray(v, np.float32) if v is not None and v.dtype == jnp.bfloat16 else v) for k, v in x16.items()}
+    g = np.random.RandomState(16).randn(*x["u"].shape).astype(np.float32)
+    _, _, g_ref = run_jax(x32, "reference", grad_out=g)
+    _, _, g16 = run_jax(x16, impl, grad_out=g)
+    for k, want in g_ref.items():
+        got = np.asarray(g16[k], np.float32)
+        # the bf16 inputs' gradients are rounded to bf16 (2^-8 relative): a few ulps of each one's scale
+        assert np.abs(got - want).max() <= 2e-2 * np.abs(want).max(), k
+
+
+@pytest.mark.parametrize("impl", CHECKED)
 def test_reset_separates_packed_documents(impl):
     """Two documents packed in one row give exactly what each gives alone."""
     x = make_inputs(6, b=1, length=30, with_h0=False)
@@ -151,6 +170,15 @@ def test_reset_separates_packed_documents(impl):
     y_a, _, _ = run_jax(part(slice(0, cut)), impl)
     y_b, _, _ = run_jax(part(slice(cut, 30)), impl)
     np.testing.assert_allclose(y, np.concatenate([y_a, y_b], axis=1), rtol=1e-5, atol=1e-5)
+
+
+def test_pallas_on_cpu_is_the_gpu_kernel_interpreted():
+    x = make_inputs(14, length=20)
+    y_r, h_r, _ = run_jax(x, "reference")
+    y, h, _ = run_jax(x, "pallas")
+    np.testing.assert_allclose(y, y_r, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(h, h_r, rtol=RTOL, atol=ATOL)
+    assert ssm_pallas.default_family() == "gpu"
 
 
 def test_state_update_equals_scan_of_length_one():
@@ -211,11 +239,13 @@ def test_bad_shapes_and_impl_are_named():
 @pytest.mark.parametrize("name, fn", [
     ("scan", lambda *a: ssm_xla.scan_fused(*a, chunk=5)),
     ("chunked", lambda *a: ssm_xla.scan_chunked(*a, chunk=8)),
-    ("pallas", lambda *a: ssm_pallas.scan_pallas(*a, chunk=8, tile=4)),
+    ("pallas_gpu", lambda *a: ssm_pallas.scan_pallas(*a, family="gpu", chunk=8, tile=4)),
+    ("pallas_tpu", lambda *a: ssm_pallas.scan_pallas(*a, family="tpu", chunk=8, tile=128)),
 ])
-@pytest.mark.parametrize("d", [12, 7])
+@pytest.mark.parametrize("d", [12, 7, 260])
 def test_many_chunks_and_tiles_with_padding(name, fn, d):
-    """Several chunks (length 45 is no multiple of the chunk) and several d-tiles (7 pads to 8)."""
+    """Several chunks (length 45 is no multiple of the chunk) and several d-tiles (7 pads to 8
+    channels of GPU tiles of 4; 260 to three TPU tiles of 128), n = 4 (a TPU state of 4 sublanes)."""
     x = make_inputs(11, length=45, d=d, n=4, with_h0=True, with_reset=True)
     u, dt, A, B, C, h0 = (jnp.asarray(x[k]) for k in ("u", "delta", "A", "B", "C", "initial_state"))
     dt = jax.nn.softplus(dt)

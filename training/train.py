@@ -56,6 +56,7 @@ from training.checkpoint import Checkpointer
 from training.data import make_iterator
 from training.metrics import MetricsWriter, progress_bar
 from training.optim import learning_rate_schedule, make_optimizer
+from training.step import init_state, make_train_step
 
 REQUIRED_FIELDS = ("seed", "num_train_steps", "batch_size", "grad_accum_steps", "learning_rate", "warmup_steps",
                    "min_lr_ratio", "weight_decay", "adam_b1", "adam_b2", "adam_eps", "grad_clip_norm",
@@ -74,42 +75,6 @@ def check_config(config) -> None:
     if config.batch_size % config.grad_accum_steps:
         raise ConfigFieldError(f"config.batch_size={config.batch_size} is not divisible by "
                                f"config.grad_accum_steps={config.grad_accum_steps}")
-
-
-def init_state(task, optimizer, rng):
-    params = task.init_params(rng)
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params), "rng": rng}
-
-
-def make_train_step(task, optimizer, grad_accum_steps: int):
-    def micro_grads(params, batch, rng):
-        (objective, metrics), grads = jax.value_and_grad(task.loss, has_aux=True)(params, batch, rng)
-        return grads, {"objective": objective, **metrics}
-
-    def train_step(state, batch):
-        rng = jax.random.fold_in(state["rng"], state["step"])
-        if grad_accum_steps == 1:
-            grads, sums = micro_grads(state["params"], batch, rng)
-        else:  # [batch, ...] -> [k, batch/k, ...], summed over the k micro-batches
-            micro = jax.tree.map(lambda x: x.reshape((grad_accum_steps, -1) + x.shape[1:]), batch)
-
-            def body(carry, xs):
-                i, mb = xs
-                g, s = micro_grads(state["params"], mb, jax.random.fold_in(rng, i))
-                return jax.tree.map(jnp.add, carry, (g, s)), None
-
-            zeros = jax.eval_shape(micro_grads, state["params"], jax.tree.map(lambda x: x[0], micro), rng)
-            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
-            (grads, sums), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum_steps), micro))
-        tokens = jnp.maximum(sums["tokens"], 1.0)
-        grads = jax.tree.map(lambda g: g / tokens, grads)  # the token-weighted mean over the whole batch
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        metrics = {k: v / tokens for k, v in sums.items() if k != "tokens"}
-        metrics.update(tokens=sums["tokens"], grad_norm=optax.global_norm(grads))
-        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "rng": state["rng"]}, metrics
-
-    return train_step
 
 
 def state_shardings(task, optimizer, abstract_state, mesh, rules):

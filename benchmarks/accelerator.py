@@ -1,0 +1,397 @@
+"""The project's one accelerator script: compiled kernel checks and figures against the device's
+own limits, measured in the same process.
+
+  python -m benchmarks.accelerator [--out DIR] [--small] [--skip train,decode]
+
+On a GPU or TPU (under 8 minutes on one H100):
+  1. checks: the Pallas selective scan (forward, every gradient, reset, bf16) and int8_matmul,
+     compiled, against their jnp references;
+  2. limits: HBM bandwidth (a 2 GiB elementwise pass: bytes read + written / second) and the bf16
+     matmul peak (8192^3 `jnp.dot`);
+  3. selective scan, forward and forward+backward, `pallas` / `chunked` / `scan` at 2K, 16K and 64K
+     tokens (Jamba-1.5-Mini's per-device Mamba layer: d_inner 8192, d_state 16, bf16, with D, z,
+     delta bias and softplus): GB/s of compulsory traffic (every input read once, every output
+     written once) as a fraction of the measured bandwidth;
+  4. int8_matmul (Pallas and XLA) vs a bf16 matmul at Jamba-1.5-Mini's expert shapes: TFLOP/s;
+  5. a bf16 Jamba train step at about 1B parameters: tokens/s and model FLOPs utilisation
+     (6 x active parameters + 12 x attention layers x hidden x sequence per token, PaLM's count)
+     against the measured matmul peak;
+  6. decode tokens/s at batch 1 and 64 with the same model (random weights).
+Targets (issue 12): scan >= 50% of measured HBM bandwidth; train step >= 35% MFU.
+
+On a CPU the same program runs at small shapes (Pallas kernels interpreted) so that it is known
+to work before a device is lent. Needs only jax, flax, optax and numpy (no ml_collections, grain or
+torch). Writes the `accelerator` section of BENCHMARKS.md, and with --out also DIR/accelerator.md
+and DIR/accelerator.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform as py_platform
+import statistics
+import sys
+import time
+import traceback
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jamba_jax
+from benchmarks.common import write_section
+from jamba_jax.losses import next_token_nll, target_weights
+from kernels import current_platform, int8_matmul, selective_scan
+from kernels.int8_matmul import int8_matmul_reference
+from training.optim import make_optimizer
+from training.step import init_state, make_train_step
+
+GIB = 2**30
+
+
+def timed(fn, *args, repeats=5, warmup=1):
+    """Median seconds of fn(*args) (blocked until ready) after `warmup` calls."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def nbytes(*arrays) -> int:
+    return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(arrays))
+
+
+# ------------------------------------------------------------------------------------------------
+# limits of this device, measured here
+# ------------------------------------------------------------------------------------------------
+def hbm_bandwidth(small: bool) -> float:
+    """Bytes/s of an elementwise pass over a large array (read once, written once)."""
+    x = jnp.ones(((64 * 2**20 if small else 2 * GIB) // 4,), jnp.float32)
+    fn = jax.jit(lambda a: a * 1.0001)
+    return 2 * nbytes(x) / timed(fn, x, repeats=10)
+
+
+def matmul_peak(small: bool) -> tuple[float, str]:
+    """FLOP/s of a large square matmul in the dtype the models train in on this device."""
+    n, dtype = (2048, jnp.float32) if small else (8192, jnp.bfloat16)
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype)
+    fn = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=dtype))
+    return 2 * n**3 / timed(fn, a, b, repeats=10), f"{n}^3 {jnp.dtype(dtype).name} jnp.dot"
+
+
+# ------------------------------------------------------------------------------------------------
+# selective scan
+# ------------------------------------------------------------------------------------------------
+def scan_inputs(b, length, d, n, dtype, seed=0, reset=False):
+    r = np.random.RandomState(seed)
+    f = lambda *s: r.randn(*s).astype(np.float32)  # noqa: E731
+    x = dict(u=f(b, length, d), delta=0.5 * f(b, length, d), A=-np.exp(0.5 * f(d, n)), B=f(b, length, n),
+             C=f(b, length, n), D=f(d), z=f(b, length, d), delta_bias=0.3 * f(d))
+    x = {k: jnp.asarray(v, dtype if k in ("u", "delta", "B", "C", "z") else jnp.float32) for k, v in x.items()}
+    x["reset"] = jnp.asarray(r.rand(b, length) < 0.01) if reset else None
+    return x
+
+
+def scan_call(impl, x):
+    def fwd(u, delta, A, B, C, z):
+        return selective_scan(u, delta, A, B, C, D=x["D"], z=z, delta_bias=x["delta_bias"], delta_softplus=True,
+                              reset=x["reset"], impl=impl)
+
+    args = tuple(x[k] for k in ("u", "delta", "A", "B", "C", "z"))
+    grad = jax.grad(lambda *a: jnp.sum(fwd(*a).astype(jnp.float32) * a[0].astype(jnp.float32)),
+                    argnums=tuple(range(6)))
+    return jax.jit(fwd), jax.jit(grad), args
+
+
+def check_scan(small: bool) -> list[dict]:
+    """Compiled (interpreted on CPU) Pallas scan vs the jnp reference: output and every gradient."""
+    rows = []
+    shapes = [(2, 100, 40, 16)] if small else [(2, 1000, 300, 16), (1, 4096, 1024, 16)]
+    for (b, length, d, n) in shapes:
+        for dtype, reset in ((jnp.float32, True), (jnp.bfloat16, False)):
+            x = scan_inputs(b, length, d, n, dtype, seed=1, reset=reset)
+            fwd_r, grad_r, args = scan_call("reference", x)
+            fwd_k, grad_k, _ = scan_call("pallas", x)
+            outs = {"y": (fwd_k(*args), fwd_r(*args))}
+            outs.update({f"d{k}": pair for k, pair in zip(("u", "delta", "A", "B", "C", "z"),
+                                                          zip(grad_k(*args), grad_r(*args), strict=True),
+                                                          strict=True)})
+            # relative to each array's scale: float32 sums in another order; bf16 inputs, same rounding
+            tol = 1e-4 if dtype == jnp.float32 else 2e-2
+            for name, (got, want) in outs.items():
+                got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+                err = float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
+                rows.append(dict(kernel="selective_scan pallas", shape=f"{b}x{length}x{d}x{n}",
+                                 dtype=jnp.dtype(dtype).name, reset=reset, output=name, rel_err=err, ok=err <= tol))
+    return rows
+
+
+def check_int8(small: bool) -> list[dict]:
+    rows = []
+    for (m, k, n) in ([(37, 300, 260)] if small else [(37, 300, 260), (2048, 4096, 1024), (1, 8192, 512)]):
+        r = np.random.RandomState(m)
+        x = jnp.asarray(r.randn(m, k), jnp.bfloat16)
+        w = jnp.asarray(r.randint(-127, 128, (k, n)), jnp.int8)
+        s = jnp.asarray(r.rand(n) * 0.01, jnp.float32)
+        want = np.asarray(int8_matmul_reference(x, w, s), np.float32)
+        got = np.asarray(jax.jit(lambda a, b_, c: int8_matmul(a, b_, c, impl="pallas"))(x, w, s), np.float32)
+        err = float(np.abs(got - want).max() / np.abs(want).max())
+        rows.append(dict(kernel="int8_matmul pallas", shape=f"{m}x{k}x{n}", dtype="bfloat16", reset=False,
+                         output="y", rel_err=err, ok=err <= 2e-2))
+    return rows
+
+
+def scan_speed(small: bool, bandwidth: float) -> list[dict]:
+    b, d, n = (1, 128, 16) if small else (1, 8192, 16)
+    lengths = (256, 512) if small else (2048, 16384, 65536)
+    impls = ("pallas", "chunked", "scan")
+    rows = []
+    for length in lengths:
+        x = scan_inputs(b, length, d, n, jnp.bfloat16)
+        for impl in impls:
+            fwd, grad, args = scan_call(impl, x)
+            y = fwd(*args)
+            fwd_bytes = nbytes(args, x["D"], x["delta_bias"], y)
+            bwd_bytes = fwd_bytes + nbytes(args, y) + nbytes(args)  # reads inputs + dy again, writes grads
+            for mode, fn, moved in (("fwd", fwd, fwd_bytes), ("fwd+bwd", grad, bwd_bytes)):
+                t = timed(fn, *args, repeats=3)
+                rows.append(dict(length=length, impl=impl, mode=mode, seconds=t, gbps=moved / t / 1e9,
+                                 frac_bw=moved / t / bandwidth))
+            print(f"  scan {impl:8s} L={length:6d}: fwd {rows[-2]['seconds'] * 1e3:9.2f} ms  "
+                  f"fwd+bwd {rows[-1]['seconds'] * 1e3:9.2f} ms", flush=True)
+    return rows
+
+
+def tune_gpu_scan(length: int = 16384) -> list[dict]:
+    """Forward+backward time of the GPU scan kernel over its knobs (channels per program, steps per
+    load group, warps) at one length: which defaults to keep."""
+    from kernels import ssm_pallas_gpu as gpu
+
+    defaults = (gpu.TILE, gpu.GROUP, gpu.NUM_WARPS)
+    x = scan_inputs(1, length, 8192, 16, jnp.bfloat16)
+    rows = []
+    try:
+        for tile, group, warps in [(32, 8, 2), (32, 16, 2), (32, 8, 1), (64, 8, 4), (64, 16, 4), (16, 8, 1),
+                                   (128, 8, 4), (32, 4, 2)]:
+            gpu.TILE, gpu.GROUP, gpu.NUM_WARPS = tile, group, warps
+            fwd, grad, args = scan_call("pallas", x)
+            rows.append(dict(tile=tile, group=group, warps=warps, fwd_s=timed(fwd, *args, repeats=3),
+                             fwd_bwd_s=timed(grad, *args, repeats=3)))
+            print(f"  tune {rows[-1]}", flush=True)
+    finally:
+        gpu.TILE, gpu.GROUP, gpu.NUM_WARPS = defaults
+    return rows
+
+
+def int8_speed(small: bool) -> list[dict]:
+    shapes = [(256, 512, 1024)] if small else [(2048, 4096, 14336), (2048, 14336, 4096), (64, 4096, 14336)]
+    rows = []
+    for (m, k, n) in shapes:
+        r = np.random.RandomState(0)
+        x = jnp.asarray(r.randn(m, k), jnp.bfloat16)
+        w = jnp.asarray(r.randint(-127, 128, (k, n)), jnp.int8)
+        wb = w.astype(jnp.bfloat16)
+        s = jnp.asarray(r.rand(n) * 0.01, jnp.float32)
+        cases = {"int8 pallas": (jax.jit(lambda a, b_, c: int8_matmul(a, b_, c, impl="pallas")), (x, w, s)),
+                 "int8 xla": (jax.jit(lambda a, b_, c: int8_matmul(a, b_, c, impl="xla")), (x, w, s)),
+                 "bf16 matmul": (jax.jit(lambda a, b_: jnp.dot(a, b_)), (x, wb))}
+        for name, (fn, args) in cases.items():
+            t = timed(fn, *args, repeats=10)
+            rows.append(dict(shape=f"{m}x{k}x{n}", impl=name, seconds=t, tflops=2 * m * k * n / t / 1e12,
+                             weight_gbps=nbytes(args[1]) / t / 1e9))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# a Jamba model of about 1B parameters: train step and decoding
+# ------------------------------------------------------------------------------------------------
+def model_config(small: bool) -> jamba_jax.JambaConfig:
+    if small:
+        return jamba_jax.JambaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
+                                     num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+                                     num_experts_per_tok=2, mamba_dt_rank=8, dtype="bfloat16")
+    # 8 layers in Jamba's pattern (attention at layer 4, MoE at odd layers): 0.97B parameters
+    return jamba_jax.JambaConfig(vocab_size=65536, hidden_size=2048, intermediate_size=4096, num_hidden_layers=8,
+                                 num_attention_heads=16, num_key_value_heads=4, num_experts=4, num_experts_per_tok=2,
+                                 mamba_dt_rank=128, dtype="bfloat16", remat=True)
+
+
+class LMTask:
+    """Next-token cross-entropy + router aux loss: the jamba_lm task's objective without its data."""
+
+    def __init__(self, cfg):
+        self.cfg, self.model = cfg, jamba_jax.JambaForCausalLM(cfg)
+
+    def init_params(self, rng):
+        return jamba_jax.init_params(self.cfg, rng)
+
+    def loss(self, params, batch, rng):
+        out = self.model.apply({"params": params}, batch["inputs"], segment_ids=batch["segment_ids"])
+        w = target_weights(batch["inputs"], None, batch["segment_ids"])
+        tokens = jnp.sum(w)
+        ce = jnp.sum(next_token_nll(out.logits, batch["inputs"]) * w)
+        return ce + tokens * self.cfg.router_aux_loss_coef * out.aux_loss, {"loss": ce, "tokens": tokens}
+
+
+def train_speed(small: bool, peak: float) -> dict:
+    cfg = model_config(small)
+    counts = jamba_jax.count_params(cfg)
+    batch_size, seq = (2, 128) if small else (8, 2048)
+    task = LMTask(cfg)
+    optimizer = make_optimizer(types.SimpleNamespace(grad_clip_norm=1.0, learning_rate=1e-4, warmup_steps=10,
+                                                     num_train_steps=1000, min_lr_ratio=0.1, adam_b1=0.9,
+                                                     adam_b2=0.95, adam_eps=1e-8, weight_decay=0.1))
+    state = jax.jit(lambda r: init_state(task, optimizer, r))(jax.random.PRNGKey(0))
+    ids = jnp.asarray(np.random.RandomState(0).randint(3, cfg.vocab_size, (batch_size, seq)), jnp.int32)
+    batch = {"inputs": ids, "segment_ids": jnp.ones_like(ids)}
+    step = jax.jit(make_train_step(task, optimizer, 1), donate_argnums=(0,))
+    compile_start = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - compile_start
+    holder = {"state": state}
+
+    def one():
+        holder["state"], metrics = compiled(holder["state"], batch)
+        return metrics["loss"]
+
+    t = timed(lambda: one(), repeats=5, warmup=2)
+    tokens = batch_size * seq
+    n_attn = sum(cfg.is_attention_layer(i) for i in range(cfg.num_hidden_layers))
+    flops_per_token = 6 * counts["active"] + 12 * n_attn * cfg.hidden_size * seq
+    return dict(params=counts["total"], active=counts["active"], batch=batch_size, seq=seq, seconds=t,
+                tokens_per_s=tokens / t, mfu=flops_per_token * tokens / t / peak, compile_s=compile_s)
+
+
+def decode_speed(small: bool) -> list[dict]:
+    cfg = model_config(small).replace(remat=False)
+    model = jamba_jax.JambaForCausalLM(cfg)
+    params = jamba_jax.init_params(cfg, jax.random.PRNGKey(0))
+    prompt, new = (16, 16) if small else (128, 128)
+    rows = []
+    for batch in (1, 64):
+        ids = np.random.RandomState(batch).randint(3, cfg.vocab_size, (batch, prompt)).astype(np.int32)
+        run = functools.partial(jamba_jax.generate, model, params, ids, eos_token_id=None)
+        t1, tn = timed(functools.partial(run, max_new_tokens=1), repeats=3), timed(functools.partial(run, max_new_tokens=new), repeats=3)
+        rows.append(dict(batch=batch, prompt=prompt, new_tokens=new, prefill_s=t1,
+                         decode_tokens_per_s=batch * (new - 1) / max(tn - t1, 1e-9)))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+def report(res: dict) -> str:
+    small = res["small"]
+    lines = ["## Accelerator: kernels compiled, scan bandwidth, int8 matmul, 1B train step, decode (issue 12)", "",
+             f"Command: `python -m benchmarks.accelerator{' --small' if small else ''}`",
+             f"Device: {res['device']}; jax {res['jax']}; Python {res['python']}. Figures are ratios to this "
+             f"device's limits measured in the same run: HBM {res['bandwidth'] / 1e9:,.0f} GB/s "
+             f"(elementwise pass, read + write), matmul peak {res['peak'] / 1e12:,.1f} TFLOP/s ({res['peak_what']}).",
+             ""]
+    if small:
+        lines += ["Small shapes on a CPU, Pallas kernels interpreted: this proves the script runs, not speed.", ""]
+    if res.get("checks"):
+        bad = [c for c in res["checks"] if not c["ok"]]
+        worst = max(res["checks"], key=lambda c: c["rel_err"])
+        lines += [f"Kernel checks (compiled{' -> interpreted on CPU' if small else ''}, against the jnp references): "
+                  f"{len(res['checks']) - len(bad)} of {len(res['checks'])} within tolerance; worst relative error "
+                  f"{worst['rel_err']:.1e} ({worst['kernel']} {worst['output']} {worst['shape']} {worst['dtype']})."
+                  + ("".join(f" FAILED: {c['kernel']} {c['output']} {c['shape']} {c['dtype']} {c['rel_err']:.1e}."
+                             for c in bad)), ""]
+    if res.get("scan"):
+        lines += ["Selective scan, bf16, batch 1, d_inner 8192, d_state 16 (small: 128), with D, z, bias, softplus. "
+                  "GB/s counts every input read once and every output written once (forward+backward: the "
+                  "forward's traffic, the inputs and dy read again, the gradients written).", "",
+                  "| length | impl | mode | ms | GB/s | of HBM bandwidth |", "| ---: | --- | --- | ---: | ---: | ---: |"]
+        lines += [f"| {r['length']} | {r['impl']} | {r['mode']} | {r['seconds'] * 1e3:.2f} | {r['gbps']:.1f} | "
+                  f"{r['frac_bw']:.1%} |" for r in res["scan"]]
+        lines.append("")
+    if res.get("tune"):
+        lines += ["GPU scan kernel knobs at 16K tokens (defaults: the first row):", "",
+                  "| channels / program | steps / load group | warps | fwd ms | fwd+bwd ms |",
+                  "| ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {r['tile']} | {r['group']} | {r['warps']} | {r['fwd_s'] * 1e3:.2f} | {r['fwd_bwd_s'] * 1e3:.2f} |"
+                  for r in res["tune"]]
+        lines.append("")
+    if res.get("int8"):
+        lines += ["int8_matmul (bf16 activations, int8 weights, per-column scales) vs a bf16 matmul of the same "
+                  "shape (M x K x N).", "", "| shape | impl | ms | TFLOP/s | weight GB/s |",
+                  "| --- | --- | ---: | ---: | ---: |"]
+        lines += [f"| {r['shape']} | {r['impl']} | {r['seconds'] * 1e3:.3f} | {r['tflops']:.1f} | "
+                  f"{r['weight_gbps']:.0f} |" for r in res["int8"]]
+        lines.append("")
+    if res.get("train"):
+        t = res["train"]
+        lines += [f"Train step (bf16 compute, float32 params, remat, AdamW), {t['params'] / 1e6:,.1f}M parameters "
+                  f"({t['active'] / 1e6:,.1f}M active), batch {t['batch']} x {t['seq']}: {t['seconds'] * 1e3:.0f} ms, "
+                  f"{t['tokens_per_s']:,.0f} tokens/s, MFU {t['mfu']:.1%} (compile {t['compile_s']:.0f} s).", ""]
+    if res.get("decode"):
+        lines += ["| decode batch | prompt | new tokens | prefill + 1 token s | decode tokens/s |",
+                  "| ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {r['batch']} | {r['prompt']} | {r['new_tokens']} | {r['prefill_s']:.3f} | "
+                  f"{r['decode_tokens_per_s']:,.0f} |" for r in res["decode"]]
+        lines.append("")
+    lines += [f"Total wall time {res['wall_s']:.0f} s."]
+    if res.get("errors"):
+        lines += ["", "Errors:"] + [f"- {e}" for e in res["errors"]]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--small", action="store_true", help="small shapes (the default on a CPU)")
+    parser.add_argument("--out", default="", help="also write accelerator.md and accelerator.json here")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: checks,scan,int8,train,decode")
+    parser.add_argument("--no-write", action="store_true", help="do not rewrite BENCHMARKS.md")
+    parser.add_argument("--tune", action="store_true", help="also sweep the GPU scan kernel's knobs (GPU only)")
+    args = parser.parse_args(argv)
+    small = args.small or current_platform() == "cpu"
+    skip = set(filter(None, args.skip.split(",")))
+    start = time.perf_counter()
+    dev = jax.devices()[0]
+    res = dict(small=small, device=f"{dev.device_kind} ({dev.platform})", jax=jax.__version__,
+               python=py_platform.python_version(), errors=[])
+    print(f"device {res['device']}, jax {res['jax']}, small={small}", flush=True)
+    res["bandwidth"] = hbm_bandwidth(small)
+    res["peak"], res["peak_what"] = matmul_peak(small)
+    print(f"bandwidth {res['bandwidth'] / 1e9:.0f} GB/s, peak {res['peak'] / 1e12:.1f} TFLOP/s", flush=True)
+    parts = [("checks", lambda: check_scan(small) + check_int8(small)),
+             ("scan", lambda: scan_speed(small, res["bandwidth"])),
+             ("tune", lambda: tune_gpu_scan() if args.tune and current_platform() == "gpu" else None),
+             ("int8", lambda: int8_speed(small)),
+             ("train", lambda: train_speed(small, res["peak"])),
+             ("decode", lambda: decode_speed(small))]
+    for name, fn in parts:
+        if name in skip:
+            continue
+        t0 = time.perf_counter()
+        try:
+            res[name] = fn()
+        except Exception as e:  # keep measuring the other parts; the report names what broke
+            traceback.print_exc()
+            res["errors"].append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+        print(f"[{name}] {time.perf_counter() - t0:.1f} s", flush=True)
+    res["wall_s"] = time.perf_counter() - start
+    body = report(res)
+    print(body)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "accelerator.md"), "w") as f:
+            f.write(body + "\n")
+        with open(os.path.join(args.out, "accelerator.json"), "w") as f:
+            json.dump(res, f, indent=1, default=float)
+    if not args.no_write:
+        write_section("accelerator_small" if small else "accelerator", body)
+    failed = [c for c in res.get("checks", []) if not c["ok"]]
+    return 1 if failed or res["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Every Pallas kernel lowered for TPU and GPU from this CPU, exactly as those platforms would
+compile it (`kernels.target_platform`), at the shapes Jamba-1.5 runs: block-shape rules, VMEM and
+shared-memory budgets and unsupported primitives fail here, not on the first pod step.
+
+Each lowered program must contain the platform's kernel call (`tpu_custom_call`; the Triton or
+Mosaic GPU custom call), so a silent fallback to XLA fails. A platform without a working kernel
+(not in `kernels.KERNEL_PLATFORMS`) is listed as an expected failure, never as a pass.
+
+What lowering cannot check: Mosaic's and Triton's own compilers run on the device (layout
+assignment, register allocation); `benchmarks/accelerator.py` compiles and runs the kernels there.
+"""
+
+import logging
+import re
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from kernels import KERNEL_PLATFORMS, resolve_impl, selective_scan, target_platform
+from kernels import platform as kernel_platform
+from kernels.int8_matmul import int8_matmul, tpu_blocks, tpu_vmem_bytes
+from kernels.ssm_pallas import default_family
+from kernels.ssm_pallas_tpu import VMEM_BUDGET, plan, vmem_bytes
+
+LOWERING = {"tpu": "tpu", "gpu": "cuda"}
+KERNEL_CALL = {"tpu": re.compile(r"tpu_custom_call"), "gpu": re.compile(r"__gpu\$xla\.gpu\.triton|mosaic_gpu")}
+PLATFORMS = [pytest.param(p, marks=() if p in KERNEL_PLATFORMS else
+                          pytest.mark.xfail(strict=True, reason=f"no working {p} kernel: auto runs the chunked scan"))
+             for p in ("tpu", "gpu")]
+sd = jax.ShapeDtypeStruct
+
+
+def kernel_calls(platform, fn, *args) -> int:
+    """How many times the platform's kernel call appears in `fn` lowered for that platform."""
+    with target_platform(platform):
+        text = jax.jit(fn).trace(*args).lower(lowering_platforms=(LOWERING[platform],)).as_text()
+    return len(KERNEL_CALL[platform].findall(text))
+
+
+# (batch, length, d_inner, d_state): Jamba-1.5-Mini's Mamba layer per device with tensor=1 at 4K and
+# 256K tokens, Large's d_inner, and an odd shape (nothing divides anything)
+SCAN_SHAPES = {"mini_4k": (1, 4096, 8192, 16), "mini_256k": (1, 262144, 8192, 16),
+               "large_4k": (1, 4096, 16384, 16), "odd": (3, 1001, 200, 5)}
+
+
+def scan_args(b, length, d, n, dtype):
+    return (sd((b, length, d), dtype), sd((b, length, d), dtype), sd((d, n), jnp.float32), sd((b, length, n), dtype),
+            sd((b, length, n), dtype), sd((d,), jnp.float32), sd((b, length, d), dtype), sd((d,), jnp.float32),
+            sd((b, length), bool))
+
+
+def scan_fn(u, delta, A, B, C, D, z, bias, reset):
+    return selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=bias, delta_softplus=True, reset=reset, impl="auto")
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+@pytest.mark.parametrize("shape", sorted(SCAN_SHAPES))
+def test_scan_forward_and_gradient_lower_to_the_platform_kernel(platform, shape):
+    dtype = jnp.float32 if shape == "odd" else jnp.bfloat16
+    args = scan_args(*SCAN_SHAPES[shape], dtype)
+    assert kernel_calls(platform, scan_fn, *args) == 1
+    grad = jax.grad(lambda *a: jnp.sum(scan_fn(*a).astype(jnp.float32)), argnums=(0, 1, 2, 3, 4, 6))
+    assert kernel_calls(platform, grad, *args) == 2  # the forward kernel and the backward kernel
+
+
+# (M tokens, K, N): the MoE expert matmuls of Jamba-1.5-Mini (hidden 4096, intermediate 14336) and
+# Large (8192, 24576) for 2048 routed tokens and for one decoded token, plus an odd shape
+INT8_SHAPES = {"mini_up": (2048, 4096, 14336), "mini_down": (2048, 14336, 4096), "large_up": (2048, 8192, 24576),
+               "large_down": (2048, 24576, 8192), "large_decode": (1, 8192, 24576), "odd": (7, 100, 33)}
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+@pytest.mark.parametrize("shape", sorted(INT8_SHAPES))
+def test_int8_matmul_lowers_to_the_platform_kernel(platform, shape):
+    m, k, n = INT8_SHAPES[shape]
+    args = (sd((m, k), jnp.bfloat16), sd((k, n), jnp.int8), sd((n,), jnp.float32))
+    assert kernel_calls(platform, lambda x, w, s: int8_matmul(x, w, s), *args) == 1
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_bf16_jamba_train_step_lowers_with_the_scan_kernels(platform):
+    """The tiny config's whole training step (forward, loss, backward, AdamW) in bfloat16 with
+    scan_impl="auto": every Mamba layer runs the forward and backward kernels."""
+    from configs import jamba_tiny
+    from tasks.jamba_lm import JambaLMTask
+    from training.optim import make_optimizer
+    from training.train import init_state, make_train_step
+
+    config = jamba_tiny.get_config()
+    config.dry_run = True  # no tokenizer needed: only the loss is traced
+    config.model.dtype = "bfloat16"
+    task = JambaLMTask(config)
+    optimizer = make_optimizer(config)
+    state = jax.eval_shape(lambda r: init_state(task, optimizer, r), jax.random.PRNGKey(0))
+    batch = {"inputs": sd((2, 256), jnp.int32), "segment_ids": sd((2, 256), jnp.int32)}
+    mamba_layers = sum(not task.cfg.is_attention_layer(i) for i in range(task.cfg.num_hidden_layers))
+    assert kernel_calls(platform, make_train_step(task, optimizer, 1), state, batch) == 2 * mamba_layers
+
+
+@pytest.mark.parametrize("d_inner", [8192, 16384, 4096])  # Mini, Large (tensor=1), Large over tensor=4
+def test_tpu_scan_fits_vmem_at_jamba_shapes(d_inner):
+    chunk, fwd_tile, bwd_tile, n = plan(262144, d_inner, 16)
+    fwd, bwd = vmem_bytes(d_inner, n, chunk, fwd_tile, False), vmem_bytes(d_inner, n, chunk, bwd_tile, True)
+    assert fwd < VMEM_BUDGET and bwd < VMEM_BUDGET, (fwd, bwd)
+    # and the estimate is no constant: the backward's per-row dA / dh0 blocks grow with d_inner
+    assert vmem_bytes(2 * d_inner, n, chunk, bwd_tile, True) > bwd
+
+
+def test_tpu_int8_matmul_fits_vmem():
+    bm, bn, bk = tpu_blocks(2048, 24576, 8192, jnp.bfloat16)
+    assert tpu_vmem_bytes(bm, bn, bk, 2) < VMEM_BUDGET
+
+
+def test_target_platform_steers_auto_and_interpret_mode():
+    assert kernel_platform.current_platform() == "cpu" and kernel_platform.interpret_mode()
+    assert resolve_impl("auto") == "scan"
+    for name, family in (("tpu", "tpu"), ("gpu", "gpu")):
+        with target_platform(name):
+            assert resolve_impl("auto") == "pallas" and default_family() == family
+            assert not kernel_platform.interpret_mode()
+    assert kernel_platform.current_platform() == "cpu"
+    with pytest.raises(ValueError, match="target_platform"):
+        with target_platform("cuda"):
+            pass
+
+
+def test_auto_falls_back_to_chunked_and_says_so_where_a_platform_has_no_kernel(monkeypatch, caplog):
+    scan_module = sys.modules["kernels.selective_scan"]  # the package exports the function of that name
+    monkeypatch.setattr(scan_module, "KERNEL_PLATFORMS", ("tpu",))
+    monkeypatch.setattr(kernel_platform, "_logged", set())
+    with caplog.at_level(logging.WARNING, logger="kernels"):
+        with target_platform("gpu"):
+            assert resolve_impl("auto") == "chunked"
+            assert resolve_impl("auto") == "chunked"
+        assert kernel_calls("gpu", scan_fn, *scan_args(1, 256, 256, 16, jnp.bfloat16)) == 0
+    warnings = [r for r in caplog.records if "no Pallas kernel for platform 'gpu'" in r.getMessage()]
+    assert len(warnings) == 1

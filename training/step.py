@@ -1,0 +1,45 @@
+"""The train state and the jitted update every task shares: token-weighted gradients (with
+micro-batch accumulation), then the optimizer. Needs only jax and optax, so accelerator scripts
+use it without the data stack."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def init_state(task, optimizer, rng):
+    params = task.init_params(rng)
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params), "rng": rng}
+
+
+def make_train_step(task, optimizer, grad_accum_steps: int):
+    def micro_grads(params, batch, rng):
+        (objective, metrics), grads = jax.value_and_grad(task.loss, has_aux=True)(params, batch, rng)
+        return grads, {"objective": objective, **metrics}
+
+    def train_step(state, batch):
+        rng = jax.random.fold_in(state["rng"], state["step"])
+        if grad_accum_steps == 1:
+            grads, sums = micro_grads(state["params"], batch, rng)
+        else:  # [batch, ...] -> [k, batch/k, ...], summed over the k micro-batches
+            micro = jax.tree.map(lambda x: x.reshape((grad_accum_steps, -1) + x.shape[1:]), batch)
+
+            def body(carry, xs):
+                i, mb = xs
+                g, s = micro_grads(state["params"], mb, jax.random.fold_in(rng, i))
+                return jax.tree.map(jnp.add, carry, (g, s)), None
+
+            zeros = jax.eval_shape(micro_grads, state["params"], jax.tree.map(lambda x: x[0], micro), rng)
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
+            (grads, sums), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum_steps), micro))
+        tokens = jnp.maximum(sums["tokens"], 1.0)
+        grads = jax.tree.map(lambda g: g / tokens, grads)  # the token-weighted mean over the whole batch
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {k: v / tokens for k, v in sums.items() if k != "tokens"}
+        metrics.update(tokens=sums["tokens"], grad_norm=optax.global_norm(grads))
+        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "rng": state["rng"]}, metrics
+
+    return train_step
