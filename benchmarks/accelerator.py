@@ -88,6 +88,18 @@ def matmul_peak(small: bool) -> tuple[float, str]:
     return 2 * n**3 / timed(fn, a, b, repeats=10), f"{n}^3 {jnp.dtype(dtype).name} jnp.dot"
 
 
+def tpu_vmem_report() -> str:
+    """VMEM one program of the TPU scan kernels asks for at Jamba-1.5's d_inner (arithmetic, any host)."""
+    from kernels import ssm_pallas_tpu as tpu
+
+    parts = []
+    for name, d in (("Mini", 8192), ("Large", 16384)):
+        chunk, fwd_tile, bwd_tile, n = tpu.plan(262144, d, 16)
+        parts.append(f"{name} (d_inner {d}) forward {tpu.vmem_bytes(d, n, chunk, fwd_tile, False) / 2**20:.1f} MiB, "
+                     f"backward {tpu.vmem_bytes(d, n, chunk, bwd_tile, True) / 2**20:.1f} MiB")
+    return "; ".join(parts) + f" (budget {tpu.VMEM_BUDGET / 2**20:.0f} MiB)"
+
+
 # ------------------------------------------------------------------------------------------------
 # selective scan
 # ------------------------------------------------------------------------------------------------
@@ -280,7 +292,8 @@ def decode_speed(small: bool) -> list[dict]:
     for batch in (1, 64):
         ids = np.random.RandomState(batch).randint(3, cfg.vocab_size, (batch, prompt)).astype(np.int32)
         run = functools.partial(jamba_jax.generate, model, params, ids, eos_token_id=None)
-        t1, tn = timed(functools.partial(run, max_new_tokens=1), repeats=3), timed(functools.partial(run, max_new_tokens=new), repeats=3)
+        t1 = timed(functools.partial(run, max_new_tokens=1), repeats=3)
+        tn = timed(functools.partial(run, max_new_tokens=new), repeats=3)
         rows.append(dict(batch=batch, prompt=prompt, new_tokens=new, prefill_s=t1,
                          decode_tokens_per_s=batch * (new - 1) / max(tn - t1, 1e-9)))
     return rows
@@ -292,11 +305,12 @@ def report(res: dict) -> str:
     lines = ["## Accelerator: kernels compiled, scan bandwidth, int8 matmul, 1B train step, decode (issue 12)", "",
              f"Command: `python -m benchmarks.accelerator{' --small' if small else ''}`",
              f"Device: {res['device']}; jax {res['jax']}; Python {res['python']}. Figures are ratios to this "
-             f"device's limits measured in the same run: HBM {res['bandwidth'] / 1e9:,.0f} GB/s "
+             f"device's limits measured in the same run: memory {res['bandwidth'] / 1e9:,.0f} GB/s "
              f"(elementwise pass, read + write), matmul peak {res['peak'] / 1e12:,.1f} TFLOP/s ({res['peak_what']}).",
              ""]
     if small:
         lines += ["Small shapes on a CPU, Pallas kernels interpreted: this proves the script runs, not speed.", ""]
+    lines += [f"TPU scan kernel VMEM per program (`ssm_pallas_tpu.vmem_bytes`, 256K tokens): {res['tpu_vmem']}.", ""]
     if res.get("checks"):
         bad = [c for c in res["checks"] if not c["ok"]]
         worst = max(res["checks"], key=lambda c: c["rel_err"])
@@ -359,6 +373,7 @@ def main(argv=None):
     res = dict(small=small, device=f"{dev.device_kind} ({dev.platform})", jax=jax.__version__,
                python=py_platform.python_version(), errors=[])
     print(f"device {res['device']}, jax {res['jax']}, small={small}", flush=True)
+    res["tpu_vmem"] = tpu_vmem_report()
     res["bandwidth"] = hbm_bandwidth(small)
     res["peak"], res["peak_what"] = matmul_peak(small)
     print(f"bandwidth {res['bandwidth'] / 1e9:.0f} GB/s, peak {res['peak'] / 1e12:.1f} TFLOP/s", flush=True)
