@@ -246,7 +246,7 @@ class LMTask:
     def init_params(self, rng):
         return jamba_jax.init_params(self.cfg, rng)
 
-    def loss(self, params, batch, rng):
+    def loss(self, params, batch, rng, frozen=None):
         out = self.model.apply({"params": params}, batch["inputs"], segment_ids=batch["segment_ids"])
         w = target_weights(batch["inputs"], None, batch["segment_ids"])
         tokens = jnp.sum(w)

@@ -22,8 +22,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.common import machine, time_fn, write_section  # noqa: E402
+from common.sharding import batch_sharding, make_mesh, put_batch, rules_from_config, sharding_context  # noqa: E402
 from configs import jamba_tiny  # noqa: E402
-from jamba_jax.sharding import batch_sharding, make_mesh, put_batch, rules_from_config, sharding_context  # noqa: E402
 from tasks.jamba_lm import JambaLMTask  # noqa: E402
 from training.optim import make_optimizer  # noqa: E402
 from training.train import init_state, make_train_step, state_shardings  # noqa: E402

@@ -22,8 +22,10 @@ import numpy as np
 import tasks
 from benchmarks.common import machine, time_fn, write_section
 from configs import sensebert_tagging, sensebert_tiny, sensebert_wic
-from tasks.sensebert import SenseBertPretrainTask
-from tasks.sensebert_finetune import SupersenseTaggingTask, WordInContextTask, read_rows
+from tasks.sensebert_common import read_rows
+from tasks.sensebert_pretrain import SenseBertPretrainTask
+from tasks.sensebert_tagging import SupersenseTaggingTask
+from tasks.sensebert_wic import WordInContextTask
 from training.data import make_iterator
 from training.optim import make_optimizer
 from training.train import init_state, make_train_step

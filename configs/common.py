@@ -5,7 +5,7 @@ import ml_collections
 
 def training_config():
     c = ml_collections.ConfigDict()
-    c.task = "jamba_lm"  # which task main.py runs (tasks.TASKS)
+    c.task = "jamba_lm"  # main.py runs tasks/<task>.py (its Task on the shared loop, or its run())
     c.seed = 0  # PRNG seed: init, data order
     c.dry_run = False  # only build the abstract state and report parameter / memory sizes
     c.dry_run_devices = 0  # dry run: size the mesh for this many devices (0 = the devices present)
@@ -45,7 +45,7 @@ def training_config():
     c.data.validation_split = "test"  # tfds: split for eval
     c.data.tokenizer = ""  # tokenizer.json or SentencePiece .model ("" = the bundled 2048-token BPE)
 
-    c.mesh = ml_collections.ConfigDict()  # device mesh (jamba_jax.sharding); sizes multiply to the device count
+    c.mesh = ml_collections.ConfigDict()  # device mesh (common.sharding); sizes multiply to the device count
     c.mesh.data = -1  # data parallel (-1 = the devices the other axes leave)
     c.mesh.fsdp = 1  # batch split + parameters sharded over `embed` (ZeRO-3)
     c.mesh.expert = 1  # batch split + experts split (all-to-all expert parallelism)

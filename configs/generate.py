@@ -6,7 +6,7 @@ import ml_collections
 
 def get_config():
     c = ml_collections.ConfigDict()
-    c.task = "generate"  # tasks.TASKS entry
+    c.task = "generate"  # runs tasks/generate.py
     c.checkpoint = "workdir"  # training workdir (latest checkpoint) or `jamba_jax.convert` output
     c.prompt = "dog:"  # text to continue
     c.max_new_tokens = 64  # tokens to generate

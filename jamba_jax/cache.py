@@ -3,8 +3,12 @@ Mamba layer (Jamba paper, section 2: only the few attention layers pay per-token
 
   {"index": int32 scalar (tokens written so far),
    "valid": bool [batch, max_length] (which slots hold real tokens: left padding is not),
-   "layers": [per layer: {"k", "v": [batch, max_length, kv_heads, head_dim]}        (attention)
-                      or {"conv": [batch, d_conv - 1, d_inner], "ssm": [batch, d_inner, d_state] f32}]}
+   "layers": one entry per layer, each built by its own module: `Attention.init_cache` (a KVCache
+             of k, v [batch, max_length, kv_heads, head_dim]) or `MambaMixer.init_cache` (a
+             MambaCache of conv [batch, d_conv - 1, d_inner] and the float32 ssm [batch, d_inner,
+             d_state])}
+
+This module only assembles them.
 """
 
 from __future__ import annotations
@@ -13,20 +17,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from jamba_jax.config import JambaConfig
+from jamba_jax.layers import Attention
+from jamba_jax.mamba import MambaMixer
 
 
 def init_cache(cfg: JambaConfig, batch: int, max_length: int, dtype=None) -> dict:
     """An empty cache for `batch` rows of up to `max_length` tokens; KV in `dtype` (default: the
     compute dtype), SSM states always float32."""
     dtype = jnp.dtype(dtype or cfg.compute_dtype)
-    layers = []
-    for i in range(cfg.num_hidden_layers):
-        if cfg.is_attention_layer(i):
-            shape = (batch, max_length, cfg.num_key_value_heads, cfg.head_dim)
-            layers.append({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)})
-        else:
-            layers.append({"conv": jnp.zeros((batch, cfg.mamba_d_conv - 1, cfg.mamba_d_inner), cfg.compute_dtype),
-                           "ssm": jnp.zeros((batch, cfg.mamba_d_inner, cfg.mamba_d_state), jnp.float32)})
+    layers = [Attention.init_cache(cfg, batch, max_length, dtype) if cfg.is_attention_layer(i)
+              else MambaMixer.init_cache(cfg, batch) for i in range(cfg.num_hidden_layers)]
     return {"index": jnp.zeros((), jnp.int32), "valid": jnp.zeros((batch, max_length), bool), "layers": layers}
 
 

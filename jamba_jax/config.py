@@ -16,11 +16,11 @@ import dataclasses
 import math
 from typing import Any
 
-import jax.numpy as jnp
+from common.config import DTYPES, ModelConfigBase
+from common.layers import ACTIVATIONS
+from kernels import IMPLS
 
-_ACTIVATIONS = ("silu", "swish", "gelu", "relu")
-_DTYPES = ("float32", "bfloat16", "float16")
-_SCAN_IMPLS = ("auto", "reference", "scan", "associative", "chunked", "pallas")
+_SCAN_IMPLS = ("auto",) + IMPLS
 
 # Keys that transformers writes into every config.json (PretrainedConfig bookkeeping) or that
 # older Jamba checkpoints carry; they do not describe the architecture and are ignored on load.
@@ -47,7 +47,7 @@ class ConfigError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class JambaConfig:
+class JambaConfig(ModelConfigBase):
     # --- transformers' JambaConfig, same names and defaults -----------------------------------
     vocab_size: int = 65536
     tie_word_embeddings: bool = False
@@ -89,6 +89,8 @@ class JambaConfig:
     remat: bool = False  # rematerialise each decoder layer in the backward pass
     moe_capacity_factor: float = 0.0  # expert-parallel slots per device pair (0 = dropless), see expert_parallel
 
+    error = ConfigError
+
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
         if self.num_key_value_heads is None:
@@ -120,9 +122,9 @@ class JambaConfig:
              f"must divide num_attention_heads ({self.num_attention_heads})")
         need(self.num_experts_per_tok <= self.num_experts, "num_experts_per_tok",
              f"must be at most num_experts ({self.num_experts})")
-        need(self.hidden_act in _ACTIVATIONS, "hidden_act", f"must be one of {_ACTIVATIONS}")
-        need(self.dtype in _DTYPES, "dtype", f"must be one of {_DTYPES}")
-        need(self.param_dtype in _DTYPES, "param_dtype", f"must be one of {_DTYPES}")
+        need(self.hidden_act in ACTIVATIONS, "hidden_act", f"must be one of {tuple(ACTIVATIONS)}")
+        need(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
+        need(self.param_dtype in DTYPES, "param_dtype", f"must be one of {DTYPES}")
         need(self.scan_impl in _SCAN_IMPLS, "scan_impl", f"must be one of {_SCAN_IMPLS}")
         need(self.rms_norm_eps > 0, "rms_norm_eps", "must be positive")
         need(self.moe_capacity_factor >= 0, "moe_capacity_factor", "must be 0 (dropless) or positive")
@@ -138,14 +140,6 @@ class JambaConfig:
     @property
     def mamba_d_inner(self) -> int:
         return self.mamba_expand * self.hidden_size
-
-    @property
-    def compute_dtype(self):
-        return jnp.dtype(self.dtype)
-
-    @property
-    def weights_dtype(self):
-        return jnp.dtype(self.param_dtype)
 
     # --- layer schedule --------------------------------------------------------------------------
     def is_attention_layer(self, i: int) -> bool:
@@ -165,23 +159,10 @@ class JambaConfig:
         return [self.num_experts if self.is_moe_layer(i) else 1 for i in range(self.num_hidden_layers)]
 
     # --- conversion --------------------------------------------------------------------------------
-    def replace(self, **changes) -> JambaConfig:
-        return dataclasses.replace(self, **changes)
-
     @classmethod
     def hf_field_names(cls) -> tuple[str, ...]:
         ours = {"dtype", "param_dtype", "scan_impl", "remat", "moe_capacity_factor"}
         return tuple(f.name for f in dataclasses.fields(cls) if f.name not in ours)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> JambaConfig:
-        """Builds a config from a plain dict (e.g. an ml_collections `config.model`), naming any
-        field that does not exist instead of failing with a bare TypeError."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in d if k not in names)
-        if unknown:
-            raise ConfigError(f"unknown JambaConfig fields {unknown}; known fields: {sorted(names)}")
-        return cls(**d)
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], **overrides) -> JambaConfig:

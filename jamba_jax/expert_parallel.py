@@ -31,11 +31,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from jamba_jax.grouped_ffn import combine_local
-from jamba_jax.sharding import axes_size, current_mesh, fitted_spec, spec_axes
+from common.sharding import axes_size, current_mesh, fitted_spec, spec_axes
+from jamba_jax.grouped_ffn import combine_local, permute, unpermute
 
 
-def expert_parallel_moe(x_TxH, top_idx_TxK, top_w_TxK, weights, scales, act, impl=None,
+def expert_parallel_moe(x_TxE, top_idx_TxK, top_w_TxK, weights, scales, act, impl=None,
                         capacity_factor: float = 0.0):
     """sum_k top_w[t, k] * FFN_{top_idx[t, k]}(x[t]) with the experts sharded as the rules say.
 
@@ -65,12 +65,12 @@ def expert_parallel_moe(x_TxH, top_idx_TxK, top_w_TxK, weights, scales, act, imp
             if ep_axes:  # choices of another device's experts -> "no expert" here
                 first = jax.lax.axis_index(ep_axes) * e_loc
                 idx = jnp.where((idx >= first) & (idx < first + e_loc), idx - first, e_loc)
-            out = combine_local(x, idx, w, local, act, sc, impl)
+            out = combine_local(x, idx, w, local, act, sc, impl, capacity_factor)
             if ep_axes:
                 out = jax.lax.psum(out, ep_axes)
         return jax.lax.psum(out, mlp_axes) if mlp_axes else out
 
-    args = [x_TxH, top_idx_TxK, top_w_TxK, w_gate, w_up, w_down]
+    args = [x_TxE, top_idx_TxK, top_w_TxK, w_gate, w_up, w_down]
     specs = [P(tok_spec[0], None)] * 3 + [gate_spec, gate_spec, down_spec]
     if scales is not None:
         args += list(scales)
@@ -85,26 +85,22 @@ def capacity(pairs: int, n_ep: int, capacity_factor: float) -> int:
     return max(1, min(pairs, math.ceil(capacity_factor * pairs / n_ep)))
 
 
-def _all_to_all_experts(x_TxH, idx_TxK, w_TxK, weights, scales, act, impl, ep_axes, n_ep, e_loc, capacity_factor):
-    t, h = x_TxH.shape
-    k = idx_TxK.shape[1]
-    m = t * k
+def _all_to_all_experts(x_TxE, idx_TxK, w_TxK, weights, scales, act, impl, ep_axes, n_ep, e_loc, capacity_factor):
+    t, h = x_TxE.shape
+    m = idx_TxK.size
     slots = capacity(m, n_ep, capacity_factor)
-    expert_M = idx_TxK.reshape(-1)
-    order_M = jnp.argsort(expert_M, stable=True)
-    expert_S = expert_M[order_M]  # S: the pairs in sorted order
+    perm = permute(idx_TxK)  # S below: the pairs in sorted order
+    expert_S, token_S = perm.expert_M, perm.token_M
     dest_S = expert_S // e_loc
     per_dest = jnp.bincount(dest_S, length=n_ep)
     slot_S = jnp.arange(m) - (jnp.cumsum(per_dest) - per_dest)[dest_S]  # rank among pairs to the same device
-    token_S = order_M // k
 
-    send_x = jnp.zeros((n_ep, slots, h), x_TxH.dtype).at[dest_S, slot_S].set(x_TxH[token_S], mode="drop")
+    send_x = jnp.zeros((n_ep, slots, h), x_TxE.dtype).at[dest_S, slot_S].set(x_TxE[token_S], mode="drop")
     send_e = jnp.full((n_ep, slots), e_loc, jnp.int32).at[dest_S, slot_S].set(expert_S % e_loc, mode="drop")
     recv_x = jax.lax.all_to_all(send_x, ep_axes, 0, 0, tiled=True)  # [source, slot, h]
     recv_e = jax.lax.all_to_all(send_e, ep_axes, 0, 0, tiled=True)
-    ones = jnp.ones((n_ep * slots, 1), x_TxH.dtype)
+    ones = jnp.ones((n_ep * slots, 1), x_TxE.dtype)
     y = combine_local(recv_x.reshape(-1, h), recv_e.reshape(-1, 1), ones, weights, act, scales, impl)
     back = jax.lax.all_to_all(y.reshape(n_ep, slots, h), ep_axes, 0, 0, tiled=True)  # [destination, slot, h]
     y_S = back.at[dest_S, slot_S].get(mode="fill", fill_value=0)  # a dropped pair contributes 0
-    y_S = y_S * w_TxK.reshape(-1)[order_M][:, None]
-    return jnp.zeros((t, h), y_S.dtype).at[token_S].add(y_S)
+    return unpermute(y_S, perm, w_TxK, t)

@@ -14,19 +14,22 @@ spends its static number of blocks on them.
 
 from __future__ import annotations
 
+import math
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
 from kernels import current_platform, int8_matmul
 
 
-def _ffn_ragged(x_MxH, group_sizes_E, expert_of_M, w_gate, w_up, w_down, act, scales=None):
+def _ffn_ragged(x_MxE, group_sizes_E, expert_of_M, w_gate, w_up, w_down, act, scales=None):
     def mm(x, w, s):  # int8 weights: the convert fuses into the grouped GEMM, rows scaled by their expert
         y = jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes_E)
         return y if s is None else (y * s[expert_of_M]).astype(x.dtype)
 
     sg, su, sd = scales or (None, None, None)
-    return mm(act(mm(x_MxH, w_gate, sg)) * mm(x_MxH, w_up, su), w_down, sd)
+    return mm(act(mm(x_MxE, w_gate, sg)) * mm(x_MxE, w_up, su), w_down, sd)
 
 
 def _block_rows(m: int, e: int) -> int:
@@ -35,8 +38,8 @@ def _block_rows(m: int, e: int) -> int:
     return 1 << (target.bit_length() - 1)
 
 
-def _ffn_blocked(x_MxH, group_sizes_E, expert_of_M, w_gate, w_up, w_down, act, scales=None):
-    m, h = x_MxH.shape
+def _ffn_blocked(x_MxE, group_sizes_E, expert_of_M, w_gate, w_up, w_down, act, scales=None):
+    m, h = x_MxE.shape
     e = w_gate.shape[0]
     blk = _block_rows(m, e)
     n_blocks = -(-(m + e * (blk - 1)) // blk)  # static bound on the padded row count
@@ -45,7 +48,7 @@ def _ffn_blocked(x_MxH, group_sizes_E, expert_of_M, w_gate, w_up, w_down, act, s
     start_E = jnp.cumsum(group_sizes_E) - group_sizes_E
     ex_M = jnp.minimum(expert_of_M, e - 1)  # rows of no expert (id e, sorted last) go nowhere
     dest_M = jnp.where(expert_of_M < e, padded_start_E[ex_M] + (jnp.arange(m) - start_E[ex_M]), n_blocks * blk)
-    x_pad = jnp.zeros((n_blocks * blk, h), x_MxH.dtype).at[dest_M].set(x_MxH, mode="drop")
+    x_pad = jnp.zeros((n_blocks * blk, h), x_MxE.dtype).at[dest_M].set(x_MxE, mode="drop")
     padded_end_E = jnp.cumsum(padded_E)
     block_expert = jnp.minimum(jnp.searchsorted(padded_end_E, jnp.arange(n_blocks) * blk, side="right"), e - 1)
 
@@ -71,16 +74,47 @@ def default_ffn_impl() -> str:
     return "blocked" if current_platform() == "cpu" else "ragged"
 
 
-def combine_local(x_TxH, top_idx_TxK, top_w_TxK, weights, act, scales=None, impl=None):
-    """Dropless top-k mixture of the given experts on local tokens: sum_k w_k FFN_{idx_k}(x); a
-    choice whose expert id is num_experts (not among these experts) contributes 0."""
-    t, k = top_idx_TxK.shape
+class Permutation(NamedTuple):
+    """(token, choice) pairs sorted by expert (MaxText's permute): pair m of the sorted order is
+    choice order[m] % k of token `token[m]`, bound for expert `expert[m]`."""
+
+    order_M: jax.Array  # positions in the flattened [T * K] choices, in sorted order
+    expert_M: jax.Array  # each sorted pair's expert id
+    token_M: jax.Array  # each sorted pair's token
+
+
+def permute(top_idx_TxK) -> Permutation:
+    k = top_idx_TxK.shape[1]
+    expert_of_choice = top_idx_TxK.reshape(-1)
+    order_M = jnp.argsort(expert_of_choice, stable=True)
+    return Permutation(order_M, expert_of_choice[order_M], order_M // k)
+
+
+def unpermute(y_MxE, perm: Permutation, top_w_TxK, num_tokens: int):
+    """sum over each token's pairs of router weight x output: the [T, E] MoE output."""
+    y_MxE = y_MxE * top_w_TxK.reshape(-1)[perm.order_M][:, None].astype(y_MxE.dtype)
+    return jnp.zeros((num_tokens, y_MxE.shape[-1]), y_MxE.dtype).at[perm.token_M].add(y_MxE)
+
+
+def expert_capacity(pairs: int, num_experts: int, capacity_factor: float) -> int:
+    """Pairs an expert takes on a device without expert parallelism: ceil(factor x pairs / experts)."""
+    return max(1, math.ceil(capacity_factor * pairs / num_experts))
+
+
+def combine_local(x_TxE, top_idx_TxK, top_w_TxK, weights, act, scales=None, impl=None, capacity_factor: float = 0.0):
+    """Top-k mixture of the given experts on local tokens: sum_k w_k FFN_{idx_k}(x); a choice whose
+    expert id is num_experts (not among these experts) contributes 0. Dropless, unless
+    `capacity_factor` > 0: then each expert takes its first `expert_capacity(...)` pairs in token
+    order and the rest contribute 0 (the residual carries their tokens), as under a pod's capacity."""
+    t = top_idx_TxK.shape[0]
     e = weights[0].shape[0]
-    expert_of_M = top_idx_TxK.reshape(-1)  # M = t * k (token, choice) pairs
-    order_M = jnp.argsort(expert_of_M, stable=True)
-    token_of_M = order_M // k
-    group_sizes = jnp.bincount(expert_of_M, length=e).astype(jnp.int32)
-    y_MxH = FFN_IMPLS[impl or default_ffn_impl()](x_TxH[token_of_M], group_sizes, expert_of_M[order_M], *weights,
+    perm = permute(top_idx_TxK)
+    group_sizes = jnp.bincount(perm.expert_M, length=e).astype(jnp.int32)
+    if capacity_factor > 0:
+        m = perm.expert_M.shape[0]
+        rank_M = jnp.arange(m) - (jnp.cumsum(group_sizes) - group_sizes)[jnp.minimum(perm.expert_M, e - 1)]
+        kept_choice = jnp.zeros((m,), bool).at[perm.order_M].set(rank_M < expert_capacity(m, e, capacity_factor))
+        top_w_TxK = jnp.where(kept_choice.reshape(top_w_TxK.shape), top_w_TxK, 0)
+    y_MxE = FFN_IMPLS[impl or default_ffn_impl()](x_TxE[perm.token_M], group_sizes, perm.expert_M, *weights,
                                                   act, scales)
-    y_MxH = y_MxH * top_w_TxK.reshape(-1)[order_M][:, None].astype(y_MxH.dtype)
-    return jnp.zeros((t, y_MxH.shape[-1]), y_MxH.dtype).at[token_of_M].add(y_MxH)
+    return unpermute(y_MxE, perm, top_w_TxK, t)

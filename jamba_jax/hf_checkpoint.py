@@ -28,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
+from common.tree import get_path, set_path
 from jamba_jax.config import JambaConfig
 from jamba_jax.params import abstract_params
 
@@ -110,18 +111,6 @@ def param_table(cfg: JambaConfig) -> list[Entry]:
     return table
 
 
-def _get(tree, path):
-    for p in path:
-        tree = tree[p]
-    return tree
-
-
-def _set(tree, path, value):
-    for p in path[:-1]:
-        tree = tree.setdefault(p, {})
-    tree[path[-1]] = value
-
-
 def _hf_shape(entry: Entry, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
     """The HF tensor shape for a Flax parameter shape, inferred abstractly (nothing allocated)."""
     slice_shape = flax_shape[1:] if entry.expert is not None else flax_shape
@@ -182,10 +171,10 @@ def load_hf_checkpoint(path: str, quantize: str | None = None, **config_override
     def store(fpath, value_np):
         if fpath in quant_paths:
             q, scale = quantize_int8(value_np, xp=np)
-            _set(params, fpath, jnp.asarray(q))
-            _set(params, fpath[:-1] + (quant_paths[fpath],), jnp.asarray(scale))
+            set_path(params, fpath, jnp.asarray(q))
+            set_path(params, fpath[:-1] + (quant_paths[fpath],), jnp.asarray(scale))
         else:
-            _set(params, fpath, jnp.asarray(value_np))
+            set_path(params, fpath, jnp.asarray(value_np))
 
     shapes = abstract_params(cfg)
     table = {e.hf_key: e for e in param_table(cfg)}
@@ -215,7 +204,7 @@ def load_hf_checkpoint(path: str, quantize: str | None = None, **config_override
             raise CheckpointError(f"{fpath}: the index lists keys this file lacks: {sorted(set(keys) - in_file)[:8]}")
         for key in keys:
             entry = table[key]
-            flax_shape = tuple(_get(shapes, entry.path).shape)
+            flax_shape = tuple(get_path(shapes, entry.path).shape)
             want = _hf_shape(entry, flax_shape)
             got = tuple(handle.get_slice(key).get_shape())
             if got != want:
@@ -260,21 +249,21 @@ def save_hf_checkpoint(cfg: JambaConfig, params: dict[str, Any], path: str,
     table = param_table(cfg)
     for entry in table:
         try:
-            got = tuple(_get(params, entry.path).shape)
+            got = tuple(get_path(params, entry.path).shape)
         except (KeyError, TypeError) as e:
             raise CheckpointError(f"params lack {'/'.join(entry.path)} that the config requires") from e
-        want = tuple(_get(shapes, entry.path).shape)
+        want = tuple(get_path(shapes, entry.path).shape)
         if got != want:
             raise CheckpointError(f"params {'/'.join(entry.path)} has shape {got}, the config implies {want}")
 
     def out_dtype(entry):
-        return np.dtype(dtype) if dtype is not None else np.dtype(_get(params, entry.path).dtype)
+        return np.dtype(dtype) if dtype is not None else np.dtype(get_path(params, entry.path).dtype)
 
     # Plan the shards from shapes alone, then materialise one shard at a time.
     shards: list[list[Entry]] = [[]]
     size = total = 0
     for entry in table:
-        full = _get(shapes, entry.path).shape
+        full = get_path(shapes, entry.path).shape
         nbytes = _nbytes(full[1:] if entry.expert is not None else full, out_dtype(entry))
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
@@ -291,7 +280,7 @@ def save_hf_checkpoint(cfg: JambaConfig, params: dict[str, Any], path: str,
                               unit="shard", disable=None, leave=False):
         tensors = {}
         for entry in entries:
-            value = _get(params, entry.path)
+            value = get_path(params, entry.path)
             if entry.expert is not None:
                 value = value[entry.expert]
             tensors[entry.hf_key] = np.ascontiguousarray(entry.to_hf(np.asarray(value).astype(out_dtype(entry))))

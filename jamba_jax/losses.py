@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
+
+from common.losses import token_nll
 
 
 def target_weights(input_ids_BxL, weights_BxL=None, segment_ids_BxL=None):
@@ -24,8 +25,7 @@ def target_weights(input_ids_BxL, weights_BxL=None, segment_ids_BxL=None):
 
 def next_token_nll(logits_BxLxV, input_ids_BxL):
     """[batch, length-1] float32 negative log-likelihood of token t+1 given positions <= t."""
-    logp = jax.nn.log_softmax(logits_BxLxV[:, :-1].astype(jnp.float32), axis=-1)
-    return -jnp.take_along_axis(logp, input_ids_BxL[:, 1:, None], axis=-1)[..., 0]
+    return token_nll(logits_BxLxV[:, :-1], input_ids_BxL[:, 1:])
 
 
 def next_token_loss(logits_BxLxV, input_ids_BxL, weights_BxL=None, segment_ids_BxL=None):

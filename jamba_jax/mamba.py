@@ -10,35 +10,37 @@ real tokens' outputs unchanged.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from common.layers import activation, normal_init
+from common.sharding import current_mesh, fitted_spec
 from jamba_jax.config import JambaConfig
-from jamba_jax.layers import Dense, RMSNorm, activation, normal_init
-from jamba_jax.sharding import current_mesh, fitted_spec
+from jamba_jax.layers import dense, rms_norm
 from kernels import selective_scan, selective_state_update
 
 _F32 = jnp.float32
 
 
-def causal_depthwise_conv(x_BxLxD, kernel_KxD, bias_D=None, conv_state_BxKm1xD=None, segment_ids_BxL=None):
+def causal_depthwise_conv(x_BxLxI, kernel_CxI, bias_D=None, conv_state_BxCm1xI=None, segment_ids_BxL=None):
     """out[t] = sum_k kernel[k] * x[t - (K-1) + k] (+ bias), with the K-1 inputs before the first
     taken from `conv_state` (zeros when None). With `segment_ids`, inputs of another segment (a
     previous packed document) are left out. Returns (out, the last K-1 inputs: the next state)."""
-    k = kernel_KxD.shape[0]
-    b, length, d = x_BxLxD.shape
-    if conv_state_BxKm1xD is None:
-        conv_state_BxKm1xD = jnp.zeros((b, k - 1, d), x_BxLxD.dtype)
-    xp = jnp.concatenate([conv_state_BxKm1xD.astype(x_BxLxD.dtype), x_BxLxD], axis=1)  # [b, L+K-1, d]
+    k = kernel_CxI.shape[0]
+    b, length, d = x_BxLxI.shape
+    if conv_state_BxCm1xI is None:
+        conv_state_BxCm1xI = jnp.zeros((b, k - 1, d), x_BxLxI.dtype)
+    xp = jnp.concatenate([conv_state_BxCm1xI.astype(x_BxLxI.dtype), x_BxLxI], axis=1)  # [b, L+K-1, d]
     if segment_ids_BxL is None:
-        out = sum(xp[:, j:j + length] * kernel_KxD[j] for j in range(k))
+        out = sum(xp[:, j:j + length] * kernel_CxI[j] for j in range(k))
     else:  # the state positions count as the first token's segment
         seg_p = jnp.concatenate([jnp.repeat(segment_ids_BxL[:, :1], k - 1, axis=1), segment_ids_BxL], axis=1)
         out = sum(jnp.where((seg_p[:, j:j + length] == segment_ids_BxL)[..., None], xp[:, j:j + length], 0)
-                  * kernel_KxD[j] for j in range(k))
+                  * kernel_CxI[j] for j in range(k))
     if bias_D is not None:
         out = out + bias_D
     return out, xp[:, length:]
@@ -81,12 +83,24 @@ def _dt_bias_init(dt_min=1e-3, dt_max=0.1, floor=1e-4):
     return init
 
 
+class MambaCache(NamedTuple):
+    """A Mamba layer's state between chunks: the conv window and the SSM state."""
+
+    conv: jax.Array  # [B, d_conv - 1, I] (compute dtype): the last inputs of the causal conv
+    ssm: jax.Array  # [B, I, N] float32
+
+
 class MambaMixer(nn.Module):
-    """Returns (y, new state). With `state` ({"conv": [batch, d_conv-1, d_inner], "ssm": [batch,
-    d_inner, d_state] float32}) the chunk continues from it (cached generation, chunked prefill);
-    without it the sequence starts from zeros and the new state is None."""
+    """Returns (y, new state). With `state` (a MambaCache) the chunk continues from it (cached
+    generation, chunked prefill); without it the sequence starts from zeros and the new state is
+    None."""
 
     cfg: JambaConfig
+
+    @staticmethod
+    def init_cache(cfg: JambaConfig, batch: int) -> MambaCache:
+        return MambaCache(jnp.zeros((batch, cfg.mamba_d_conv - 1, cfg.mamba_d_inner), cfg.compute_dtype),
+                          jnp.zeros((batch, cfg.mamba_d_inner, cfg.mamba_d_state), jnp.float32))
 
     @nn.compact
     def __call__(self, x_BxLxE, valid_BxL=None, segment_ids_BxL=None, state=None):
@@ -97,27 +111,27 @@ class MambaMixer(nn.Module):
 
         if mask is not None:
             x_BxLxE = x_BxLxE * mask
-        xz = Dense((2, d_inner), ("embed", None, "mamba_inner"), cfg, use_bias=cfg.mamba_proj_bias,
-                   name="in_proj")(x_BxLxE)
+        xz = dense(cfg, (2, d_inner), ("embed", None, "mamba_inner"), "in_proj", use_bias=cfg.mamba_proj_bias)(x_BxLxE)
         x, z = xz[..., 0, :], xz[..., 1, :]  # [b, L, d_inner] each
 
-        conv_kernel = self.param("conv_kernel", nn.with_logical_partitioning(normal_init(cfg), ("conv", "mamba_inner")),
+        init = normal_init(cfg.initializer_range)
+        conv_kernel = self.param("conv_kernel", nn.with_logical_partitioning(init, ("conv", "mamba_inner")),
                                  (k, d_inner), pdtype).astype(dtype)
         conv_bias = None
         if cfg.mamba_conv_bias:
             conv_bias = self.param("conv_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("mamba_inner",)),
                                    (d_inner,), pdtype).astype(dtype)
-        x, conv_state = causal_depthwise_conv(x, conv_kernel, conv_bias, None if state is None else state["conv"],
+        x, conv_state = causal_depthwise_conv(x, conv_kernel, conv_bias, None if state is None else state.conv,
                                               segment_ids_BxL=segment_ids_BxL)
         x = activation(cfg.hidden_act)(x)
         if mask is not None:
             x = x * mask
 
-        dbc = Dense(r + 2 * n, ("mamba_inner", None), cfg, name="x_proj")(x)
+        dbc = dense(cfg, r + 2 * n, ("mamba_inner", None), "x_proj")(x)
         dt, B, C = dbc[..., :r], dbc[..., r:r + n], dbc[..., r + n:]
-        dt = RMSNorm(cfg, axis_name=None, name="dt_layernorm")(dt)
-        B = RMSNorm(cfg, axis_name=None, name="b_layernorm")(B)
-        C = RMSNorm(cfg, axis_name=None, name="c_layernorm")(C)
+        dt = rms_norm(cfg, "dt_layernorm", axis_name=None)(dt)
+        B = rms_norm(cfg, "b_layernorm", axis_name=None)(B)
+        C = rms_norm(cfg, "c_layernorm", axis_name=None)(C)
         dt_kernel_init = nn.initializers.uniform(scale=2 * r ** -0.5)
         dt_kernel = self.param("dt_proj_kernel", nn.with_logical_partitioning(
             lambda key, s, d: dt_kernel_init(key, s, d) - r ** -0.5, (None, "mamba_inner")), (r, d_inner), pdtype)
@@ -136,15 +150,15 @@ class MambaMixer(nn.Module):
             reset = jnp.concatenate([jnp.ones_like(segment_ids_BxL[:, :1], dtype=bool),
                                      segment_ids_BxL[:, 1:] != segment_ids_BxL[:, :-1]], axis=1)
         if state is not None and x.shape[1] == 1:  # one decoding step: no scan machinery
-            y, ssm_state = selective_state_update(state["ssm"], x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0],
+            y, ssm_state = selective_state_update(state.ssm, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0],
                                                   D=d_skip.astype(_F32), z=z[:, 0], dt_bias=dt_bias.astype(_F32),
                                                   dt_softplus=True)
             y = y[:, None]
         else:
             y, ssm_state = sharded_selective_scan(
                 dict(u=x, delta=dt, A=A, B=B, C=C, D=d_skip.astype(_F32), z=z, delta_bias=dt_bias.astype(_F32),
-                     initial_state=None if state is None else state["ssm"], reset=reset), cfg.scan_impl)
-        out = Dense(cfg.hidden_size, ("mamba_inner", "embed"), cfg, use_bias=cfg.mamba_proj_bias,
-                    name="out_proj")(y.astype(dtype))
-        new_state = None if state is None else {"conv": conv_state.astype(state["conv"].dtype), "ssm": ssm_state}
+                     initial_state=None if state is None else state.ssm, reset=reset), cfg.scan_impl)
+        out = dense(cfg, cfg.hidden_size, ("mamba_inner", "embed"), "out_proj",
+                    use_bias=cfg.mamba_proj_bias)(y.astype(dtype))
+        new_state = None if state is None else MambaCache(conv_state.astype(state.conv.dtype), ssm_state)
         return out, new_state

@@ -14,11 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from common.attention import make_attention_mask
+from common.layers import normal_init
+from common.sharding import constrain
 from jamba_jax.config import JambaConfig
-from jamba_jax.layers import MLP, Attention, RMSNorm, make_attention_mask, normal_init
+from jamba_jax.layers import MLP, Attention, rms_norm
 from jamba_jax.mamba import MambaMixer
 from jamba_jax.moe import SparseMoE, load_balancing_loss
-from jamba_jax.sharding import constrain
 
 
 class TokenIdError(ValueError):
@@ -38,15 +40,15 @@ class DecoderLayer(nn.Module):
     layer_idx: int
 
     @nn.compact
-    def __call__(self, h, valid_BxL, mask_BxQxK, segment_ids_BxL, layer_cache=None, index=None):
+    def __call__(self, h, valid_BxL, mask_BxLxS, segment_ids_BxL, layer_cache=None, index=None):
         cfg, i = self.cfg, self.layer_idx
-        x = RMSNorm(cfg, name="input_layernorm")(h)
+        x = rms_norm(cfg, "input_layernorm")(h)
         if cfg.is_attention_layer(i):
-            x, layer_cache = Attention(cfg, name="self_attn")(x, mask_BxQxK, layer_cache, index)
+            x, layer_cache = Attention(cfg, name="self_attn")(x, mask_BxLxS, layer_cache, index)
         else:
             x, layer_cache = MambaMixer(cfg, name="mamba")(x, valid_BxL, segment_ids_BxL, layer_cache)
         h = h + x
-        x = RMSNorm(cfg, name="pre_ff_layernorm")(h)
+        x = rms_norm(cfg, "pre_ff_layernorm")(h)
         router_logits = None
         if cfg.is_moe_layer(i):
             x, router_logits = SparseMoE(cfg, name="feed_forward")(x)
@@ -67,23 +69,24 @@ class JambaModel(nn.Module):
     cfg: JambaConfig
 
     @nn.compact
-    def __call__(self, input_ids, valid_BxL, mask_BxQxK, segment_ids=None, layer_caches=None, index=None):
+    def __call__(self, input_ids, valid_BxL, mask_BxLxS, segment_ids=None, layer_caches=None, index=None):
         cfg = self.cfg
+        init = normal_init(cfg.initializer_range)
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype, param_dtype=cfg.weights_dtype,
-                         embedding_init=nn.with_logical_partitioning(normal_init(cfg), ("vocab", "embed")),
+                         embedding_init=nn.with_logical_partitioning(init, ("vocab", "embed")),
                          name="embed_tokens")
         h = constrain(embed(input_ids), ("batch", None, None))
         layer_cls = nn.remat(DecoderLayer) if cfg.remat else DecoderLayer
         router_logits, new_caches = [], []
         for i in range(cfg.num_hidden_layers):
             layer_cache = None if layer_caches is None else layer_caches[i]
-            h, rl, layer_cache = layer_cls(cfg, i, name=f"layers_{i}")(h, valid_BxL, mask_BxQxK, segment_ids,
+            h, rl, layer_cache = layer_cls(cfg, i, name=f"layers_{i}")(h, valid_BxL, mask_BxLxS, segment_ids,
                                                                        layer_cache, index)
             h = constrain(h, ("batch", None, None))
             new_caches.append(layer_cache)
             if rl is not None:
                 router_logits.append(rl)
-        hidden = RMSNorm(cfg, name="final_layernorm")(h)
+        hidden = rms_norm(cfg, "final_layernorm")(h)
         return hidden, tuple(router_logits), None if layer_caches is None else new_caches
 
 
@@ -136,7 +139,8 @@ class JambaForCausalLM(nn.Module):
             table = nn.unbox(self.variables["params"]["model"]["embed_tokens"]["embedding"])
             logits = hidden @ table.astype(cfg.compute_dtype).T
         else:
-            kernel = self.param("lm_head", nn.with_logical_partitioning(normal_init(cfg), ("embed", "vocab")),
+            init = normal_init(cfg.initializer_range)
+            kernel = self.param("lm_head", nn.with_logical_partitioning(init, ("embed", "vocab")),
                                 (cfg.hidden_size, cfg.vocab_size), cfg.weights_dtype)
             logits = hidden @ kernel.astype(cfg.compute_dtype)
         aux = load_balancing_loss(router_logits, cfg.num_experts, cfg.num_experts_per_tok,

@@ -14,11 +14,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from common.layers import activation, normal_init
+from common.sharding import current_mesh
 from jamba_jax.config import JambaConfig
 from jamba_jax.expert_parallel import expert_parallel_moe
 from jamba_jax.grouped_ffn import combine_local
-from jamba_jax.layers import Dense, activation, normal_init
-from jamba_jax.sharding import current_mesh
+from jamba_jax.layers import dense
 
 _F32 = jnp.float32
 
@@ -31,15 +32,17 @@ class Experts(nn.Module):
     impl: str | None = None  # "ragged" | "blocked" | None (by backend)
 
     @nn.compact
-    def __call__(self, x_TxH, top_idx_TxK, top_w_TxK):
+    def __call__(self, x_TxE, top_idx_TxK, top_w_TxK):
         cfg = self.cfg
         e, h, i = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
         dtype = cfg.compute_dtype
 
         quantized = self.has_variable("params", "gate_proj_scale")  # ExpertsInt8: int8 weights + scales
 
+        init = normal_init(cfg.initializer_range)
+
         def weight(name, shape, axes):
-            w = self.param(name, nn.with_logical_partitioning(normal_init(cfg), axes), shape, cfg.weights_dtype)
+            w = self.param(name, nn.with_logical_partitioning(init, axes), shape, cfg.weights_dtype)
             return w if quantized else w.astype(dtype)
 
         w_gate = weight("gate_proj", (e, h, i), ("exp", "embed", "mlp"))
@@ -49,12 +52,12 @@ class Experts(nn.Module):
         if quantized:
             scales = tuple(self.get_variable("params", f"{n}_scale") for n in ("gate_proj", "up_proj", "down_proj"))
 
-        weights, act, x_TxH = (w_gate, w_up, w_down), activation(cfg.hidden_act), x_TxH.astype(dtype)
+        weights, act, x_TxE = (w_gate, w_up, w_down), activation(cfg.hidden_act), x_TxE.astype(dtype)
         top_w_TxK = top_w_TxK.astype(dtype)
         if current_mesh() is not None:  # tokens sharded over the batch axes, experts over `expert`
-            return expert_parallel_moe(x_TxH, top_idx_TxK, top_w_TxK, weights, scales, act, self.impl,
+            return expert_parallel_moe(x_TxE, top_idx_TxK, top_w_TxK, weights, scales, act, self.impl,
                                        cfg.moe_capacity_factor)
-        return combine_local(x_TxH, top_idx_TxK, top_w_TxK, weights, act, scales, self.impl)
+        return combine_local(x_TxE, top_idx_TxK, top_w_TxK, weights, act, scales, self.impl, cfg.moe_capacity_factor)
 
 
 class SparseMoE(nn.Module):
@@ -69,7 +72,7 @@ class SparseMoE(nn.Module):
     def __call__(self, x_BxLxE):
         cfg = self.cfg
         b, length, h = x_BxLxE.shape
-        router_logits = Dense(cfg.num_experts, ("embed", None), cfg, name="router")(x_BxLxE)
+        router_logits = dense(cfg, cfg.num_experts, ("embed", None), "router")(x_BxLxE)
         probs = jax.nn.softmax(router_logits.astype(_F32), axis=-1)
         top_w, top_idx = jax.lax.top_k(probs, cfg.num_experts_per_tok)
         y = Experts(cfg, name="experts")(x_BxLxE.reshape(-1, h), top_idx.reshape(b * length, -1),

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
+from common.tree import flat_items, get_path, key_path
 from jamba_jax.config import JambaConfig
 from jamba_jax.model import JambaForCausalLM
 
@@ -40,11 +41,8 @@ def param_logical_specs(cfg: JambaConfig, params=None) -> dict[str, Any]:
         return specs
 
     def spec_of(path, _):
-        keys = [getattr(p, "key", str(p)) for p in path]
-        node = specs
-        for key in keys[:-1]:
-            node = node[key]
-        name = keys[-1]
+        keys = key_path(path)
+        node, name = get_path(specs, keys[:-1]), keys[-1]
         if name.endswith("_scale"):
             weight = tuple(node[name[:-len("_scale")]])
             return PartitionSpec(*(weight[:-2] + weight[-1:]))
@@ -82,8 +80,7 @@ def count_params(cfg: JambaConfig) -> dict[str, Any]:
     """{'by_kind': {kind: count}, 'total': int, 'active': int, 'bytes': int} from shapes alone."""
     by_kind: dict[str, int] = {}
     nbytes = 0
-    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params(cfg))[0]:
-        keys = tuple(getattr(p, "key", str(p)) for p in path)
+    for keys, leaf in flat_items(abstract_params(cfg)):
         n = int(np.prod(leaf.shape))
         by_kind[_kind(keys)] = by_kind.get(_kind(keys), 0) + n
         nbytes += n * jnp.dtype(leaf.dtype).itemsize

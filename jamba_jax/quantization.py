@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from common.tree import copy_path, get_path
 from jamba_jax.config import JambaConfig
 
 EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
@@ -52,21 +53,6 @@ def quantized_weights(cfg: JambaConfig, include_mlp: bool):
     return out
 
 
-def _node(tree, path):
-    for p in path:
-        tree = tree[p]
-    return tree
-
-
-def _copy_path(tree: dict, path) -> dict:
-    """Shallow copies of the dicts along `path` (so the caller's tree is left untouched)."""
-    node = tree
-    for p in path:
-        node[p] = dict(node[p])
-        node = node[p]
-    return node
-
-
 def quantize_experts_int8(cfg: JambaConfig, params: dict[str, Any], include_mlp: bool = True) -> dict[str, Any]:
     """Returns a new tree with the expert (and dense-MLP) weights as int8 plus per-channel scales."""
     if not any(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers)):
@@ -74,7 +60,7 @@ def quantize_experts_int8(cfg: JambaConfig, params: dict[str, Any], include_mlp:
                                 "ExpertsInt8 to quantise")
     params = dict(nn.unbox(params))
     for path, name, scale_name in quantized_weights(cfg, include_mlp):
-        node = _copy_path(params, path)
+        node = copy_path(params, path)
         if scale_name in node or node[name].dtype == jnp.int8:
             raise QuantizationError(f"{'/'.join(path + (name,))} is already int8: the parameters are quantised")
         node[name], node[scale_name] = quantize_int8(node[name])
@@ -88,7 +74,7 @@ def is_quantized(params) -> bool:
 def check_quantized(cfg: JambaConfig, params, include_mlp: bool = True) -> None:
     """Raises QuantizationError naming the first weight whose scale is missing or does not fit it."""
     for path, name, scale_name in quantized_weights(cfg, include_mlp):
-        node = _node(params, path)
+        node = get_path(params, path)
         w, s = node.get(name), node.get(scale_name)
         where = "/".join(path + (name,))
         if w is None or s is None or w.dtype != jnp.int8:
@@ -107,7 +93,7 @@ def weight_bytes(cfg: JambaConfig, dtype="bfloat16", include_mlp: bool = True) -
     total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) * item
     quant_base = quant_int8 = exp_base = exp_int8 = 0
     for path, name, _ in quantized_weights(cfg, include_mlp):
-        shape = _node(shapes, path)[name].shape
+        shape = get_path(shapes, path)[name].shape
         n, scales = int(np.prod(shape)), int(np.prod(shape[:-2])) * shape[-1]
         quant_base += n * item
         quant_int8 += n + 4 * scales

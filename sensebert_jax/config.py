@@ -4,13 +4,10 @@ vocabulary; presets tiny / base (768) / large (1024)."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
-import jax.numpy as jnp
-
+from common.config import ModelConfigBase
+from common.layers import ACTIVATIONS
 from sensebert_jax.supersenses import NUM_SUPERSENSES
-
-_DTYPES = ("float32", "bfloat16", "float16")
 
 
 class SenseBertConfigError(ValueError):
@@ -18,7 +15,7 @@ class SenseBertConfigError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class SenseBertConfig:
+class SenseBertConfig(ModelConfigBase):
     vocab_size: int = 30522
     hidden_size: int = 768
     num_hidden_layers: int = 12
@@ -34,6 +31,8 @@ class SenseBertConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"  # storage dtype
 
+    error = SenseBertConfigError
+
     def __post_init__(self):
         for f in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                   "max_position_embeddings", "type_vocab_size", "num_supersenses"):
@@ -46,31 +45,14 @@ class SenseBertConfig:
         for f in ("hidden_dropout_prob",):  # also on the attention output (not its probabilities)
             if not 0 <= getattr(self, f) < 1:
                 raise SenseBertConfigError(f"SenseBertConfig.{f}={getattr(self, f)!r}: must lie in [0, 1)")
-        for f in ("dtype", "param_dtype"):
-            if getattr(self, f) not in _DTYPES:
-                raise SenseBertConfigError(f"SenseBertConfig.{f}={getattr(self, f)!r}: must be one of {_DTYPES}")
-        if self.hidden_act not in ("gelu", "relu", "silu"):
-            raise SenseBertConfigError(f"SenseBertConfig.hidden_act={self.hidden_act!r}: gelu, relu or silu")
+        self.check_dtypes()
+        if self.hidden_act not in ACTIVATIONS:
+            raise SenseBertConfigError(f"SenseBertConfig.hidden_act={self.hidden_act!r}: one of {tuple(ACTIVATIONS)}")
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
-    @property
-    def compute_dtype(self):
-        return jnp.dtype(self.dtype)
-
-    @property
-    def weights_dtype(self):
-        return jnp.dtype(self.param_dtype)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SenseBertConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in d if k not in names)
-        if unknown:
-            raise SenseBertConfigError(f"unknown SenseBertConfig fields {unknown}; known fields: {sorted(names)}")
-        return cls(**d)
 
 
 PRESETS = {

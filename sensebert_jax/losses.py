@@ -12,14 +12,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from common.losses import token_nll
+
 _F32 = jnp.float32
 
 
 def masked_lm_sum(logits_BxLxV, targets_BxL, weights_BxL):
     """Summed cross-entropy of the targets at weighted positions (float32)."""
-    logp = jax.nn.log_softmax(logits_BxLxV.astype(_F32), axis=-1)
-    nll = -jnp.take_along_axis(logp, targets_BxL[..., None], axis=-1)[..., 0]
-    return jnp.sum(nll * weights_BxL)
+    return jnp.sum(token_nll(logits_BxLxV, targets_BxL) * weights_BxL)
 
 
 def supersense_loss_sums(logits_BxLxS, allowed_BxLxS, weights_BxL):

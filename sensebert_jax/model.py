@@ -8,7 +8,7 @@ predict the masked word and its supersense.
   MLM head          W^T g(h) + b               g: dense + gelu + LayerNorm; tied to W
   supersense head   S^T g_s(h)                 S shared with the input embedding
 
-The attention math is the project's (`jamba_jax.layers.dense_attention`, float32 softmax); the
+The attention math is the project's (`common.attention.dense_attention`, float32 softmax); the
 encoder is post-LayerNorm BERT, with dropout on the attention output (not on its probabilities).
 Fine-tuning heads (token classification, word-in-context) sit on the same `encoder` parameters,
 so a pre-trained checkpoint's encoder drops in.
@@ -17,23 +17,22 @@ so a pre-trained checkpoint's encoder drops in.
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from jamba_jax.layers import Dense, dense_attention
+from common.attention import dense_attention
+from common.layers import Dense, activation, normal_init
+from common.layers import layer_norm as _layer_norm
 from sensebert_jax.config import SenseBertConfig
 
-_ACT = {"gelu": lambda x: jax.nn.gelu(x, approximate=False), "relu": jax.nn.relu, "silu": jax.nn.silu}
+
+def dense(cfg: SenseBertConfig, features: int, axes, name: str) -> Dense:
+    """BERT's Linear: with a bias, in the config's dtypes and initialiser."""
+    return Dense(features, axes, dtype=cfg.compute_dtype, param_dtype=cfg.weights_dtype, use_bias=True,
+                 kernel_init=normal_init(cfg.initializer_range), name=name)
 
 
-def _normal(cfg):
-    return nn.initializers.normal(stddev=cfg.initializer_range)
-
-
-def layer_norm(cfg, name):
-    return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weights_dtype,
-                        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), name=name)
+def layer_norm(cfg: SenseBertConfig, name: str):
+    return _layer_norm(cfg.layer_norm_eps, cfg.compute_dtype, cfg.weights_dtype, name)
 
 
 class EncoderLayer(nn.Module):
@@ -46,18 +45,17 @@ class EncoderLayer(nn.Module):
         nh, hd = cfg.num_attention_heads, cfg.head_dim
 
         def proj(name):
-            return Dense(nh * hd, ("embed", "q_heads"), cfg, use_bias=True, name=name)(h_BxLxH)
+            return dense(cfg, nh * hd, ("embed", "q_heads"), name)(h_BxLxH)
 
         q = proj("query").reshape(b, length, nh, 1, hd)
         k = proj("key").reshape(b, length, nh, hd)
         v = proj("value").reshape(b, length, nh, hd)
         attn = dense_attention(q, k, v, mask_BxLxL).reshape(b, length, nh * hd)
-        attn = Dense(cfg.hidden_size, ("q_heads", "embed"), cfg, use_bias=True, name="attention_output")(attn)
+        attn = dense(cfg, cfg.hidden_size, ("q_heads", "embed"), "attention_output")(attn)
         attn = nn.Dropout(cfg.hidden_dropout_prob)(attn, deterministic=deterministic)
         h = layer_norm(cfg, "attention_layer_norm")(h_BxLxH + attn)
-        ff = _ACT[cfg.hidden_act](Dense(cfg.intermediate_size, ("embed", "mlp"), cfg, use_bias=True,
-                                        name="intermediate")(h))
-        ff = Dense(cfg.hidden_size, ("mlp", "embed"), cfg, use_bias=True, name="output")(ff)
+        ff = activation(cfg.hidden_act)(dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "intermediate")(h))
+        ff = dense(cfg, cfg.hidden_size, ("mlp", "embed"), "output")(ff)
         ff = nn.Dropout(cfg.hidden_dropout_prob)(ff, deterministic=deterministic)
         return layer_norm(cfg, "output_layer_norm")(h + ff)
 
@@ -72,8 +70,10 @@ class SenseBertEncoder(nn.Module):
         cfg = self.cfg
         dtype, pdtype = cfg.compute_dtype, cfg.weights_dtype
 
+        init = normal_init(cfg.initializer_range)
+
         def table(name, n, axes):
-            return self.param(name, nn.with_logical_partitioning(_normal(cfg), axes), (n, cfg.hidden_size), pdtype)
+            return self.param(name, nn.with_logical_partitioning(init, axes), (n, cfg.hidden_size), pdtype)
 
         words = table("word_embeddings", cfg.vocab_size, ("vocab", "embed"))
         senses = table("supersense_embeddings", cfg.num_supersenses, (None, "embed"))
@@ -96,7 +96,7 @@ class SenseBertEncoder(nn.Module):
 
 def _transform(cfg, h, name):
     """BERT's head transform: dense + activation + LayerNorm."""
-    h = _ACT[cfg.hidden_act](Dense(cfg.hidden_size, ("embed", None), cfg, use_bias=True, name=f"{name}_dense")(h))
+    h = activation(cfg.hidden_act)(dense(cfg, cfg.hidden_size, ("embed", None), f"{name}_dense")(h))
     return layer_norm(cfg, f"{name}_layer_norm")(h)
 
 
@@ -129,7 +129,7 @@ class SenseBertForTokenClassification(nn.Module):
         h, _, _ = SenseBertEncoder(cfg, name="encoder")(input_ids, attention_mask, token_type_ids, supersense_matrix,
                                                         deterministic)
         h = nn.Dropout(cfg.hidden_dropout_prob)(h, deterministic=deterministic)
-        return Dense(self.num_labels, ("embed", None), cfg, use_bias=True, name="classifier")(h).astype(jnp.float32)
+        return dense(cfg, self.num_labels, ("embed", None), "classifier")(h).astype(jnp.float32)
 
 
 class SenseBertForWordInContext(nn.Module):
@@ -147,4 +147,4 @@ class SenseBertForWordInContext(nn.Module):
         picked = jnp.take_along_axis(h, targets_Bx2[..., None], axis=1)  # [b, 2, hidden]
         feats = jnp.concatenate([h[:, 0], picked[:, 0], picked[:, 1], picked[:, 0] * picked[:, 1]], axis=-1)
         feats = nn.Dropout(cfg.hidden_dropout_prob)(feats, deterministic=deterministic)
-        return Dense(2, (None, None), cfg, use_bias=True, name="classifier")(feats).astype(jnp.float32)
+        return dense(cfg, 2, (None, None), "classifier")(feats).astype(jnp.float32)

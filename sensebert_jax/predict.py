@@ -1,25 +1,13 @@
-"""Prints the supersense SenseBERT predicts for each word of a sentence (read at the word's
-rightmost piece; words with an empty A(w), such as stop words and punctuation, get none).
-
-  python -m sensebert_jax.predict --workdir=WORKDIR "The bass player sat on the bank of the river."
-
-WORKDIR is a `sensebert_pretrain` training workdir (configs/sensebert_tiny.py writes one).
-"""
+"""The supersense SenseBERT predicts for each word of a sentence (read at the word's rightmost
+piece; words with an empty A(w), such as stop words and punctuation, get none). The command line
+that reads a training workdir is `tasks/sensebert_predict.py`."""
 
 from __future__ import annotations
 
-import argparse
-
-import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sensebert_jax.config import SenseBertConfig
-from sensebert_jax.model import SenseBertForPretraining
 from sensebert_jax.supersenses import SUPERSENSES, allowed_ids
-from sensebert_jax.tokenizer import WordPieceTokenizer, load_whole_words, token_supersense_matrix
-from training.checkpoint import restore_run_params
 
 
 def predict_supersenses(model, params, tokenizer, supersense_matrix, sentence: str) -> list[tuple[str, str | None]]:
@@ -41,26 +29,3 @@ def predict_supersenses(model, params, tokenizer, supersense_matrix, sentence: s
 
 def format_tagged(tagged: list[tuple[str, str | None]]) -> str:
     return " ".join(f"{w}[{s}]" if s else w for w, s in tagged)
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workdir", required=True)
-    ap.add_argument("sentence", nargs="+")
-    args = ap.parse_args(argv)
-    meta, _, _ = restore_run_params(args.workdir, None)
-    if meta.get("task") != "sensebert_pretrain":
-        raise SystemExit(f"{args.workdir}: not a sensebert_pretrain run (task {meta.get('task')!r})")
-    cfg = SenseBertConfig.from_dict(meta["model"])
-    tok = WordPieceTokenizer(meta.get("vocab_file", ""), load_whole_words(meta.get("whole_words_file", "")))
-    model = SenseBertForPretraining(cfg)
-    m = jnp.asarray(token_supersense_matrix(tok.vocab))
-    ids = jnp.zeros((1, 4), jnp.int32)
-    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids, ids, ids, m)["params"])
-    _, params, _ = restore_run_params(args.workdir, nn.unbox(abstract))
-    for sentence in args.sentence:
-        print(format_tagged(predict_supersenses(model, params, tok, m, sentence)))
-
-
-if __name__ == "__main__":
-    main()

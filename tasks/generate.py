@@ -14,7 +14,6 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
 from jamba_jax import JambaConfig, JambaForCausalLM, generate
 from jamba_jax.hf_checkpoint import CheckpointError
@@ -29,20 +28,14 @@ def load_checkpoint(path: str) -> tuple[JambaConfig, dict]:
     path = os.path.abspath(path)
     if os.path.exists(os.path.join(path, CONFIG_FILE)):
         return load_params(path)
-    root = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
-    if not os.path.isdir(root):
-        raise CheckpointError(f"{path}: no such checkpoint directory")
-    mngr = ocp.CheckpointManager(root, item_names=("state", "data", "meta"),
-                                 options=ocp.CheckpointManagerOptions(read_only=True))
-    step = mngr.latest_step()
-    meta = None if step is None else mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    mngr.close()
-    if step is None:
-        raise CheckpointError(f"{path}: holds neither {CONFIG_FILE} nor a training checkpoint")
+    try:
+        meta, _, step = restore_run_params(path, None)  # the metadata first: which model is it?
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{path}: holds neither {CONFIG_FILE} nor a training checkpoint") from e
     if "model" not in meta or meta.get("task", "jamba_lm") != "jamba_lm":
-        raise CheckpointError(f"{root}/{step}: the checkpoint's metadata names no Jamba model")
+        raise CheckpointError(f"{path} (step {step}): the checkpoint's metadata names no Jamba model")
     cfg = JambaConfig.from_dict(meta["model"])
-    _, params, _ = restore_run_params(root, abstract_params(cfg))  # params only
+    _, params, _ = restore_run_params(path, abstract_params(cfg))  # params only
     return cfg, params
 
 

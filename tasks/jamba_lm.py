@@ -59,7 +59,7 @@ class JambaLMTask:
         out, state = self.model.apply({"params": params}, inputs, segment_ids=segments, mutable=["intermediates"])
         return out, jnp.mean(jnp.stack(jax.tree.leaves(state["intermediates"])))
 
-    def loss(self, params, batch, rng):
+    def loss(self, params, batch, rng, frozen=None):
         del rng  # no dropout in Jamba
         act_coef = self.config.activation_loss_coef
         out, act = self._forward(params, batch, act_coef > 0)
@@ -68,12 +68,12 @@ class JambaLMTask:
         return objective, {"loss": ce, "aux_loss": tokens * out.aux_loss, "activation_loss": tokens * act,
                            "tokens": tokens}
 
-    def eval_sums(self, params, batch):
+    def eval_sums(self, params, batch, frozen=None):
         nll, tokens = _nll_sum(self._forward(params, batch, False)[0], batch)
         return {"nll": nll, "tokens": tokens}
 
     # --- end of training -----------------------------------------------------------------------------
-    def on_end(self, params):
+    def on_end(self, params, frozen=None):
         prompt, n = self.config.sample_prompt, self.config.sample_tokens
         if not prompt or n <= 0:
             return
@@ -87,3 +87,6 @@ def _nll_sum(out, batch):
     """(summed next-token NLL over real same-document targets, number of those targets)."""
     w = target_weights(batch["inputs"], None, batch["segment_ids"])
     return jnp.sum(next_token_nll(out.logits, batch["inputs"]) * w), jnp.sum(w)
+
+
+Task = JambaLMTask

@@ -54,8 +54,8 @@ def test_chunked_prefill_equals_one_pass(model_and_params, chunk):
     np.testing.assert_array_equal(cache_c["valid"], cache_1["valid"])
     real = np.asarray(cache_1["valid"])  # K/V of pad slots are never attended to; only real slots must agree
     for layer_c, layer_1 in zip(cache_c["layers"], cache_1["layers"], strict=True):
-        for key in layer_1:
-            a, b = np.asarray(layer_c[key], np.float32), np.asarray(layer_1[key], np.float32)
+        for key in layer_1._fields:  # KVCache (k, v) or MambaCache (conv, ssm)
+            a, b = np.asarray(getattr(layer_c, key), np.float32), np.asarray(getattr(layer_1, key), np.float32)
             if key in ("k", "v"):
                 a, b = a[real], b[real]
             np.testing.assert_allclose(a, b, atol=1e-4, rtol=0, err_msg=key)

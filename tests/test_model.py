@@ -113,7 +113,7 @@ def test_blocked_and_ragged_grouped_matmuls_agree(num_experts, top_k, tokens):
 def test_blockwise_attention_equals_dense(live):
     """The online-softmax path gives dense attention's result, with left padding and causal masks,
     when the key length is no multiple of the block, and when trailing blocks are skipped."""
-    from jamba_jax.layers import blockwise_attention, dense_attention, make_attention_mask
+    from common.attention import blockwise_attention, dense_attention, make_attention_mask
 
     r = np.random.RandomState(0)
     b, s, nkv, g, d = 2, 23, 2, 3, 8

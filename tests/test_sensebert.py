@@ -20,12 +20,12 @@ from sensebert_jax import (
     morphy,
     token_supersense_matrix,
 )
-from sensebert_jax.data import choose_masked, pretraining_example, sentence_words
 from sensebert_jax.losses import supersense_loss_sums
-from sensebert_jax.predict import main as predict_main
+from sensebert_jax.masking import choose_masked, pretraining_example, sentence_words
 from sensebert_jax.supersenses import allowed_ids
-from tasks.sensebert import SenseBertPretrainTask
-from tasks.sensebert_finetune import SupersenseTaggingTask
+from tasks.sensebert_predict import main as predict_main
+from tasks.sensebert_pretrain import SenseBertPretrainTask
+from tasks.sensebert_tagging import SupersenseTaggingTask
 from training.checkpoint import CheckpointMismatchError, restore_run_params
 from training.data import make_iterator, text_source
 
@@ -165,7 +165,7 @@ def test_checkpoint_round_trip_and_predict_cli(pretrained, capsys):
     for i, batch in enumerate(make_iterator(task.eval_dataset(0, 1))):
         if i >= config.eval_batches:
             break
-        sums = task.eval_sums(params, batch)
+        sums = task.eval_sums(params, batch, None)
         nll, tokens = nll + float(sums["nll"]), tokens + float(sums["tokens"])
     np.testing.assert_allclose(nll / tokens, logged["eval_loss"], rtol=1e-5)
     predict_main(["--workdir", workdir, "The dogs were running in the garden."])

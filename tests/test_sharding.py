@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from common.sharding import DEFAULT_RULES, MeshError, mesh_axes, mesh_shape, rules_from_config
 from jamba_jax import JambaConfig, init_params, quantize_experts_int8
 from jamba_jax.params import param_logical_specs
-from jamba_jax.sharding import DEFAULT_RULES, MeshError, mesh_axes, mesh_shape, rules_from_config
 from tasks.generate import load_checkpoint
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mesh_worker.py")
@@ -135,7 +135,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jamba_jax import JambaConfig, JambaForCausalLM, generate, init_params, quantize_experts_int8
 from jamba_jax.mamba import sharded_selective_scan
 from jamba_jax.params import param_logical_specs
-from jamba_jax.sharding import DEFAULT_RULES, make_mesh, sharding_context, tree_shardings
+from common.sharding import DEFAULT_RULES, make_mesh, sharding_context, tree_shardings
 
 # tensor-parallel Mamba: d_inner split over tensor, batch over data; no collective in the scan
 b, L, d, n = 4, 32, 16, 8

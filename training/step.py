@@ -15,23 +15,26 @@ def init_state(task, optimizer, rng):
 
 
 def make_train_step(task, optimizer, grad_accum_steps: int):
-    def micro_grads(params, batch, rng):
-        (objective, metrics), grads = jax.value_and_grad(task.loss, has_aux=True)(params, batch, rng)
+    """train_step(state, batch, frozen=None) -> (new state, metrics). Gradients are taken of the
+    parameters alone: `frozen` (the task's frozen inputs) is data to the loss."""
+
+    def micro_grads(params, batch, rng, frozen):
+        (objective, metrics), grads = jax.value_and_grad(task.loss, has_aux=True)(params, batch, rng, frozen)
         return grads, {"objective": objective, **metrics}
 
-    def train_step(state, batch):
+    def train_step(state, batch, frozen=None):
         rng = jax.random.fold_in(state["rng"], state["step"])
         if grad_accum_steps == 1:
-            grads, sums = micro_grads(state["params"], batch, rng)
+            grads, sums = micro_grads(state["params"], batch, rng, frozen)
         else:  # [batch, ...] -> [k, batch/k, ...], summed over the k micro-batches
             micro = jax.tree.map(lambda x: x.reshape((grad_accum_steps, -1) + x.shape[1:]), batch)
 
             def body(carry, xs):
                 i, mb = xs
-                g, s = micro_grads(state["params"], mb, jax.random.fold_in(rng, i))
+                g, s = micro_grads(state["params"], mb, jax.random.fold_in(rng, i), frozen)
                 return jax.tree.map(jnp.add, carry, (g, s)), None
 
-            zeros = jax.eval_shape(micro_grads, state["params"], jax.tree.map(lambda x: x[0], micro), rng)
+            zeros = jax.eval_shape(micro_grads, state["params"], jax.tree.map(lambda x: x[0], micro), rng, frozen)
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
             (grads, sums), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum_steps), micro))
         tokens = jnp.maximum(sums["tokens"], 1.0)

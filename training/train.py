@@ -1,25 +1,13 @@
 """The training loop every task shares: restore-or-init, jitted step with gradient accumulation,
-metrics, eval, checkpoints, progress; the task supplies model, data, loss and eval.
+metrics, eval, checkpoints, progress; the task supplies model, data, loss and eval through the
+contract of `training.task.Task` (with optional param specs, frozen inputs and its own optimizer).
 
-A Task (see `training.task.Task`) provides:
-  meta()                          -> JSON dict that a checkpoint must match to be resumed
-  init_params(rng)                -> parameter pytree
-  loss(params, batch, rng)        -> (objective summed over target tokens, metrics summed likewise);
-                                     metrics must include "tokens" (the number of targets)
-  train_dataset(pidx, pcount), eval_dataset(pidx, pcount)
-                                  -> grain IterDatasets of dict batches: this process's rows of
-                                     each global batch (eval batches may end in all-zero rows,
-                                     which must count for nothing)
-  eval_sums(params, batch)        -> {"nll": sum, "tokens": count, optional other sums k with
-                                     counts "k_n"} (reported as eval_loss, eval_k)
-  on_end(params)                  -> e.g. print a sample
-  param_specs()                   -> optional: logical PartitionSpecs of the parameters (default:
-                                     replicated), mapped onto the mesh by config.mesh.rules
-
-Everything runs on the mesh of `config.mesh` (`jamba_jax.sharding`): the state is created
+Everything runs on the mesh of `config.mesh` (`common.sharding`): the state is created
 directly sharded (a jitted init with out_shardings, so no device ever holds the whole model),
 restored onto whatever mesh the current config asks for, and every batch is split over the
-batch axes.
+batch axes. A task's frozen inputs are placed by their own specs, passed to every step beside
+the state, and kept out of it: no gradient, no optimizer state, not in the checkpoints (which
+record their source and digest).
 """
 
 from __future__ import annotations
@@ -37,7 +25,7 @@ import optax
 from jax.sharding import AbstractMesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jamba_jax.sharding import (
+from common.sharding import (
     MESH_AXES,
     MeshError,
     axes_size,
@@ -66,6 +54,11 @@ REQUIRED_FIELDS = ("seed", "num_train_steps", "batch_size", "grad_accum_steps", 
 
 class ConfigFieldError(ValueError):
     """A required config field is missing."""
+
+
+def task_optimizer(task, config):
+    """The task's own optimizer if it has one, else AdamW as the config says."""
+    return task.optimizer(config) if hasattr(task, "optimizer") else make_optimizer(config)
 
 
 def check_config(config) -> None:
@@ -175,7 +168,7 @@ def run(task, config, workdir: str, stop_after: int | None = None) -> dict[str, 
     check that a resumed run reproduces the uninterrupted one); pending checkpoint writes finish.
     """
     check_config(config)
-    optimizer = make_optimizer(config)
+    optimizer = task_optimizer(task, config)
     if config.dry_run:
         return dry_run(task, optimizer, config)
 
@@ -185,9 +178,20 @@ def run(task, config, workdir: str, stop_after: int | None = None) -> dict[str, 
         return _train(task, optimizer, config, workdir, stop_after, mesh, rules)
 
 
+def place_frozen(task, mesh, rules) -> tuple[Any, dict | None]:
+    """(the task's frozen arrays placed on the mesh by their specs, or None; what checkpoints record)."""
+    frozen = task.frozen_inputs() if hasattr(task, "frozen_inputs") else None
+    if frozen is None:
+        return None, None
+    specs = frozen.specs if frozen.specs is not None else jax.tree.map(lambda _: P(), frozen.arrays)
+    shardings = tree_shardings(frozen.arrays, specs, mesh, rules)
+    return jax.device_put(frozen.arrays, shardings), frozen.record()
+
+
 def _train(task, optimizer, config, workdir, stop_after, mesh, rules) -> dict[str, Any]:
     ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
-    meta = task.meta()
+    frozen, frozen_record = place_frozen(task, mesh, rules)
+    meta = task.meta() if frozen_record is None else {**task.meta(), "frozen_inputs": frozen_record}
     rng = jax.random.PRNGKey(config.seed)
     pidx, pcount = jax.process_index(), jax.process_count()
     train_ds = task.train_dataset(pidx, pcount)
@@ -215,7 +219,7 @@ def _train(task, optimizer, config, workdir, stop_after, mesh, rules) -> dict[st
     last_time, window = time.perf_counter(), []
     metrics: dict[str, float] = {}
     for step in range(start + 1, config.num_train_steps + 1):
-        state, step_metrics = train_step(state, put_batch(next(data_iter), rows, pcount))
+        state, step_metrics = train_step(state, put_batch(next(data_iter), rows, pcount), frozen)
         window.append(step_metrics)
         if step % config.log_every_steps == 0 or step == config.num_train_steps:
             window = jax.device_get(window)
@@ -227,7 +231,8 @@ def _train(task, optimizer, config, workdir, stop_after, mesh, rules) -> dict[st
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_second']:,.0f}")
             last_time, window = now, []
         if step % config.eval_every_steps == 0 or step == config.num_train_steps:
-            eval_metrics = evaluate(task, eval_step, state["params"], config.eval_batches, rows)
+            eval_metrics = evaluate(task, functools.partial(eval_step, frozen=frozen), state["params"],
+                                    config.eval_batches, rows)
             writer.write(step, eval_metrics)
             metrics.update(eval_metrics)
             bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
@@ -241,5 +246,5 @@ def _train(task, optimizer, config, workdir, stop_after, mesh, rules) -> dict[st
     ckpt.close()
     writer.close()
     if stop_after is None or int(state["step"]) >= config.num_train_steps:
-        task.on_end(state["params"])
+        task.on_end(state["params"], frozen)
     return metrics

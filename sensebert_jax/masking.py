@@ -1,4 +1,5 @@
-"""SenseBERT pre-training examples: WordPiece by word, the paper's masking, and targets.
+"""SenseBERT pre-training examples: WordPiece by word, the paper's masking, and targets (the
+pipeline that batches them is the `sensebert_pretrain` task's).
 
 Masking (section 3.3 / appendix): a budget of 15% of a sentence's words; words with a single
 supersense are chosen first, up to 40% of the budget, the rest uniformly among the other words;
@@ -9,12 +10,10 @@ rightmost piece, when A(word) is non-empty, for the supersense losses.
 
 from __future__ import annotations
 
-import grain
 import numpy as np
 
 from sensebert_jax.supersenses import NUM_SUPERSENSES, allowed_ids
 from sensebert_jax.tokenizer import WordPieceTokenizer
-from training.data import document_stream, process_rows
 
 MASK_BUDGET = 0.15
 SINGLE_SENSE_SHARE = 0.4
@@ -72,13 +71,3 @@ def pretraining_example(tok: WordPieceTokenizer, text: str, seq_len: int, rng: n
     ids[pos] = tok.sep_id
     out["attention_mask"][:pos + 1] = 1
     return out
-
-
-def pretraining_dataset(docs, tok: WordPieceTokenizer, *, batch_size: int, seq_len: int, seed: int, train: bool,
-                        process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-    """Batches of pretraining_example dicts (one sentence per row, padded), this process's rows.
-    Masks are drawn per (example, epoch) from the seed, so a resumed run sees the same batches."""
-    ds = document_stream(docs, batch_size, seed, train, process_count)
-    ds = ds.random_map(lambda text, rng: pretraining_example(tok, text, seq_len, rng), seed=seed)
-    ds = ds.batch(batch_size, drop_remainder=train)
-    return ds.map(lambda b: process_rows(b, batch_size, process_index, process_count)).to_iter_dataset()

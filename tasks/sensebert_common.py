@@ -1,32 +1,86 @@
-"""SenseBERT fine-tuning tasks on the shared loop, evaluated on WordNet's own example sentences
-(data/build_sensebert_eval.py; split by lemma, so test lemmas are unseen):
-
-  sensebert_tagging   supersense tagging: the tagged word's rightmost piece -> one of 45 supersenses
-  sensebert_wic       word in context: [CLS] s1 [SEP] s2 [SEP] -> same synset or not, from [CLS]
-                      and the target word's rightmost piece in each sentence
-
-config.init_checkpoint names a sensebert_pretrain workdir whose encoder starts the model ("" =
-random init). eval_accuracy is reported with eval_loss; on_end prints it beside the trivial
-baseline (most frequent training label).
-"""
+"""What the SenseBERT tasks share: the tokenizer, the supersense matrix M, the model config and its
+parameter specs (`SenseBertBase`), and the fine-tuning tasks' data, loss and encoder loading
+(`FinetuneTask`; evaluated on WordNet's own example sentences, data/build_sensebert_eval.py, split
+by lemma, so test lemmas are unseen). config.init_checkpoint names a sensebert_pretrain workdir
+whose encoder starts a fine-tuning model ("" = random init)."""
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import gzip
 import json
 import os
 
+import flax.linen as nn
 import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sensebert_jax.model import SenseBertForTokenClassification, SenseBertForWordInContext
-from sensebert_jax.supersenses import NUM_SUPERSENSES, SUPERSENSES
-from tasks.sensebert import SenseBertBase
+from common.losses import token_nll
+from sensebert_jax import SenseBertConfig, WordPieceTokenizer, token_supersense_matrix
+from sensebert_jax.config import PRESETS, SenseBertConfigError
+from sensebert_jax.tokenizer import load_whole_words
 from training.checkpoint import CheckpointMismatchError, restore_run_params
 from training.data import DataError, process_rows
+
+
+class SenseBertBase:
+    """What every SenseBERT task shares: the tokenizer, M, the model config and its param specs."""
+
+    name = "sensebert"
+
+    def __init__(self, config):
+        self.config = config
+        sb = config.sensebert
+        self.tokenizer = WordPieceTokenizer(sb.vocab_file, load_whole_words(sb.whole_words_file))
+        fields = dict(config.model.to_dict())
+        preset = fields.pop("preset", "tiny")
+        if preset not in PRESETS:
+            raise SenseBertConfigError(f"config.model.preset={preset!r}: one of {sorted(PRESETS)}")
+        vocab = fields.pop("vocab_size", -1)
+        if vocab not in (-1, self.tokenizer.vocab_size):
+            raise SenseBertConfigError(f"config.model.vocab_size={vocab} but the tokenizer has "
+                                       f"{self.tokenizer.vocab_size} tokens (-1 takes the tokenizer's)")
+        self.cfg = SenseBertConfig.from_dict({**PRESETS[preset], **fields, "vocab_size": self.tokenizer.vocab_size})
+        self.use_supersenses = bool(sb.use_supersenses)
+        m = token_supersense_matrix(self.tokenizer.vocab)
+        self.supersense_matrix = jnp.asarray(m if self.use_supersenses else np.zeros_like(m))
+        self.model = self.build_model()
+
+    def build_model(self):
+        raise NotImplementedError
+
+    def extra_inputs(self) -> tuple:
+        """Inputs after (ids, mask, types, M) that init needs (e.g. WiC's target positions)."""
+        return ()
+
+    def meta(self) -> dict:
+        sb = self.config.sensebert
+        return {"task": self.name, "model": dataclasses.asdict(self.cfg), "use_supersenses": self.use_supersenses,
+                "vocab_file": sb.vocab_file, "whole_words_file": sb.whole_words_file}
+
+    def _dummy_inputs(self):
+        ids = jnp.zeros((1, 8), jnp.int32)
+        return ids, jnp.ones_like(ids), jnp.zeros_like(ids), self.supersense_matrix
+
+    def _init(self, rng):
+        return self.model.init({"params": rng, "dropout": rng}, *self._dummy_inputs(), *self.extra_inputs())["params"]
+
+    def init_params(self, rng):
+        return nn.unbox(self._init(rng))
+
+    def param_specs(self):
+        return nn.get_partition_spec(jax.eval_shape(self._init, jax.random.PRNGKey(0)))
+
+    def _apply(self, params, batch, rng, *extra):
+        ids = batch["input_ids"]
+        types = batch.get("token_type_ids", jnp.zeros_like(ids))
+        return self.model.apply({"params": params}, ids, batch["attention_mask"], types,
+                                self.supersense_matrix, *extra, deterministic=rng is None,
+                                rngs=None if rng is None else {"dropout": rng})
+
 
 EVAL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "sensebert_eval")
 
@@ -50,7 +104,7 @@ def pieces_with_target(tok, text: str, start: int, end: int) -> tuple[list[int],
     return before + target + after, len(before) + len(target) - 1
 
 
-class _FinetuneTask(SenseBertBase):
+class FinetuneTask(SenseBertBase):
     data_name = ""
 
     def __init__(self, config):
@@ -114,17 +168,16 @@ class _FinetuneTask(SenseBertBase):
 
     def _sums(self, params, batch, rng):
         logits = self._logits(params, batch, rng)
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        nll = -jnp.take_along_axis(logp, batch["label"][:, None], axis=-1)[:, 0]
+        nll = token_nll(logits, batch["label"])
         w = batch["weight"]  # 0 on the all-zero rows that pad the last eval batch
         correct = (jnp.argmax(logits, axis=-1) == batch["label"]).astype(jnp.float32)
         return jnp.sum(nll * w), jnp.sum(w), jnp.sum(correct * w)
 
-    def loss(self, params, batch, rng):
+    def loss(self, params, batch, rng, frozen=None):
         nll, n, correct = self._sums(params, batch, rng)
         return nll, {"loss": nll, "accuracy": correct, "tokens": n}
 
-    def eval_sums(self, params, batch):
+    def eval_sums(self, params, batch, frozen=None):
         nll, n, correct = self._sums(params, batch, None)
         return {"nll": nll, "tokens": n, "accuracy": correct, "accuracy_n": n}
 
@@ -134,54 +187,6 @@ class _FinetuneTask(SenseBertBase):
         test = read_rows(self.data_name, "test")[:max_rows]
         return self.label_name(label), sum(self.label_of(r) == label for r in test) / len(test)
 
-    def on_end(self, params):
+    def on_end(self, params, frozen=None):
         name, acc = self.baseline(self.config.eval_batches * self.config.batch_size)
         print(f"most-frequent-label baseline ({name}): test accuracy {acc:.4f}")
-
-
-class SupersenseTaggingTask(_FinetuneTask):
-    name = "sensebert_tagging"
-    data_name = "tagging"
-
-    def build_model(self):
-        return SenseBertForTokenClassification(self.cfg, NUM_SUPERSENSES)
-
-    label_of = staticmethod(lambda r: r["supersense"])
-    label_name = staticmethod(lambda i: SUPERSENSES[i])
-
-    def encode(self, row):
-        tok = self.tokenizer
-        pieces, t = pieces_with_target(tok, row["text"], row["start"], row["end"])
-        out = self._row([tok.cls_id] + pieces + [tok.sep_id], [0] * (len(pieces) + 2))
-        out.update(position=np.int32(t + 1), label=np.int32(row["supersense"]))
-        return out
-
-    def _logits(self, params, batch, rng):
-        per_token = self._apply(params, batch, rng)
-        return jnp.take_along_axis(per_token, batch["position"][:, None, None], axis=1)[:, 0]
-
-
-class WordInContextTask(_FinetuneTask):
-    name = "sensebert_wic"
-    data_name = "wic"
-
-    def build_model(self):
-        return SenseBertForWordInContext(self.cfg)
-
-    def extra_inputs(self):
-        return (jnp.zeros((1, 2), jnp.int32),)
-
-    label_of = staticmethod(lambda r: r["label"])
-    label_name = staticmethod(lambda i: "same sense" if i else "different sense")
-
-    def encode(self, row):
-        tok = self.tokenizer
-        p1, t1 = pieces_with_target(tok, row["text1"], row["start1"], row["end1"])
-        p2, t2 = pieces_with_target(tok, row["text2"], row["start2"], row["end2"])
-        ids = [tok.cls_id] + p1 + [tok.sep_id] + p2 + [tok.sep_id]
-        out = self._row(ids, [0] * (len(p1) + 2) + [1] * (len(p2) + 1))
-        out.update(targets=np.asarray([t1 + 1, len(p1) + 2 + t2], np.int32), label=np.int32(row["label"]))
-        return out
-
-    def _logits(self, params, batch, rng):
-        return self._apply(params, batch, rng, batch["targets"])
