@@ -87,7 +87,8 @@ class JambaConfig(ModelConfigBase):
     param_dtype: str = "float32"  # storage dtype of the parameters
     scan_impl: str = "auto"  # selective-scan implementation, see kernels.selective_scan
     remat: bool = False  # rematerialise each decoder layer in the backward pass
-    moe_capacity_factor: float = 0.0  # expert-parallel slots per device pair (0 = dropless), see expert_parallel
+    moe_capacity_factor: float = 0.0  # 0 = dropless; else slots per device pair under expert parallelism
+    # (expert_parallel), per expert elsewhere (grouped_ffn.expert_capacity): pairs past it add nothing
 
     error = ConfigError
 

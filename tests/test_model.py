@@ -109,6 +109,34 @@ def test_blocked_and_ragged_grouped_matmuls_agree(num_experts, top_k, tokens):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_capacity_factor_without_expert_parallelism_drops_overflow_pairs():
+    """moe_capacity_factor on one device is applied, not ignored: each expert keeps its first
+    ceil(factor x pairs / experts) (token, choice) pairs in token order, the rest add nothing."""
+    from jamba_jax.moe import Experts
+
+    cfg = CFG.replace(num_experts=4, num_experts_per_tok=2, moe_capacity_factor=0.5)
+    r = np.random.RandomState(5)
+    t, k, e = 16, 2, 4
+    x = jnp.asarray(r.randn(t, cfg.hidden_size), jnp.float32)
+    idx = jnp.asarray(np.stack([r.choice(e, k, replace=False) for _ in range(t)]))
+    w = jnp.asarray(r.rand(t, k), jnp.float32)
+    params = Experts(cfg).init(jax.random.PRNGKey(0), x, idx, w)
+    got = np.asarray(Experts(cfg).apply(params, x, idx, w))
+    dropless = np.asarray(Experts(cfg.replace(moe_capacity_factor=0.0)).apply(params, x, idx, w))
+
+    cap = int(np.ceil(0.5 * t * k / e))  # 4 of the 8 pairs each expert gets on average
+    kept = np.zeros((t, k), bool)
+    seen = np.zeros(e, int)
+    for i in range(t):  # token order, then choice order: the stable sort's order within an expert
+        for j in range(k):
+            ex = int(idx[i, j])
+            kept[i, j] = seen[ex] < cap
+            seen[ex] += 1
+    want = np.asarray(Experts(cfg.replace(moe_capacity_factor=0.0)).apply(params, x, idx, w * kept))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert 0 < (~kept).sum() and not np.allclose(got, dropless)  # something was dropped
+
+
 @pytest.mark.parametrize("live", [None, 3])
 def test_blockwise_attention_equals_dense(live):
     """The online-softmax path gives dense attention's result, with left padding and causal masks,
