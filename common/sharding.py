@@ -39,6 +39,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("mlp", "tensor"),
     ("mamba_inner", ("tensor", "fsdp", "expert")),  # x_proj / dt_proj / A_log have no embed axis to shard
     ("exp", "expert"),
+    ("layers", None),  # the repeats axis of a scanned layer stack
 )  # names not listed ("conv", "norm", None) stay replicated
 
 

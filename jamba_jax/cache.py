@@ -6,18 +6,21 @@ Mamba layer (Jamba paper, section 2: only the few attention layers pay per-token
    "layers": one entry per layer, each built by its own module: `Attention.init_cache` (a KVCache
              of k, v [batch, max_length, kv_heads, head_dim]) or `MambaMixer.init_cache` (a
              MambaCache of conv [batch, d_conv - 1, d_inner] and the float32 ssm [batch, d_inner,
-             d_state])}
+             d_state]); with `scan_layers`, one entry per position of the layer cycle, each
+             stacked over the repeats ([repeats, ...], as the scanned stack takes them)}
 
 This module only assembles them.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jamba_jax.config import JambaConfig
 from jamba_jax.layers import Attention
+from jamba_jax.layout import layer_stacks, repeats
 from jamba_jax.mamba import MambaMixer
 
 
@@ -25,8 +28,15 @@ def init_cache(cfg: JambaConfig, batch: int, max_length: int, dtype=None) -> dic
     """An empty cache for `batch` rows of up to `max_length` tokens; KV in `dtype` (default: the
     compute dtype), SSM states always float32."""
     dtype = jnp.dtype(dtype or cfg.compute_dtype)
-    layers = [Attention.init_cache(cfg, batch, max_length, dtype) if cfg.is_attention_layer(i)
-              else MambaMixer.init_cache(cfg, batch) for i in range(cfg.num_hidden_layers)]
+
+    def layer(i):
+        if cfg.is_attention_layer(i):
+            return Attention.init_cache(cfg, batch, max_length, dtype)
+        return MambaMixer.init_cache(cfg, batch)
+
+    layers = [layer(i) for _, i in layer_stacks(cfg)]
+    if cfg.scan_layers:
+        layers = [jax.tree.map(lambda x: jnp.zeros((repeats(cfg),) + x.shape, x.dtype), c) for c in layers]
     return {"index": jnp.zeros((), jnp.int32), "valid": jnp.zeros((batch, max_length), bool), "layers": layers}
 
 

@@ -2,8 +2,8 @@
 
 The HF fields keep their exact names and defaults so that a Hub `config.json` maps one to one
 (`from_hf_dict` / `to_hf_dict`). Our additions are the numerics and execution knobs:
-`dtype` (compute), `param_dtype`, `scan_impl` (see `kernels.selective_scan`), `remat` and
-`moe_capacity_factor` (see `jamba_jax.expert_parallel`).
+`dtype` (compute), `param_dtype`, `scan_impl` (see `kernels.selective_scan`), `remat`,
+`scan_layers` (see `jamba_jax.layout`) and `moe_capacity_factor` (see `jamba_jax.expert_parallel`).
 
 The layer schedule (Jamba paper, section 2): layer i is attention when
 `i % attn_layer_period == attn_layer_offset`, otherwise Mamba; its feed-forward is a
@@ -87,6 +87,7 @@ class JambaConfig(ModelConfigBase):
     param_dtype: str = "float32"  # storage dtype of the parameters
     scan_impl: str = "auto"  # selective-scan implementation, see kernels.selective_scan
     remat: bool = False  # rematerialise each decoder layer in the backward pass
+    scan_layers: bool = False  # the stack as one nn.scan over repeats of the layer cycle (jamba_jax.layout)
     moe_capacity_factor: float = 0.0  # 0 = dropless; else slots per device pair under expert parallelism
     # (expert_parallel), per expert elsewhere (grouped_ffn.expert_capacity): pairs past it add nothing
 
@@ -129,6 +130,9 @@ class JambaConfig(ModelConfigBase):
         need(self.scan_impl in _SCAN_IMPLS, "scan_impl", f"must be one of {_SCAN_IMPLS}")
         need(self.rms_norm_eps > 0, "rms_norm_eps", "must be positive")
         need(self.moe_capacity_factor >= 0, "moe_capacity_factor", "must be 0 (dropless) or positive")
+        need(not self.scan_layers or self.num_hidden_layers % self.layer_cycle == 0, "scan_layers",
+             f"needs num_hidden_layers ({self.num_hidden_layers}) to be a multiple of the layer cycle "
+             f"({self.layer_cycle}: the attention and expert periods' least common multiple)")
         for f in ("pad_token_id", "bos_token_id"):
             v = getattr(self, f)
             need(v is None or 0 <= v < self.vocab_size, f, f"must lie in [0, vocab_size={self.vocab_size})")
@@ -143,6 +147,11 @@ class JambaConfig(ModelConfigBase):
         return self.mamba_expand * self.hidden_size
 
     # --- layer schedule --------------------------------------------------------------------------
+    @property
+    def layer_cycle(self) -> int:
+        """Layers after which the schedule repeats: lcm of the attention and expert periods."""
+        return math.lcm(self.attn_layer_period, self.expert_layer_period if self.num_experts > 1 else 1)
+
     def is_attention_layer(self, i: int) -> bool:
         return i % self.attn_layer_period == self.attn_layer_offset
 
@@ -162,7 +171,7 @@ class JambaConfig(ModelConfigBase):
     # --- conversion --------------------------------------------------------------------------------
     @classmethod
     def hf_field_names(cls) -> tuple[str, ...]:
-        ours = {"dtype", "param_dtype", "scan_impl", "remat", "moe_capacity_factor"}
+        ours = {"dtype", "param_dtype", "scan_impl", "remat", "scan_layers", "moe_capacity_factor"}
         return tuple(f.name for f in dataclasses.fields(cls) if f.name not in ours)
 
     @classmethod

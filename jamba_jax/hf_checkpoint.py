@@ -7,7 +7,8 @@ is transformed; loading and saving are both driven by that one table.
 
 Loading goes shard by shard: each tensor is read, transformed and written into a preallocated
 buffer of its Flax parameter, which becomes a device array (and the buffer is freed) as soon as
-all its pieces (all experts of a stack) have arrived, so two copies of the weights never coexist.
+all its pieces (all experts of a stack; with `scan_layers`, all repeats of a layer too) have
+arrived, so two copies of the weights never coexist.
 No pickle: safetensors only.
 """
 
@@ -30,6 +31,7 @@ from tqdm import tqdm
 
 from common.tree import get_path, set_path
 from jamba_jax.config import JambaConfig
+from jamba_jax.layout import layer_location
 from jamba_jax.params import abstract_params
 
 SINGLE_FILE = "model.safetensors"
@@ -44,7 +46,7 @@ class CheckpointError(ValueError):
 class Entry:
     hf_key: str
     path: tuple[str, ...]  # Flax parameter path
-    expert: int | None  # index into a stacked [num_experts, ...] parameter, or None
+    index: tuple[int, ...]  # indices into the Flax parameter's leading stacked axes ([repeats], [experts])
     to_flax: Callable[[np.ndarray], np.ndarray]
     to_hf: Callable[[np.ndarray], np.ndarray]
 
@@ -58,62 +60,63 @@ def _t(x):  # works on numpy arrays and (for shape inference) on jax abstract va
 
 
 def _entries_for_layer(cfg: JambaConfig, i: int) -> list[Entry]:
-    hf, fx = f"model.layers.{i}", ("model", f"layers_{i}")
+    hf = f"model.layers.{i}"
+    fx, at = layer_location(cfg, i)
     d, h = cfg.mamba_d_inner, cfg.hidden_size
-    out = [Entry(f"{hf}.input_layernorm.weight", fx + ("input_layernorm", "scale"), None, _copy, _copy),
-           Entry(f"{hf}.pre_ff_layernorm.weight", fx + ("pre_ff_layernorm", "scale"), None, _copy, _copy)]
+    out = [Entry(f"{hf}.input_layernorm.weight", fx + ("input_layernorm", "scale"), at, _copy, _copy),
+           Entry(f"{hf}.pre_ff_layernorm.weight", fx + ("pre_ff_layernorm", "scale"), at, _copy, _copy)]
     if cfg.is_attention_layer(i):
         for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            out.append(Entry(f"{hf}.self_attn.{p}.weight", fx + ("self_attn", p, "kernel"), None, _t, _t))
+            out.append(Entry(f"{hf}.self_attn.{p}.weight", fx + ("self_attn", p, "kernel"), at, _t, _t))
     else:
         m, mx = f"{hf}.mamba", fx + ("mamba",)
         out += [
-            Entry(f"{m}.in_proj.weight", mx + ("in_proj", "kernel"), None,
+            Entry(f"{m}.in_proj.weight", mx + ("in_proj", "kernel"), at,
                   lambda w: _t(w).reshape(h, 2, d), lambda k: _t(k.reshape(h, 2 * d))),
-            Entry(f"{m}.conv1d.weight", mx + ("conv_kernel",), None,
+            Entry(f"{m}.conv1d.weight", mx + ("conv_kernel",), at,
                   lambda w: _t(w[:, 0, :]), lambda k: _t(k)[:, None, :]),
-            Entry(f"{m}.x_proj.weight", mx + ("x_proj", "kernel"), None, _t, _t),
-            Entry(f"{m}.dt_proj.weight", mx + ("dt_proj_kernel",), None, _t, _t),
-            Entry(f"{m}.dt_proj.bias", mx + ("dt_proj_bias",), None, _copy, _copy),
-            Entry(f"{m}.out_proj.weight", mx + ("out_proj", "kernel"), None, _t, _t),
-            Entry(f"{m}.A_log", mx + ("A_log",), None, _copy, _copy),
-            Entry(f"{m}.D", mx + ("D",), None, _copy, _copy),
-            Entry(f"{m}.dt_layernorm.weight", mx + ("dt_layernorm", "scale"), None, _copy, _copy),
-            Entry(f"{m}.b_layernorm.weight", mx + ("b_layernorm", "scale"), None, _copy, _copy),
-            Entry(f"{m}.c_layernorm.weight", mx + ("c_layernorm", "scale"), None, _copy, _copy),
+            Entry(f"{m}.x_proj.weight", mx + ("x_proj", "kernel"), at, _t, _t),
+            Entry(f"{m}.dt_proj.weight", mx + ("dt_proj_kernel",), at, _t, _t),
+            Entry(f"{m}.dt_proj.bias", mx + ("dt_proj_bias",), at, _copy, _copy),
+            Entry(f"{m}.out_proj.weight", mx + ("out_proj", "kernel"), at, _t, _t),
+            Entry(f"{m}.A_log", mx + ("A_log",), at, _copy, _copy),
+            Entry(f"{m}.D", mx + ("D",), at, _copy, _copy),
+            Entry(f"{m}.dt_layernorm.weight", mx + ("dt_layernorm", "scale"), at, _copy, _copy),
+            Entry(f"{m}.b_layernorm.weight", mx + ("b_layernorm", "scale"), at, _copy, _copy),
+            Entry(f"{m}.c_layernorm.weight", mx + ("c_layernorm", "scale"), at, _copy, _copy),
         ]
         if cfg.mamba_conv_bias:
-            out.append(Entry(f"{m}.conv1d.bias", mx + ("conv_bias",), None, _copy, _copy))
+            out.append(Entry(f"{m}.conv1d.bias", mx + ("conv_bias",), at, _copy, _copy))
         if cfg.mamba_proj_bias:
-            out += [Entry(f"{m}.in_proj.bias", mx + ("in_proj", "bias"), None,
+            out += [Entry(f"{m}.in_proj.bias", mx + ("in_proj", "bias"), at,
                           lambda b: b.reshape(2, d), lambda b: b.reshape(2 * d)),
-                    Entry(f"{m}.out_proj.bias", mx + ("out_proj", "bias"), None, _copy, _copy)]
+                    Entry(f"{m}.out_proj.bias", mx + ("out_proj", "bias"), at, _copy, _copy)]
     ff, ffx = f"{hf}.feed_forward", fx + ("feed_forward",)
     if cfg.is_moe_layer(i):
-        out.append(Entry(f"{ff}.router.weight", ffx + ("router", "kernel"), None, _t, _t))
+        out.append(Entry(f"{ff}.router.weight", ffx + ("router", "kernel"), at, _t, _t))
         for e in range(cfg.num_experts):
             for p in ("gate_proj", "up_proj", "down_proj"):
-                out.append(Entry(f"{ff}.experts.{e}.{p}.weight", ffx + ("experts", p), e, _t, _t))
+                out.append(Entry(f"{ff}.experts.{e}.{p}.weight", ffx + ("experts", p), at + (e,), _t, _t))
     else:
         for p in ("gate_proj", "up_proj", "down_proj"):
-            out.append(Entry(f"{ff}.{p}.weight", ffx + (p, "kernel"), None, _t, _t))
+            out.append(Entry(f"{ff}.{p}.weight", ffx + (p, "kernel"), at, _t, _t))
     return out
 
 
 def param_table(cfg: JambaConfig) -> list[Entry]:
     """Every HF tensor of a Jamba checkpoint with its Flax location and transforms."""
-    table = [Entry("model.embed_tokens.weight", ("model", "embed_tokens", "embedding"), None, _copy, _copy)]
+    table = [Entry("model.embed_tokens.weight", ("model", "embed_tokens", "embedding"), (), _copy, _copy)]
     for i in range(cfg.num_hidden_layers):
         table += _entries_for_layer(cfg, i)
-    table.append(Entry("model.final_layernorm.weight", ("model", "final_layernorm", "scale"), None, _copy, _copy))
+    table.append(Entry("model.final_layernorm.weight", ("model", "final_layernorm", "scale"), (), _copy, _copy))
     if not cfg.tie_word_embeddings:
-        table.append(Entry("lm_head.weight", ("lm_head",), None, _t, _t))
+        table.append(Entry("lm_head.weight", ("lm_head",), (), _t, _t))
     return table
 
 
 def _hf_shape(entry: Entry, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
     """The HF tensor shape for a Flax parameter shape, inferred abstractly (nothing allocated)."""
-    slice_shape = flax_shape[1:] if entry.expert is not None else flax_shape
+    slice_shape = flax_shape[len(entry.index):]
     return tuple(jax.eval_shape(entry.to_hf, jax.ShapeDtypeStruct(slice_shape, jnp.float32)).shape)
 
 
@@ -214,13 +217,13 @@ def load_hf_checkpoint(path: str, quantize: str | None = None, **config_override
             except SafetensorError as e:
                 raise CheckpointError(f"{fpath}: cannot read tensor {key}: {e}") from e
             bar.update(1)
-            if entry.expert is None:
+            if not entry.index:
                 store(entry.path, value)
                 continue
-            if entry.path not in pending:
-                pending[entry.path] = [np.empty(flax_shape, dtype), flax_shape[0]]
+            if entry.path not in pending:  # a stack: filled piece by piece, stored once complete
+                pending[entry.path] = [np.empty(flax_shape, dtype), int(np.prod(flax_shape[:len(entry.index)]))]
             slot = pending[entry.path]
-            slot[0][entry.expert] = value
+            slot[0][entry.index] = value
             slot[1] -= 1
             if slot[1] == 0:
                 store(entry.path, pending.pop(entry.path)[0])
@@ -264,7 +267,7 @@ def save_hf_checkpoint(cfg: JambaConfig, params: dict[str, Any], path: str,
     size = total = 0
     for entry in table:
         full = get_path(shapes, entry.path).shape
-        nbytes = _nbytes(full[1:] if entry.expert is not None else full, out_dtype(entry))
+        nbytes = _nbytes(full[len(entry.index):], out_dtype(entry))
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
@@ -281,8 +284,8 @@ def save_hf_checkpoint(cfg: JambaConfig, params: dict[str, Any], path: str,
         tensors = {}
         for entry in entries:
             value = get_path(params, entry.path)
-            if entry.expert is not None:
-                value = value[entry.expert]
+            if entry.index:
+                value = value[entry.index]
             tensors[entry.hf_key] = np.ascontiguousarray(entry.to_hf(np.asarray(value).astype(out_dtype(entry))))
             weight_map[entry.hf_key] = name
         _atomic_write(os.path.join(path, name), lambda tmp, t=tensors: save_file(t, tmp, metadata={"format": "pt"}))

@@ -3,7 +3,8 @@
 Pre-norm decoder layers, each either attention or Mamba, each followed by a dense SwiGLU MLP or a
 mixture of experts (the schedule lives in `JambaConfig`); a final RMSNorm and an untied LM head.
 Parameter names mirror transformers' module tree (`model/layers_3/mamba/...`) so the HF conversion
-is a table.
+is a table; with `scan_layers` the stack is one `nn.scan` over repeats of the layer cycle
+(`jamba_jax.layout`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from common.layers import normal_init
 from common.sharding import constrain
 from jamba_jax.config import JambaConfig
 from jamba_jax.layers import MLP, Attention, rms_norm
+from jamba_jax.layout import CYCLES, repeats
 from jamba_jax.mamba import MambaMixer
 from jamba_jax.moe import SparseMoE, load_balancing_loss
 
@@ -60,10 +62,33 @@ class DecoderLayer(nn.Module):
         return h, router_logits, layer_cache
 
 
+class DecoderCycle(nn.Module):
+    """`layer_cycle` consecutive decoder layers: the body that `scan_layers` scans over the repeats.
+    Carry: the hidden state; scanned in: the cycle's layer caches; scanned out: its router logits
+    (one per MoE position) and updated caches."""
+
+    cfg: JambaConfig
+
+    @nn.compact
+    def __call__(self, h, valid_BxL, mask_BxLxS, segment_ids_BxL, caches, index):
+        cfg = self.cfg
+        layer_cls = nn.remat(DecoderLayer) if cfg.remat else DecoderLayer
+        router_logits, new_caches = [], []
+        for j in range(cfg.layer_cycle):
+            h, rl, cache = layer_cls(cfg, j, name=f"layers_{j}")(h, valid_BxL, mask_BxLxS, segment_ids_BxL,
+                                                                 None if caches is None else caches[j], index)
+            h = constrain(h, ("batch", None, None))
+            new_caches.append(cache)
+            if rl is not None:
+                router_logits.append(rl)
+        return h, (tuple(router_logits), None if caches is None else tuple(new_caches))
+
+
 class JambaModel(nn.Module):
     """Embedding, decoder layers, final norm.
 
-    Returns (hidden [batch, length, hidden], router logits, per-layer caches or None).
+    Returns (hidden [batch, length, hidden], router logits in layer order, per-layer caches or None;
+    scanned: per cycle position, stacked over the repeats).
     """
 
     cfg: JambaConfig
@@ -76,18 +101,31 @@ class JambaModel(nn.Module):
                          embedding_init=nn.with_logical_partitioning(init, ("vocab", "embed")),
                          name="embed_tokens")
         h = constrain(embed(input_ids), ("batch", None, None))
-        layer_cls = nn.remat(DecoderLayer) if cfg.remat else DecoderLayer
-        router_logits, new_caches = [], []
-        for i in range(cfg.num_hidden_layers):
-            layer_cache = None if layer_caches is None else layer_caches[i]
-            h, rl, layer_cache = layer_cls(cfg, i, name=f"layers_{i}")(h, valid_BxL, mask_BxLxS, segment_ids,
-                                                                       layer_cache, index)
-            h = constrain(h, ("batch", None, None))
-            new_caches.append(layer_cache)
-            if rl is not None:
-                router_logits.append(rl)
+        if cfg.scan_layers:
+            stack = nn.scan(DecoderCycle, variable_axes={"params": 0, "intermediates": 0},
+                            split_rngs={"params": True},
+                            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                            length=repeats(cfg), metadata_params={nn.PARTITION_NAME: "layers"})
+            caches = None if layer_caches is None else tuple(layer_caches)
+            h, (stacked_logits, new_caches) = stack(cfg, name=CYCLES)(h, valid_BxL, mask_BxLxS, segment_ids, caches,
+                                                                      index)
+            # [repeats, ...] per MoE position -> one array per MoE layer, in layer order
+            router_logits = tuple(logits[r] for r in range(repeats(cfg)) for logits in stacked_logits)
+            new_caches = None if new_caches is None else list(new_caches)
+        else:
+            layer_cls = nn.remat(DecoderLayer) if cfg.remat else DecoderLayer
+            router_logits, new_caches = [], []
+            for i in range(cfg.num_hidden_layers):
+                layer_cache = None if layer_caches is None else layer_caches[i]
+                h, rl, layer_cache = layer_cls(cfg, i, name=f"layers_{i}")(h, valid_BxL, mask_BxLxS, segment_ids,
+                                                                           layer_cache, index)
+                h = constrain(h, ("batch", None, None))
+                new_caches.append(layer_cache)
+                if rl is not None:
+                    router_logits.append(rl)
+            router_logits, new_caches = tuple(router_logits), None if layer_caches is None else new_caches
         hidden = rms_norm(cfg, "final_layernorm")(h)
-        return hidden, tuple(router_logits), None if layer_caches is None else new_caches
+        return hidden, router_logits, new_caches
 
 
 def check_token_ids(input_ids, vocab_size: int):

@@ -20,6 +20,7 @@ import numpy as np
 
 from common.tree import copy_path, get_path
 from jamba_jax.config import JambaConfig
+from jamba_jax.layout import layer_stacks
 
 EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
 
@@ -44,8 +45,8 @@ def dequantize_int8(q, scale):
 def quantized_weights(cfg: JambaConfig, include_mlp: bool):
     """(path to the weight's parent dict, weight name, scale name) for every tensor to quantise."""
     out = []
-    for i in range(cfg.num_hidden_layers):
-        ff = ("model", f"layers_{i}", "feed_forward")
+    for path, i in layer_stacks(cfg):  # scanned: each stack once, its weights [repeats, ...]
+        ff = path + ("feed_forward",)
         if cfg.is_moe_layer(i):
             out += [(ff + ("experts",), name, f"{name}_scale") for name in EXPERT_WEIGHTS]
         elif include_mlp:

@@ -49,6 +49,7 @@ def test_jamba_1_5_mini_schedule():
     (dict(scan_impl="magic"), "scan_impl"),
     (dict(vocab_size=0), "vocab_size"),
     (dict(pad_token_id=70000), "pad_token_id"),
+    (dict(scan_layers=True, num_hidden_layers=12), "scan_layers"),  # not a whole number of 8-layer cycles
 ])
 def test_bad_fields_name_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=field):

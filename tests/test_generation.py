@@ -44,6 +44,24 @@ def test_cached_decode_matches_full_forward_at_every_position(model_and_params):
         np.testing.assert_allclose(np.asarray(out.logits[:, 0])[real], np.asarray(full[:, t])[real], atol=1e-4, rtol=0)
 
 
+def test_scanned_layers_generate_the_same_tokens_from_a_stacked_cache(model_and_params):
+    """scan_layers: the cache holds one entry per cycle position, stacked over the repeats, and
+    chunked prefill + decoding give the unrolled model's tokens (same weights, restacked)."""
+    from jamba_jax.layout import repeats, to_scanned
+
+    _, model, params = model_and_params
+    scfg = model.cfg.replace(scan_layers=True)
+    smodel = jamba_jax.JambaForCausalLM(scfg)
+    cache = jamba_jax.init_cache(scfg, 2, 16)
+    assert len(cache["layers"]) == scfg.layer_cycle
+    assert all(x.shape[0] == repeats(scfg) for x in jax.tree.leaves(cache["layers"]))
+    ids, mask = padded_prompts(model.cfg.vocab_size)
+    want = jamba_jax.generate(model, params, ids, attention_mask=mask, max_new_tokens=6, prefill_chunk=4)
+    got = jamba_jax.generate(smodel, to_scanned(model.cfg, params), ids, attention_mask=mask, max_new_tokens=6,
+                             prefill_chunk=4)
+    np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("chunk", [1, 4, 5])
 def test_chunked_prefill_equals_one_pass(model_and_params, chunk):
     _, model, params = model_and_params

@@ -2,7 +2,9 @@
 
 Logits within 1e-4 absolute on real tokens, router logits and aux loss too, gradients of the LM
 loss within 1e-4 relative; configs vary the layer schedule, GQA/MHA, expert count and top-k,
-biases and tied embeddings, and batches are left-padded.
+biases and tied embeddings, and batches are left-padded. Every check runs in both parameter
+layouts: one subtree per layer, and `scan_layers` (the stack scanned over repeats of the layer
+cycle; where a config's depth is a whole number of cycles).
 """
 
 import jax
@@ -10,9 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import make_hf_model, random_ids
+from conftest import SMALL, make_hf_model, random_ids
 
 import jamba_jax
+from common.tree import get_path
+from jamba_jax.layout import layer_location
 from jamba_jax.losses import next_token_loss
 
 CONFIGS = {
@@ -38,10 +42,23 @@ def left_padded_batch(vocab, seed=0):
     return ids, mask
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_logits_router_logits_and_aux_loss_match_transformers(tmp_path, name):
+def scannable(name: str) -> bool:
+    cfg = jamba_jax.JambaConfig.from_hf_dict({"model_type": "jamba", **SMALL, **CONFIGS[name]})
+    return cfg.num_hidden_layers % cfg.layer_cycle == 0
+
+
+CASES = [(name, layout) for name in sorted(CONFIGS) for layout in ("unrolled", "scanned")
+         if layout == "unrolled" or scannable(name)]
+
+
+def load(path, layout):
+    return jamba_jax.load_hf_checkpoint(path, scan_layers=layout == "scanned")
+
+
+@pytest.mark.parametrize("name, layout", CASES)
+def test_logits_router_logits_and_aux_loss_match_transformers(tmp_path, name, layout):
     hf_model, path = make_hf_model(tmp_path, seed=len(name), **CONFIGS[name])
-    cfg, params = jamba_jax.load_hf_checkpoint(path)
+    cfg, params = load(path, layout)
     ids, mask = left_padded_batch(cfg.vocab_size)
     n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
     with torch.no_grad():  # (transformers' aux loss fails on a model without MoE layers)
@@ -91,9 +108,10 @@ GRAD_PARAMS = [
 ]
 
 
-def test_gradients_match_torch_autograd(tmp_path):
+@pytest.mark.parametrize("layout", ["unrolled", "scanned"])
+def test_gradients_match_torch_autograd(tmp_path, layout):
     hf_model, path = make_hf_model(tmp_path, seed=3)
-    cfg, params = jamba_jax.load_hf_checkpoint(path)
+    cfg, params = load(path, layout)
     ids, mask = left_padded_batch(cfg.vocab_size, seed=3)
     labels = np.where(mask == 1, ids, -100)
     labels[np.arange(len(ids)), np.argmax(mask, axis=1)] = -100  # first real token has no real context
@@ -107,18 +125,21 @@ def test_gradients_match_torch_autograd(tmp_path):
 
     grads = jax.grad(loss_fn)(params)
     for path_, torch_name, convert in GRAD_PARAMS:
-        ours = grads
-        for k in path_:
-            ours = ours[k]
+        if path_[0] == "model" and path_[1].startswith("layers_"):  # where layer i lives in this layout
+            where, index = layer_location(cfg, int(path_[1].split("_")[1]))
+            ours = get_path(grads, where + path_[2:])[index]
+        else:
+            ours = get_path(grads, path_)
         theirs = convert(torch_grads[torch_name].grad.numpy())
         rel = np.abs(np.asarray(ours) - theirs).max() / np.abs(theirs).max()
         assert np.abs(theirs).max() > 0, torch_name
         assert rel <= 1e-4, (torch_name, rel)
 
 
-def test_hf_flax_hf_round_trip_gives_identical_logits(tmp_path):
+@pytest.mark.parametrize("layout", ["unrolled", "scanned"])
+def test_hf_flax_hf_round_trip_gives_identical_logits(tmp_path, layout):
     hf_model, path = make_hf_model(tmp_path, seed=5)
-    cfg, params = jamba_jax.load_hf_checkpoint(path)
+    cfg, params = load(path, layout)
     out = str(tmp_path / "roundtrip")
     jamba_jax.save_hf_checkpoint(cfg, params, out, max_shard_bytes=30_000)  # forces several shards
     import transformers

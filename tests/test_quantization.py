@@ -57,6 +57,24 @@ def test_quantised_logits_stay_close_and_keep_the_argmax(peaky):
     assert (out.argmax(-1) == ref.argmax(-1)).mean() >= 0.95
 
 
+def test_quantisation_in_the_scanned_layout_equals_the_unrolled_one(peaky):
+    """Stacked [repeats, experts, ...] weights quantise per (repeat, expert, channel): the same
+    int8 values and scales as layer by layer, the same logits, also when quantised while loading."""
+    from jamba_jax.layout import to_scanned
+
+    path, cfg, params, qparams = peaky
+    scfg = cfg.replace(scan_layers=True)
+    sq = jamba_jax.quantize_experts_int8(scfg, to_scanned(cfg, params))
+    for a, b in zip(jax.tree.leaves(sq), jax.tree.leaves(to_scanned(cfg, qparams)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    _, loaded = jamba_jax.load_hf_checkpoint(path, quantize="experts_int8", scan_layers=True)
+    assert jax.tree.structure(loaded) == jax.tree.structure(sq)
+    ids = random_ids((2, 10), cfg.vocab_size, seed=34)
+    out = jamba_jax.JambaForCausalLM(scfg).apply({"params": sq}, ids).logits
+    ref = jamba_jax.JambaForCausalLM(cfg).apply({"params": qparams}, ids).logits
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=0)
+
+
 def test_generation_runs_on_quantised_params(peaky):
     _, cfg, params, qparams = peaky
     model = jamba_jax.JambaForCausalLM(cfg)
