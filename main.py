@@ -1,7 +1,12 @@
 """Entry point: python main.py --config=configs/jamba_tiny.py [--workdir=DIR] [--config.field=value ...]
 
-Dispatches on `config.task`. Any config field can be overridden on the command line.
+Runs `tasks/<config.task>.py` (see `tasks`). Any config field can be overridden on the command line.
+Installed (`pip install .`), the same program is `jamba-train`, and `jamba-generate` is it with
+configs/generate.py as the default config.
 """
+
+import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -9,8 +14,13 @@ from ml_collections import config_flags
 import tasks
 from training import distributed
 
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+# the installed `jamba-generate` command is this program with the generation config as its default
+# (ml_collections reads the default while defining the flag, so the choice is made here)
+DEFAULT_CONFIG = "generate.py" if os.path.basename(sys.argv[0]).startswith("jamba-generate") else "jamba_tiny.py"
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", "configs/jamba_tiny.py", "Path to a config file with get_config().")
+config_flags.DEFINE_config_file("config", os.path.join(CONFIGS, DEFAULT_CONFIG),
+                                "Path to a config file with get_config() (default: the tiny Jamba).")
 flags.DEFINE_string("workdir", "workdir", "Directory for checkpoints, metrics and logs.")
 
 
@@ -22,5 +32,9 @@ def main(argv):
     tasks.run(FLAGS.config, FLAGS.workdir)
 
 
-if __name__ == "__main__":
+def cli():
     app.run(main)
+
+
+if __name__ == "__main__":
+    cli()

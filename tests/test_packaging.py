@@ -1,0 +1,34 @@
+"""The project installs (`pip install .` / `git+URL`): the wheel holds every package, the bundled data
+and the four commands; and main.py runs from any directory."""
+
+import os
+import subprocess
+import sys
+import zipfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_the_wheel_holds_the_packages_the_data_and_the_commands(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                          "-w", str(tmp_path), ROOT], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    [wheel] = [f for f in os.listdir(tmp_path) if f.endswith(".whl")]
+    with zipfile.ZipFile(tmp_path / wheel) as z:
+        names = set(z.namelist())
+        entry_points = next(z.read(n).decode() for n in names if n.endswith("entry_points.txt"))
+    for needed in ("main.py", "configs/jamba_tiny.py", "kernels/ssm_pallas_tpu.py", "common/layers.py",
+                   "jamba_jax/model.py", "sensebert_jax/lexicon.json.gz", "training/task.py", "tasks/jamba_lm.py",
+                   "data/tokenizer/tokenizer.json", "data/wordnet_corpus/train.txt.gz",
+                   "data/sensebert_eval/tagging.jsonl.gz", "data/sensebert_wordpiece/vocab.txt"):
+        assert needed in names, needed
+    for command in ("jamba-train", "jamba-generate", "jamba-convert", "sensebert-predict"):
+        assert f"{command} =" in entry_points, command
+
+
+def test_main_runs_from_another_directory(tmp_path):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), "--config.dry_run=True",
+                          f"--workdir={tmp_path / 'w'}"], capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "dry run: 3,359,384 parameters" in out.stdout
