@@ -111,17 +111,22 @@ def _fwd_kernel(u_ref, dt_ref, b_ref, c_ref, keep_ref, a_ref, h0_ref, y_ref, hs_
     hlast_ref[...] = jax.lax.fori_loop(0, n_chunks, chunk_body, h0_ref[...].astype(_F32))
 
 
+def _specs(length: int, n: int, tile: int, nc: int):
+    """BlockSpecs over the grid (batch, d-tile): a program sees its row's whole sequence."""
+    return (pl.BlockSpec((None, length, tile), lambda i, j: (i, 0, j)),  # [b, L, d] -> [L, W]
+            pl.BlockSpec((None, length, n), lambda i, j: (i, 0, 0)),  # [b, L, n] -> [L, n]
+            pl.BlockSpec((None, length, 1), lambda i, j: (i, 0, 0)),  # keep [b, L, 1]
+            pl.BlockSpec((n, tile), lambda i, j: (0, j)),  # A [n, d]
+            pl.BlockSpec((None, n, tile), lambda i, j: (i, 0, j)),  # a state [b, n, d]
+            pl.BlockSpec((None, nc, n, tile), lambda i, j: (i, 0, 0, j)))  # chunk starts [b, L/T, n, d]
+
+
 def forward(u, dt, B, C, keep, a_NxD, h0_BxNxD, chunk, tile, interpret):
     """(y [b, L, d], chunk-start states [b, L/T, n, d], last state [b, n, d]), all float32."""
     b, length, d = u.shape
     n = a_NxD.shape[0]
     nc, nt = length // chunk, d // tile
-    seq_d = pl.BlockSpec((None, length, tile), lambda i, j: (i, 0, j))
-    seq_n = pl.BlockSpec((None, length, n), lambda i, j: (i, 0, 0))
-    keep_s = pl.BlockSpec((None, length, 1), lambda i, j: (i, 0, 0))
-    a_s = pl.BlockSpec((n, tile), lambda i, j: (0, j))
-    state = pl.BlockSpec((None, n, tile), lambda i, j: (i, 0, j))
-    starts = pl.BlockSpec((None, nc, n, tile), lambda i, j: (i, 0, 0, j))
+    seq_d, seq_n, keep_s, a_s, state, starts = _specs(length, n, tile, nc)
     return pl.pallas_call(
         functools.partial(_fwd_kernel, chunk=chunk, n_chunks=nc),
         grid=(b, nt),
@@ -192,12 +197,7 @@ def backward(u, dt, B, C, keep, a_NxD, starts, dy, dhlast_BxNxD, chunk, tile, in
     b, length, d = u.shape
     n = a_NxD.shape[0]
     nc, nt = length // chunk, d // tile
-    seq_d = pl.BlockSpec((None, length, tile), lambda i, j: (i, 0, j))
-    seq_n = pl.BlockSpec((None, length, n), lambda i, j: (i, 0, 0))
-    keep_s = pl.BlockSpec((None, length, 1), lambda i, j: (i, 0, 0))
-    a_s = pl.BlockSpec((n, tile), lambda i, j: (0, j))
-    state = pl.BlockSpec((None, n, tile), lambda i, j: (i, 0, j))
-    starts_s = pl.BlockSpec((None, nc, n, tile), lambda i, j: (i, 0, 0, j))
+    seq_d, seq_n, keep_s, a_s, state, starts_s = _specs(length, n, tile, nc)
     scratch = pl.BlockSpec((None, None, chunk, n, tile), lambda i, j: (i, j, 0, 0, 0))
     zeros_n = jnp.zeros((b, length, n), _F32)
     du, ddt, db, dc, da, dh0, _ = pl.pallas_call(
