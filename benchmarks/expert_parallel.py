@@ -26,7 +26,8 @@ from common.sharding import batch_sharding, make_mesh, put_batch, rules_from_con
 from configs import jamba_tiny  # noqa: E402
 from tasks.jamba_lm import JambaLMTask  # noqa: E402
 from training.optim import make_optimizer  # noqa: E402
-from training.train import init_state, make_train_step, state_shardings  # noqa: E402
+from training.step import init_state, make_train_step  # noqa: E402
+from training.train import state_shardings  # noqa: E402
 
 _BYTES = {"f32": 4, "bf16": 2, "s32": 4, "s8": 1, "u32": 4, "pred": 1, "f16": 2}
 

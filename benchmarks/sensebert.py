@@ -28,7 +28,7 @@ from tasks.sensebert_tagging import SupersenseTaggingTask
 from tasks.sensebert_wic import WordInContextTask
 from training.data import make_iterator
 from training.optim import make_optimizer
-from training.train import init_state, make_train_step
+from training.step import init_state, make_train_step
 
 
 def throughput(config, repeats):

@@ -21,7 +21,7 @@ from benchmarks.common import machine, time_fn, write_section  # noqa: E402
 from configs import jamba_tiny  # noqa: E402
 from tasks.jamba_lm import JambaLMTask  # noqa: E402
 from training.optim import make_optimizer  # noqa: E402
-from training.train import init_state, make_train_step  # noqa: E402
+from training.step import init_state, make_train_step  # noqa: E402
 
 
 def main(argv=None):

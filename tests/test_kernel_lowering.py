@@ -86,7 +86,7 @@ def test_bf16_jamba_train_step_lowers_with_the_scan_kernels(platform):
     from configs import jamba_tiny
     from tasks.jamba_lm import JambaLMTask
     from training.optim import make_optimizer
-    from training.train import init_state, make_train_step
+    from training.step import init_state, make_train_step
 
     config = jamba_tiny.get_config()
     config.dry_run = True  # no tokenizer needed: only the loss is traced

@@ -17,6 +17,8 @@ import tasks
 from configs import jamba_tiny
 from training import train
 from training.checkpoint import CheckpointMismatchError
+from training.optim import make_optimizer
+from training.step import make_train_step
 from training.task import FrozenInputs, Task, digest_of
 
 D = 6
@@ -74,7 +76,7 @@ class TeacherStudentTask:
         self.ended_with = (params, frozen)
 
     def optimizer(self, config):  # the optional hook; without one of its own, the loop's AdamW
-        return self._optimizer or train.make_optimizer(config)
+        return self._optimizer or make_optimizer(config)
 
 
 def loop_config(**overrides):
@@ -121,7 +123,7 @@ def test_the_loss_sees_the_frozen_values_and_no_gradient_flows_into_them():
     batch = jax.tree.map(lambda *xs: np.stack(xs), *linear_rows(3, 8))
     frozen = task.frozen_inputs().arrays
     params = task.init_params(None)
-    step = train.make_train_step(task, optax.sgd(0.1), 1)
+    step = make_train_step(task, optax.sgd(0.1), 1)
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optax.sgd(0.1).init(params),
              "rng": jax.random.PRNGKey(0)}
     new_state, _ = jax.jit(step)(state, batch, frozen)

@@ -15,6 +15,7 @@ from training import train
 from training.checkpoint import CheckpointMismatchError
 from training.data import DataError
 from training.optim import make_optimizer
+from training.step import init_state, make_train_step
 
 
 def small_config(**overrides):
@@ -93,8 +94,8 @@ def test_gradient_accumulation_equals_the_larger_batch():
     batch = next(iter(task.train_dataset(0, 1)))
     results = []
     for k in (1, 4):
-        state = train.init_state(task, optimizer, jax.random.PRNGKey(0))
-        new_state, metrics = jax.jit(train.make_train_step(task, optimizer, k))(state, batch)
+        state = init_state(task, optimizer, jax.random.PRNGKey(0))
+        new_state, metrics = jax.jit(make_train_step(task, optimizer, k))(state, batch)
         results.append((new_state["params"], metrics))
     for params, metrics in results[1:]:
         np.testing.assert_allclose(metrics["loss"], results[0][1]["loss"], rtol=1e-6)
