@@ -28,6 +28,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from common.errors import UserError
+
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
@@ -43,7 +45,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 )  # names not listed ("conv", "norm", None) stay replicated
 
 
-class MeshError(ValueError):
+class MeshError(UserError):
     """The mesh config does not fit the devices, or a batch does not fit the mesh."""
 
 

@@ -17,6 +17,7 @@ import math
 from typing import Any
 
 from common.config import DTYPES, ModelConfigBase
+from common.errors import UserError
 from common.layers import ACTIVATIONS
 from kernels import IMPLS
 
@@ -42,7 +43,7 @@ _HF_IGNORED_KEYS = frozenset({
 })
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config field has a value the model cannot be built with."""
 
 

@@ -18,11 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from common.errors import UserError
 from jamba_jax.cache import init_cache
 from jamba_jax.model import JambaForCausalLM, check_token_ids
 
 
-class GenerationError(ValueError):
+class GenerationError(UserError):
     """Generation arguments that cannot work (empty prompt, too long, bad sampling settings)."""
 
 

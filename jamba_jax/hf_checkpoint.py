@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +28,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
+from common.errors import UserError
+from common.files import atomic_write
 from common.tree import get_path, set_path
 from jamba_jax.config import JambaConfig
 from jamba_jax.layout import layer_location
@@ -38,7 +39,7 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint directory or file that does not match what the config says it should hold."""
 
 
@@ -288,30 +289,18 @@ def save_hf_checkpoint(cfg: JambaConfig, params: dict[str, Any], path: str,
                 value = value[entry.index]
             tensors[entry.hf_key] = np.ascontiguousarray(entry.to_hf(np.asarray(value).astype(out_dtype(entry))))
             weight_map[entry.hf_key] = name
-        _atomic_write(os.path.join(path, name), lambda tmp, t=tensors: save_file(t, tmp, metadata={"format": "pt"}))
+        atomic_write(os.path.join(path, name), lambda tmp, t=tensors: save_file(t, tmp, metadata={"format": "pt"}))
     if n > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        _atomic_write(os.path.join(path, INDEX_FILE), lambda tmp: _write_json(tmp, index))
+        atomic_write(os.path.join(path, INDEX_FILE), lambda tmp: _write_json(tmp, index))
     elif os.path.exists(os.path.join(path, INDEX_FILE)):
         os.remove(os.path.join(path, INDEX_FILE))  # a stale index would shadow the single file
     hf_cfg = cfg.to_hf_dict()
     if dtype is not None:
         hf_cfg["dtype"] = np.dtype(dtype).name
-    _atomic_write(os.path.join(path, "config.json"), lambda tmp: _write_json(tmp, hf_cfg))
+    atomic_write(os.path.join(path, "config.json"), lambda tmp: _write_json(tmp, hf_cfg))
 
 
 def _write_json(fpath, obj):
     with open(fpath, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
-
-
-def _atomic_write(fpath: str, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(fpath), prefix=".tmp-", suffix=os.path.basename(fpath))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, fpath)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from common.attention import make_attention_mask
+from common.errors import UserError
 from common.layers import normal_init
 from common.sharding import constrain
 from jamba_jax.config import JambaConfig
@@ -25,7 +26,7 @@ from jamba_jax.mamba import MambaMixer
 from jamba_jax.moe import SparseMoE, load_balancing_loss
 
 
-class TokenIdError(ValueError):
+class TokenIdError(UserError):
     """Token ids outside [0, vocab_size)."""
 
 

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from common.errors import UserError
 from common.tree import copy_path, get_path
 from jamba_jax.config import JambaConfig
 from jamba_jax.layout import layer_stacks
@@ -25,7 +26,7 @@ from jamba_jax.layout import layer_stacks
 EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
 
 
-class QuantizationError(ValueError):
+class QuantizationError(UserError):
     """Parameters that cannot be (de)quantised as asked."""
 
 

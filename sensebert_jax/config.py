@@ -6,11 +6,12 @@ from __future__ import annotations
 import dataclasses
 
 from common.config import ModelConfigBase
+from common.errors import UserError
 from common.layers import ACTIVATIONS
 from sensebert_jax.supersenses import NUM_SUPERSENSES
 
 
-class SenseBertConfigError(ValueError):
+class SenseBertConfigError(UserError):
     """A SenseBertConfig field has a value the model cannot be built with."""
 
 

@@ -17,13 +17,14 @@ from collections.abc import Iterable
 import numpy as np
 from tokenizers import BertWordPieceTokenizer
 
+from common.errors import UserError
 from sensebert_jax.supersenses import NUM_SUPERSENSES, allowed_ids
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLED_VOCAB = os.path.join(ROOT, "data", "sensebert_wordpiece", "vocab.txt")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError):
     """A vocabulary that cannot be used."""
 
 

@@ -14,10 +14,12 @@ import importlib
 import os
 import pkgutil
 
+from common.errors import UserError
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-class UnknownTaskError(ValueError):
+class UnknownTaskError(UserError):
     pass
 
 

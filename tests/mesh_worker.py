@@ -3,7 +3,8 @@ multi-process run), for tests/test_sharding.py. JAX reads XLA_FLAGS once, so eac
 own process.
 
   python tests/mesh_worker.py --devices 8 --mesh '{"expert": 4, "data": 2}' --workdir DIR
-      [--steps 5] [--stop-after K] [--sample] [--coordinator HOST:PORT --num-processes N --process-id I]
+      [--steps 5] [--stop-after K] [--sample] [--save-every 3]
+      [--coordinator HOST:PORT --num-processes N --process-id I]
 
 Prints one line "RESULT {json}" with the train losses by step (process 0).
 """
@@ -20,6 +21,7 @@ ap.add_argument("--workdir", required=True)
 ap.add_argument("--steps", type=int, default=5)
 ap.add_argument("--stop-after", type=int, default=None)
 ap.add_argument("--sample", action="store_true")
+ap.add_argument("--save-every", type=int, default=3)
 ap.add_argument("--coordinator", default="")
 ap.add_argument("--num-processes", type=int, default=-1)
 ap.add_argument("--process-id", type=int, default=-1)
@@ -34,7 +36,8 @@ from test_training import small_config, train_losses  # noqa: E402
 from tasks.jamba_lm import JambaLMTask  # noqa: E402
 from training import distributed, train  # noqa: E402
 
-config = small_config(num_train_steps=args.steps, save_every_steps=3, eval_every_steps=args.steps, batch_size=8,
+config = small_config(num_train_steps=args.steps, save_every_steps=args.save_every, eval_every_steps=args.steps,
+                      keep_checkpoints=3, batch_size=8,
                       sample_prompt="dog:" if args.sample else "", sample_tokens=8)
 config.mesh.data = 1
 for axis, size in json.loads(args.mesh).items():

@@ -27,12 +27,14 @@ import grain
 import numpy as np
 from grain import experimental as grain_experimental
 
+from common.errors import UserError
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLED_CORPUS = os.path.join(ROOT, "data", "wordnet_corpus")
 BUNDLED_TOKENIZER = os.path.join(ROOT, "data", "tokenizer", "tokenizer.json")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A data source or tokenizer that cannot be used as configured."""
 
 

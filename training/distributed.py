@@ -15,8 +15,10 @@ import os
 
 import jax
 
+from common.errors import UserError
 
-class DistributedConfigError(ValueError):
+
+class DistributedConfigError(UserError):
     """The distributed fields of the config are inconsistent."""
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import time
 from typing import Any
 
@@ -25,6 +26,7 @@ import optax
 from jax.sharding import AbstractMesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from common.errors import UserError
 from common.sharding import (
     MESH_AXES,
     MeshError,
@@ -52,7 +54,7 @@ REQUIRED_FIELDS = ("seed", "num_train_steps", "batch_size", "grad_accum_steps", 
                    "dry_run", "mesh")
 
 
-class ConfigFieldError(ValueError):
+class ConfigFieldError(UserError):
     """A required config field is missing."""
 
 
@@ -91,11 +93,11 @@ def check_batch_fits(config, mesh, rules) -> None:
         raise MeshError(f"config.batch_size={config.batch_size} does not split over {jax.process_count()} processes")
 
 
-def evaluate(task, eval_step, params, max_batches: int, sharding) -> dict[str, float]:
+def evaluate(eval_ds, eval_step, params, max_batches: int, sharding) -> dict[str, float]:
     """eval_loss / eval_perplexity from the summed "nll" over "tokens"; any other sum k the task
     returns is reported as eval_k, divided by its count "k_n" if present, else by "tokens"."""
     totals: dict[str, float] = {}
-    for i, batch in enumerate(make_iterator(task.eval_dataset(jax.process_index(), jax.process_count()))):
+    for i, batch in enumerate(make_iterator(eval_ds)):
         if i >= max_batches:
             break
         sums = jax.device_get(eval_step(params, put_batch(batch, sharding, jax.process_count())))
@@ -128,12 +130,63 @@ def shard_bytes(tree, logical_specs, mesh, rules) -> int:
 
 
 
+class MemoryPlanError(UserError):
+    """The configured run cannot fit in the devices' memory."""
+
+
+def memory_plan(task, optimizer, config, mesh, rules, abstract=None) -> dict[str, Any]:
+    """Bytes per device of the train state and a step's working set, from shapes alone (nothing is
+    allocated): params and optimizer state as sharded, gradients like the params, and the task's
+    activation estimate (`task.activation_bytes(rows per device, seq_len)`, when it has one)."""
+    if abstract is None:
+        abstract = jax.eval_shape(functools.partial(init_state, task, optimizer), jax.random.PRNGKey(config.seed))
+    specs = task.param_specs() if hasattr(task, "param_specs") else jax.tree.map(lambda _: P(), abstract["params"])
+    opt_specs = optax.tree_map_params(optimizer, lambda _, sp: sp, abstract["opt_state"], specs,
+                                      transform_non_params=lambda _: P())
+    params = shard_bytes(abstract["params"], specs, mesh, rules)
+    opt = shard_bytes(abstract["opt_state"], opt_specs, mesh, rules)
+    rows = max(config.batch_size // config.grad_accum_steps // max(batch_shards(mesh, rules), 1), 1)
+    acts = task.activation_bytes(rows, config.get("seq_len", 0)) if hasattr(task, "activation_bytes") else 0
+    return {"abstract": abstract, "params": params, "opt_state": opt, "grads": params, "activations": acts,
+            "total": 2 * params + opt + acts, "param_bytes": tree_bytes(abstract["params"]),
+            "opt_state_bytes": tree_bytes(abstract["opt_state"])}
+
+
+def device_memory_bytes() -> tuple[int, str]:
+    """(bytes one device can hold, where the figure comes from): the allocator's limit on GPU / TPU;
+    on CPU the host's memory shared by the local devices."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if stats.get("bytes_limit"):
+        return int(stats["bytes_limit"]), f"{jax.local_devices()[0].device_kind} memory"
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return total // jax.local_device_count(), f"host memory / {jax.local_device_count()} CPU devices"
+
+
+def check_memory(task, optimizer, config, mesh, rules) -> dict[str, Any]:
+    """Refuses (MemoryPlanError) a run whose state and step cannot fit a device, before anything is
+    allocated; returns the plan."""
+    plan = memory_plan(task, optimizer, config, mesh, rules)
+    limit, where = device_memory_bytes()
+    if plan["total"] > 0.9 * limit:
+        gib = 2 ** 30
+        state_total = 2 * plan["param_bytes"] + plan["opt_state_bytes"]
+        room = 0.9 * limit - plan["activations"]
+        need = math.ceil(state_total / room) if room > 0 else None
+        raise MemoryPlanError(
+            f"this run needs about {plan['total'] / gib:,.1f} GiB per device on mesh {dict(mesh.shape)} (params "
+            f"{plan['params'] / gib:,.1f} + optimizer state {plan['opt_state'] / gib:,.1f} + gradients "
+            f"{plan['grads'] / gib:,.1f} + activations ~{plan['activations'] / gib:,.1f}) but a device holds "
+            f"{limit / gib:,.1f} GiB ({where}); "
+            + (f"shard it over at least {need} such devices (e.g. --config.mesh.fsdp=-1 with the expert axis as in "
+               "the README's pod commands)" if need else "lower config.batch_size or config.seq_len, or enable remat")
+            + "; --config.dry_run=True prints the sizes without allocating")
+    return plan
+
+
 def dry_run(task, optimizer, config) -> dict[str, Any]:
     """Abstract state only (jax.eval_shape): parameter count and bytes, in all and per device of the
     configured mesh over `config.dry_run_devices` devices (0: the devices present, or the fewest the
     mesh's fixed axes need when they do not fit), allocating nothing."""
-    abstract = jax.eval_shape(functools.partial(init_state, task, optimizer), jax.random.PRNGKey(config.seed))
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract["params"]))
     n_devices = config.get("dry_run_devices", 0) or jax.device_count()
     try:
         sizes = mesh_shape(config.mesh, n_devices)
@@ -143,21 +196,20 @@ def dry_run(task, optimizer, config) -> dict[str, Any]:
         n_devices = math.prod(max(int(config.mesh.get(a, 1)), 1) for a in MESH_AXES)  # the smallest mesh that fits
         sizes = mesh_shape(config.mesh, n_devices)
     mesh = AbstractMesh(tuple(sizes.values()), tuple(sizes))
-    rules = rules_from_config(config.mesh)
-    specs = task.param_specs() if hasattr(task, "param_specs") else jax.tree.map(lambda _: P(), abstract["params"])
-    opt_specs = optax.tree_map_params(optimizer, lambda _, sp: sp, abstract["opt_state"], specs,
-                                      transform_non_params=lambda _: P())
-    report = {"params": n_params, "param_bytes": tree_bytes(abstract["params"]),
-              "opt_state_bytes": tree_bytes(abstract["opt_state"]), "devices": n_devices, "mesh": sizes,
-              "param_bytes_per_device": shard_bytes(abstract["params"], specs, mesh, rules),
-              "opt_state_bytes_per_device": shard_bytes(abstract["opt_state"], opt_specs, mesh, rules)}
+    plan = memory_plan(task, optimizer, config, mesh, rules_from_config(config.mesh))
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(plan["abstract"]["params"]))
+    report = {"params": n_params, "param_bytes": plan["param_bytes"], "opt_state_bytes": plan["opt_state_bytes"],
+              "devices": n_devices, "mesh": sizes, "param_bytes_per_device": plan["params"],
+              "opt_state_bytes_per_device": plan["opt_state"], "activation_bytes_per_device": plan["activations"]}
     gib = 2 ** 30
     print(f"dry run: {n_params:,} parameters ({n_params / 1e9:.2f}B); params {report['param_bytes'] / gib:.1f} GiB "
           f"+ optimizer state {report['opt_state_bytes'] / gib:.1f} GiB = "
           f"{(report['param_bytes'] + report['opt_state_bytes']) / gib:.1f} GiB")
     print(f"per device on mesh {sizes} ({n_devices} devices): params {report['param_bytes_per_device'] / gib:.2f} GiB "
           f"+ optimizer state {report['opt_state_bytes_per_device'] / gib:.2f} GiB = "
-          f"{(report['param_bytes_per_device'] + report['opt_state_bytes_per_device']) / gib:.2f} GiB")
+          f"{(report['param_bytes_per_device'] + report['opt_state_bytes_per_device']) / gib:.2f} GiB; a step adds "
+          f"gradients {report['param_bytes_per_device'] / gib:.2f} GiB and activations "
+          f"~{report['activation_bytes_per_device'] / gib:.2f} GiB")
     return report
 
 
@@ -174,6 +226,7 @@ def run(task, config, workdir: str, stop_after: int | None = None) -> dict[str, 
 
     mesh, rules = make_mesh(config.mesh), rules_from_config(config.mesh)
     check_batch_fits(config, mesh, rules)
+    check_memory(task, optimizer, config, mesh, rules)
     with sharding_context(mesh, rules):
         return _train(task, optimizer, config, workdir, stop_after, mesh, rules)
 
@@ -189,23 +242,22 @@ def place_frozen(task, mesh, rules) -> tuple[Any, dict | None]:
 
 
 def _train(task, optimizer, config, workdir, stop_after, mesh, rules) -> dict[str, Any]:
+    pidx, pcount = jax.process_index(), jax.process_count()
+    # everything that can fail on the user's inputs fails before the first step
+    train_ds, eval_ds = task.train_dataset(pidx, pcount), task.eval_dataset(pidx, pcount)
     ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
     frozen, frozen_record = place_frozen(task, mesh, rules)
     meta = task.meta() if frozen_record is None else {**task.meta(), "frozen_inputs": frozen_record}
     rng = jax.random.PRNGKey(config.seed)
-    pidx, pcount = jax.process_index(), jax.process_count()
-    train_ds = task.train_dataset(pidx, pcount)
     init_fn = functools.partial(init_state, task, optimizer)
     abstract = jax.eval_shape(init_fn, rng)
     shardings = state_shardings(task, optimizer, abstract, mesh, rules)
-    latest = ckpt.latest_step()
-    if latest is None:
-        state, data_state = jax.jit(init_fn, out_shardings=shardings)(rng), None
+    target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, shardings)
+    restored, state, data_state = ckpt.restore_latest(target, meta)
+    if restored is None:
+        state = jax.jit(init_fn, out_shardings=shardings)(rng)
     else:
-        ckpt.check_meta(latest, meta)
-        target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, shardings)
-        state, data_state = ckpt.restore(latest, target)
-        print(f"resumed from {ckpt.directory} at step {latest}")
+        print(f"resumed from {ckpt.directory} at step {restored}")
     data_iter = make_iterator(train_ds, data_state)
 
     rows = batch_sharding(mesh, rules)
@@ -213,8 +265,8 @@ def _train(task, optimizer, config, workdir, stop_after, mesh, rules) -> dict[st
                          out_shardings=(shardings, None))
     eval_step = jax.jit(task.eval_sums)
     schedule = learning_rate_schedule(config)
-    writer = MetricsWriter(workdir)
     start = int(state["step"])
+    writer = MetricsWriter(workdir, start)  # rows past the restored step (a killed run's) are dropped
     bar = progress_bar(start, config.num_train_steps)
     last_time, window = time.perf_counter(), []
     metrics: dict[str, float] = {}
@@ -230,14 +282,14 @@ def _train(task, optimizer, config, workdir, stop_after, mesh, rules) -> dict[st
             writer.write(step, metrics)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_second']:,.0f}")
             last_time, window = now, []
+        if step % config.save_every_steps == 0 or step == config.num_train_steps:  # before eval: a failing
+            ckpt.save(step, state, data_iter.get_state(), meta)  # eval loses no training
         if step % config.eval_every_steps == 0 or step == config.num_train_steps:
-            eval_metrics = evaluate(task, functools.partial(eval_step, frozen=frozen), state["params"],
+            eval_metrics = evaluate(eval_ds, functools.partial(eval_step, frozen=frozen), state["params"],
                                     config.eval_batches, rows)
             writer.write(step, eval_metrics)
             metrics.update(eval_metrics)
             bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
-        if step % config.save_every_steps == 0 or step == config.num_train_steps:
-            ckpt.save(step, state, data_iter.get_state(), meta)
         bar.update(1)
         if stop_after is not None and step >= stop_after:
             break
