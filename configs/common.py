@@ -39,6 +39,7 @@ def training_config():
     c.data.train_files = ""  # text/jsonl: file or glob (or a list of them) for training
     c.data.validation_files = ""  # text/jsonl: file or glob for validation
     c.data.text_field = "text"  # jsonl/tfds: the field holding the text
+    c.data.encoding_errors = "strict"  # bad UTF-8 in text/jsonl: "strict" (error naming file and line) or "replace"
     c.data.tfds_name = ""  # tfds: dataset name, e.g. "lm1b"
     c.data.tfds_data_dir = ""  # tfds: directory holding the prepared dataset
     c.data.train_split = "train"  # tfds: split for training

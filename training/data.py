@@ -87,40 +87,69 @@ def load_tokenizer(path: str | None, model_vocab_size: int) -> TextTokenizer:
 # ------------------------------------------------------------------------------------------------
 # Sources
 # ------------------------------------------------------------------------------------------------
-def _open_text(path: str):
-    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
+ENCODING_ERRORS = ("strict", "replace")
 
 
-def _expand(patterns) -> list[str]:
+def _open_text(path: str, errors: str = "strict"):
+    if path.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8", errors=errors)
+    return open(path, encoding="utf-8", errors=errors)
+
+
+def _first_bad_utf8(path: str) -> tuple[int, int]:
+    """(line number, byte within the line) of the first invalid UTF-8 in a text file."""
+    with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return n, e.start
+    return 0, 0
+
+
+def _expand(patterns, field: str) -> list[str]:
     patterns = [patterns] if isinstance(patterns, str) else list(patterns or [])
+    patterns = [p for p in patterns if p]
+    if not patterns:
+        raise DataError(f"config.{field} is empty: this data source needs files (a path or glob, or a list of them)")
     files = []
     for p in patterns:
         matches = sorted(glob.glob(p))
         if not matches:
-            raise DataError(f"data file {p} does not exist")
+            raise DataError(f"data file {p} does not exist (config.{field})")
         files += matches
-    if not files:
-        raise DataError("no data files configured")
     return files
 
 
-def _read_lines(files: list[str], jsonl_field: str | None) -> list[str]:
+def _read_lines(files: list[str], jsonl_field: str | None, errors: str = "strict") -> list[str]:
+    if errors not in ENCODING_ERRORS:
+        raise DataError(f"config.data.encoding_errors={errors!r}; expected one of {ENCODING_ERRORS}")
     docs = []
     for path in files:
-        n_before = len(docs)
-        with _open_text(path) as f:
-            for i, line in enumerate(f):
-                if not line.strip():
-                    continue
-                if jsonl_field is None:
-                    docs.append(line.rstrip("\n"))
-                    continue
-                try:
-                    docs.append(json.loads(line)[jsonl_field])
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise DataError(f"{path}:{i + 1}: not a JSON object with a {jsonl_field!r} field ({e})") from e
-        if len(docs) == n_before:
-            raise DataError(f"data file {path} holds no documents (it is empty)")
+        try:
+            docs += _read_file(path, jsonl_field, errors)
+        except UnicodeDecodeError as e:
+            line, byte = _first_bad_utf8(path)
+            raise DataError(f"{path}:{line}: invalid UTF-8 at byte {byte} of the line ({e.reason}); fix the file or "
+                            "set config.data.encoding_errors='replace'") from e
+    return docs
+
+
+def _read_file(path: str, jsonl_field: str | None, errors: str) -> list[str]:
+    docs = []
+    with _open_text(path, errors) as f:
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            if jsonl_field is None:
+                docs.append(line.rstrip("\n"))
+                continue
+            try:
+                docs.append(json.loads(line)[jsonl_field])
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise DataError(f"{path}:{i + 1}: not a JSON object with a {jsonl_field!r} field ({e})") from e
+    if not docs:
+        raise DataError(f"data file {path} holds no documents (it is empty)")
     return docs
 
 
@@ -144,8 +173,10 @@ def text_source(data_cfg, split: str):
     if kind == "bundled":
         return _read_lines([os.path.join(BUNDLED_CORPUS, f"{split}.txt.gz")], None)
     if kind in ("text", "jsonl"):
-        files = _expand(data_cfg.train_files if split == "train" else data_cfg.validation_files)
-        return _read_lines(files, data_cfg.text_field if kind == "jsonl" else None)
+        field = "data.train_files" if split == "train" else "data.validation_files"
+        files = _expand(data_cfg.train_files if split == "train" else data_cfg.validation_files, field)
+        return _read_lines(files, data_cfg.text_field if kind == "jsonl" else None,
+                           data_cfg.get("encoding_errors", "strict"))
     if kind == "tfds":
         import tensorflow_datasets as tfds
 
