@@ -7,7 +7,7 @@ import ml_collections
 def get_config():
     c = ml_collections.ConfigDict()
     c.task = "generate"  # runs tasks/generate.py
-    c.checkpoint = "workdir"  # training workdir (latest checkpoint) or `jamba_jax.convert` output
+    c.checkpoint = "workdir"  # training workdir (latest checkpoint) or `tasks.convert` output
     c.prompt = "dog:"  # text to continue
     c.max_new_tokens = 64  # tokens to generate
     c.temperature = 0.0  # 0 = greedy

@@ -108,3 +108,21 @@ def format_param_table(cfg: JambaConfig) -> str:
     lines.append(f"{'total':<12}{c['total']:>18,}  ({_human(c['total'])})")
     lines.append(f"{'active/token':<12}{c['active']:>18,}  ({_human(c['active'])})")
     return "\n".join(lines)
+
+
+def activation_bytes(cfg: JambaConfig, batch: int, length: int) -> int:
+    """A rough upper estimate of a training step's activation memory per device (batch rows of
+    `length` tokens there): what the layers keep for the backward pass (with `remat`, only each
+    layer's input), one layer's full working set (the layer being differentiated), and the float32
+    logits with their log-softmax and gradient. Used by the memory pre-flight; the dry run prints it."""
+    item = jnp.dtype(cfg.compute_dtype).itemsize
+    tokens = batch * length
+    e, i, f, k = cfg.hidden_size, cfg.mamba_d_inner, cfg.intermediate_size, cfg.num_experts_per_tok
+    kv = cfg.num_key_value_heads * cfg.head_dim
+    mamba = tokens * 4 * i * item + tokens * 2 * i * 4  # x, z, conv, y; dt and the scan's float32 residuals
+    attention = tokens * (2 * e + 2 * kv) * item  # q, k, v, output (scores are blockwise past 2K keys)
+    ffn = tokens * 3 * f * item * max(k if cfg.num_experts > 1 else 1, 1)  # gate, up, activation per choice
+    layer = max(mamba, attention) + ffn + tokens * 4 * e * item  # norms and residual stream
+    saved = cfg.num_hidden_layers * (tokens * e * item if cfg.remat else layer)
+    logits = tokens * cfg.vocab_size * 4 * 3
+    return int(saved + layer + logits)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sensebert_jax.supersenses import SUPERSENSES, allowed_ids
+from sensebert_jax.tokenizer import TokenizerError
 
 
 def predict_supersenses(model, params, tokenizer, supersense_matrix, sentence: str) -> list[tuple[str, str | None]]:
@@ -15,7 +16,7 @@ def predict_supersenses(model, params, tokenizer, supersense_matrix, sentence: s
     words = tokenizer.words(sentence)
     ids = [tokenizer.cls_id] + [i for _, pieces in words for i in pieces] + [tokenizer.sep_id]
     if len(ids) > model.cfg.max_position_embeddings:
-        raise ValueError(f"the sentence has {len(ids)} pieces, more than max_position_embeddings="
+        raise TokenizerError(f"the sentence has {len(ids)} pieces, more than max_position_embeddings="
                          f"{model.cfg.max_position_embeddings}")
     arr = jnp.asarray([ids], jnp.int32)
     _, ss = model.apply({"params": params}, arr, jnp.ones_like(arr), jnp.zeros_like(arr), supersense_matrix)

@@ -3,7 +3,7 @@
   python main.py --config=configs/generate.py --config.checkpoint=DIR --config.prompt="..."
 
 DIR is a training workdir (its latest checkpoint in DIR/checkpoints) or an orbax directory written
-by `python -m jamba_jax.convert hf-to-orbax`.
+by `python -m tasks.convert hf-to-orbax`.
 """
 
 from __future__ import annotations
@@ -19,23 +19,26 @@ from jamba_jax import JambaConfig, JambaForCausalLM, generate
 from jamba_jax.hf_checkpoint import CheckpointError
 from jamba_jax.orbax_io import CONFIG_FILE, load_params
 from jamba_jax.params import abstract_params
-from training.checkpoint import restore_run_params
+from training.checkpoint import CheckpointNotFoundError, restore_run_params
 from training.data import load_tokenizer
 
 
-def load_checkpoint(path: str) -> tuple[JambaConfig, dict]:
-    """(cfg, params) from a converter directory or from a training run's latest checkpoint."""
+def load_checkpoint(path: str, step: int | None = None) -> tuple[JambaConfig, dict]:
+    """(cfg, params) from a converter directory or from a training run's latest checkpoint (or `step`)."""
     path = os.path.abspath(path)
     if os.path.exists(os.path.join(path, CONFIG_FILE)):
+        if step is not None:
+            raise CheckpointError(f"{path} is a converted orbax directory (one set of parameters); --step is for "
+                                  "training workdirs")
         return load_params(path)
     try:
-        meta, _, step = restore_run_params(path, None)  # the metadata first: which model is it?
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{path}: holds neither {CONFIG_FILE} nor a training checkpoint") from e
+        meta, _, step = restore_run_params(path, None, step)  # the metadata first: which model is it?
+    except CheckpointNotFoundError as e:
+        raise CheckpointError(f"{path}: holds neither {CONFIG_FILE} nor a training checkpoint ({e})") from e
     if "model" not in meta or meta.get("task", "jamba_lm") != "jamba_lm":
         raise CheckpointError(f"{path} (step {step}): the checkpoint's metadata names no Jamba model")
     cfg = JambaConfig.from_dict(meta["model"])
-    _, params, _ = restore_run_params(path, abstract_params(cfg))  # params only
+    _, params, _ = restore_run_params(path, abstract_params(cfg), step)  # params only
     return cfg, params
 
 

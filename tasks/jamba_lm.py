@@ -16,7 +16,7 @@ import numpy as np
 
 from jamba_jax import JambaConfig, JambaForCausalLM, format_param_table, generate, init_params
 from jamba_jax.losses import next_token_nll, target_weights
-from jamba_jax.params import param_logical_specs
+from jamba_jax.params import activation_bytes, param_logical_specs
 from training.data import lm_dataset, load_tokenizer, text_source
 
 
@@ -38,6 +38,9 @@ class JambaLMTask:
 
     def param_specs(self):
         return param_logical_specs(self.cfg)
+
+    def activation_bytes(self, rows: int, seq_len: int) -> int:
+        return activation_bytes(self.cfg, rows, seq_len)
 
     # --- data ------------------------------------------------------------------------------------
     def _dataset(self, split, train, pidx=0, pcount=1):

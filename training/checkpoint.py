@@ -210,12 +210,14 @@ class Checkpointer:
         self._mngr.close()
 
 
-def restore_run_params(path: str, abstract_params) -> tuple[dict, Any, int]:
+def restore_run_params(path: str, abstract_params, step: int | None = None) -> tuple[dict, Any, int]:
     """(meta, params, step) from the newest intact checkpoint of a training workdir (or its
-    checkpoints/ directory). Only the subtree of the parameters that `abstract_params` describes is
-    restored (a partial tree is fine: e.g. a pre-trained encoder without its heads), onto the first
-    device; None restores no parameters. Read-only: a damaged newer step is skipped with a warning,
-    not moved. Raises CheckpointNotFoundError when there is no checkpoint."""
+    checkpoints/ directory), or from `step`. Only the subtree of the parameters that
+    `abstract_params` describes is restored (a partial tree is fine: e.g. a pre-trained encoder
+    without its heads), onto the first device; None restores no parameters. Read-only: a damaged
+    newer step is skipped with a warning, not moved. Raises CheckpointNotFoundError when there is
+    no checkpoint (or no such step)."""
+    wanted = step
     path = os.path.abspath(path)
     root = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
     if not os.path.isdir(root):
@@ -224,7 +226,13 @@ def restore_run_params(path: str, abstract_params) -> tuple[dict, Any, int]:
         mngr = ocp.CheckpointManager(root, item_names=ITEMS, options=ocp.CheckpointManagerOptions(read_only=True))
         try:
             problems = []
-            for step in sorted(mngr.all_steps(), reverse=True):
+            steps = sorted(mngr.all_steps(), reverse=True)
+            if wanted is not None:
+                if wanted not in steps:
+                    raise CheckpointNotFoundError(f"{root} has no checkpoint of step {wanted}; it holds steps "
+                                                  f"{sorted(steps)}")
+                steps = [wanted]
+            for step in steps:
                 problem = check_integrity(os.path.join(root, str(step)))
                 if problem is None:
                     try:

@@ -169,17 +169,18 @@ def check_memory(task, optimizer, config, mesh, rules) -> dict[str, Any]:
     limit, where = device_memory_bytes()
     if plan["total"] > 0.9 * limit:
         gib = 2 ** 30
-        state_total = 2 * plan["param_bytes"] + plan["opt_state_bytes"]
-        room = 0.9 * limit - plan["activations"]
-        need = math.ceil(state_total / room) if room > 0 else None
+        state_total = 2 * plan["param_bytes"] + plan["opt_state_bytes"]  # params, gradients, optimizer state
+        devices = math.ceil(state_total / (0.9 * limit))
+        advice = (f"the parameters, gradients and optimizer state alone need at least {devices} such devices: "
+                  "shard them (e.g. --config.mesh.fsdp=-1 with the expert axis, as in the README's pod commands)"
+                  if devices > mesh.size else
+                  "fewer rows per device (config.batch_size, config.grad_accum_steps), a shorter config.seq_len, or "
+                  "config.model.remat=True")
         raise MemoryPlanError(
             f"this run needs about {plan['total'] / gib:,.1f} GiB per device on mesh {dict(mesh.shape)} (params "
             f"{plan['params'] / gib:,.1f} + optimizer state {plan['opt_state'] / gib:,.1f} + gradients "
             f"{plan['grads'] / gib:,.1f} + activations ~{plan['activations'] / gib:,.1f}) but a device holds "
-            f"{limit / gib:,.1f} GiB ({where}); "
-            + (f"shard it over at least {need} such devices (e.g. --config.mesh.fsdp=-1 with the expert axis as in "
-               "the README's pod commands)" if need else "lower config.batch_size or config.seq_len, or enable remat")
-            + "; --config.dry_run=True prints the sizes without allocating")
+            f"{limit / gib:,.1f} GiB ({where}); {advice}; --config.dry_run=True prints the sizes without allocating")
     return plan
 
 

@@ -1,0 +1,123 @@
+"""Errors a user can cause, through the command lines as a user meets them: one line on stderr,
+`error: ...` naming the field, file or step and what was expected, exit status 2, no traceback;
+--verbose shows the traceback. Also the memory pre-flight and the files' permissions."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAIN = os.path.join(ROOT, "main.py")
+ENV = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+
+
+def run(*args, cwd=None):
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=ENV, cwd=cwd, timeout=600)
+    return out, time.perf_counter() - start
+
+
+def assert_one_line_error(out, *needles):
+    err = out.stderr.strip()
+    assert out.returncode == 2, (out.returncode, err[-2000:])
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err[-2000:]
+    for n in needles:
+        assert n in err, (n, err)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("inputs")
+    (d / "good.txt").write_text("a dog runs\na cat sleeps\n")
+    (d / "bad.txt").write_bytes(b"fine line\nbroken \xff line\n")
+    (d / "broken_config.py").write_text("def get_config(:\n")
+    return d
+
+
+CASES = {
+    "unknown_field": (["--config.no_such=1"], ["--config.no_such", "has no field 'no_such'"]),
+    "misspelt_field": (["--config.model.hiden_size=3"], ["closest: model.hidden_size"]),
+    "missing_config_file": (["--config=/nonexistent/config.py"], ["/nonexistent/config.py does not exist"]),
+    "broken_config_file": (["--config={d}/broken_config.py"], ["broken_config.py cannot be loaded", "SyntaxError"]),
+    "bad_value": (["--config.num_train_steps=abc"], ["--config.num_train_steps=abc", "invalid literal"]),
+    "invalid_utf8": (["--config.data.source=text", "--config.data.train_files={d}/bad.txt",
+                      "--config.data.validation_files={d}/good.txt"], ["bad.txt:2: invalid UTF-8", "encoding_errors"]),
+    "no_validation_files": (["--config.data.source=text", "--config.data.train_files={d}/good.txt"],
+                            ["config.data.validation_files is empty"]),
+    "mesh_on_one_device": (["--config={root}/configs/jamba_mini.py"], ["config.mesh=", "devices"]),
+    "unknown_task": (["--config.task=jamba_llm"], ["unknown task 'jamba_llm'", "'jamba_lm'"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_main_names_the_problem_in_one_line(case, files, tmp_path):
+    args, needles = CASES[case]
+    args = [a.format(d=files, root=ROOT) for a in args]
+    out, _ = run(MAIN, *args, f"--workdir={tmp_path / 'w'}", cwd=tmp_path)
+    assert_one_line_error(out, *needles)
+    # nothing half-done is left behind: training never started
+    assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+def test_verbose_shows_the_traceback(tmp_path):
+    out, _ = run(MAIN, "--config.data.source=nope", "--verbose", f"--workdir={tmp_path}")
+    assert out.returncode != 0 and "Traceback" in out.stderr and "DataError" in out.stderr
+
+
+def test_memory_preflight_refuses_jamba_mini_on_one_cpu_device_quickly_without_allocating(tmp_path):
+    probe = ("import atexit, resource, runpy, sys; "
+             "atexit.register(lambda: print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
+             "file=sys.stderr)); "
+             f"sys.argv = [{MAIN!r}] + sys.argv[1:]; runpy.run_path({MAIN!r}, run_name='__main__')")
+    out, seconds = run("-c", probe, f"--config={ROOT}/configs/jamba_mini.py", "--config.mesh.expert=1",
+                       f"--workdir={tmp_path / 'w'}")
+    err_lines = out.stderr.strip().splitlines()
+    rss_kb = int(err_lines[-1].split()[1])
+    out.stderr = "\n".join(err_lines[:-1])
+    assert_one_line_error(out, "GiB per device", "params 192.1", "optimizer state 384.2", "at least",
+                          "--config.dry_run=True")
+    assert seconds < 10, seconds
+    assert rss_kb < 2 * 2**20, rss_kb  # under 2 GiB: the 192 GiB of parameters were never allocated
+    assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+def test_other_command_lines_give_one_line_errors(tmp_path):
+    out, _ = run("-m", "tasks.convert", "orbax-to-hf", "--src", str(tmp_path / "nothing"), "--dst", str(tmp_path / "o"))
+    assert_one_line_error(out, "nothing", "training checkpoint")
+    out, _ = run("-m", "tasks.sensebert_predict", "--workdir", str(tmp_path / "nothing"), "a sentence")
+    assert_one_line_error(out, "no such checkpoint directory")
+    out, _ = run(MAIN, f"--config={ROOT}/configs/generate.py", f"--config.checkpoint={tmp_path / 'nothing'}")
+    assert_one_line_error(out, "nothing")
+
+
+def test_written_files_honour_the_umask(tmp_path):
+    """Atomic writes (HF export, metrics, integrity records) give 0644 under umask 022, not 0600."""
+    from common.files import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(str(tmp_path / "a.json"), "{}")
+        os.umask(0o027)
+        atomic_write_text(str(tmp_path / "b.json"), "{}")
+    finally:
+        os.umask(old)
+    assert oct(os.stat(tmp_path / "a.json").st_mode & 0o777) == oct(0o644)
+    assert oct(os.stat(tmp_path / "b.json").st_mode & 0o777) == oct(0o640)
+
+
+def test_generation_from_a_workdir_is_quiet(tmp_path):
+    """No orbax chatter (e.g. 'Given directory is read only') around the generated text."""
+    from test_training import small_config
+
+    import tasks
+
+    workdir = str(tmp_path / "run")
+    tasks.run(small_config(num_train_steps=2, save_every_steps=2, eval_every_steps=2), workdir)
+    out, _ = run(MAIN, f"--config={ROOT}/configs/generate.py", f"--config.checkpoint={workdir}",
+                 "--config.prompt=dog:", "--config.max_new_tokens=4")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("dog:")
+    assert "read only" not in out.stderr and "WARNING" not in out.stderr.upper(), out.stderr[-2000:]
