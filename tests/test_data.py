@@ -67,6 +67,18 @@ def test_text_and_jsonl_sources(tmp_path):
         text_source(data_cfg(source="jsonl", train_files=str(tmp_path / "bad.jsonl")), "train")
 
 
+def test_invalid_utf8_is_named_or_replaced(tmp_path):
+    bad = tmp_path / "bad.txt.gz"
+    with gzip.open(bad, "wb") as f:
+        f.write(b"first document\nsecond \xc3\x28 document\n")
+    with pytest.raises(DataError, match=r"bad.txt.gz:2: invalid UTF-8 at byte 7"):
+        text_source(data_cfg(source="text", train_files=str(bad)), "train")
+    docs = text_source(data_cfg(source="text", train_files=str(bad), encoding_errors="replace"), "train")
+    assert docs == ["first document", "second \ufffd( document"]
+    with pytest.raises(DataError, match="encoding_errors='ignore'"):
+        text_source(data_cfg(source="text", train_files=str(bad), encoding_errors="ignore"), "train")
+
+
 def test_tfds_source_reads_a_prepared_array_record_dataset(tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
     pytest.importorskip("tensorflow")  # only *writing* a TFDS dataset needs TensorFlow; reading does not
