@@ -86,12 +86,19 @@ def _decode_loop(model, params, cache, logits_BxV, done_B, rng, n_steps, tempera
 
 
 def prefill(model: JambaForCausalLM, params, input_ids, attention_mask=None, max_length: int | None = None,
-            prefill_chunk: int | None = None, cache_dtype=None):
-    """Runs the prompt through the model in chunks; returns (logits of its last position, cache)."""
+            prefill_chunk: int | None = None, cache_dtype=None, cache=None):
+    """Runs the prompt through the model in chunks; returns (logits of its last position, cache).
+
+    `model` is any Linen module with `init_cache(batch, max_length, dtype)` and the call signature of
+    JambaForCausalLM (`apply(params, ids, attention_mask=, cache=)` -> output with .logits, .cache),
+    e.g. an auxiliary-tuned LM; `cache` continues from a cache already holding something (the
+    auxiliary model's keyword segment) instead of a fresh one.
+    """
     input_ids = jnp.asarray(input_ids, jnp.int32)
     b, p = input_ids.shape
     mask = jnp.ones((b, p), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
-    cache = init_cache(model.cfg, b, max_length or p, cache_dtype)
+    if cache is None:
+        cache = model.init_cache(b, max_length or p, cache_dtype)
     chunk = prefill_chunk or p
     logits = None
     for start in range(0, p, chunk):
@@ -104,12 +111,13 @@ def generate(model: JambaForCausalLM, params, input_ids, attention_mask=None, ma
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              eos_token_id: int | None = None, pad_token_id: int | None = None, rng=None,
              max_length: int | None = None, prefill_chunk: int | None = None,
-             callback: Callable[[int, np.ndarray], None] | None = None) -> np.ndarray:
+             callback: Callable[[int, np.ndarray], None] | None = None, cache=None) -> np.ndarray:
     """New tokens [batch, max_new_tokens] (int32); rows that hit EOS are padded with pad_token_id.
 
     input_ids: [batch, prompt] (left-padded, with attention_mask, for a batch of unequal prompts).
     max_length: cache size (default prompt + max_new_tokens); a longer request is an error.
     callback(step, tokens [batch]) is called as each token arrives (streaming).
+    cache: start from this cache (see `prefill`); its size bounds prompt + new tokens.
     """
     cfg = model.cfg
     input_ids = np.asarray(input_ids)
@@ -137,7 +145,7 @@ def generate(model: JambaForCausalLM, params, input_ids, attention_mask=None, ma
         eos_token_id = tuple(eos_token_id)
     rng = jax.random.PRNGKey(0) if rng is None else rng
 
-    logits, cache = prefill(model, params, input_ids, attention_mask, max_length, prefill_chunk)
+    logits, cache = prefill(model, params, input_ids, attention_mask, max_length, prefill_chunk, cache=cache)
     b = input_ids.shape[0]
     done = jnp.zeros((b,), bool)
     if callback is None:  # no streaming: the whole decode runs as one compiled loop

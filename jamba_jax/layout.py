@@ -58,3 +58,13 @@ def to_unrolled(cfg: JambaConfig, params: dict) -> dict:
     for i in range(cfg.num_hidden_layers):
         model[f"layers_{i}"] = jax.tree.map(lambda x, r=i // cycle: x[r], stacks[f"layers_{i % cycle}"])
     return {**params, "model": model}
+
+
+def layer_output(cfg: JambaConfig, hidden_states: dict, i: int):
+    """Layer i's output [batch, length, hidden] from the "hidden_states" collection of an apply with
+    mutable=["hidden_states"] (each DecoderLayer sows its output there)."""
+    path, index = layer_location(cfg, i)
+    node = hidden_states
+    for key in path:
+        node = node[key]
+    return node["output"][0][index] if index else node["output"][0]

@@ -19,6 +19,7 @@ from common.attention import make_attention_mask
 from common.errors import UserError
 from common.layers import normal_init
 from common.sharding import constrain
+from jamba_jax.cache import init_cache
 from jamba_jax.config import JambaConfig
 from jamba_jax.layers import MLP, Attention, rms_norm
 from jamba_jax.layout import CYCLES, repeats
@@ -60,6 +61,8 @@ class DecoderLayer(nn.Module):
         h = h + x
         # Jamba-1.5's activation loss reads this (only when "intermediates" is mutable; free otherwise)
         self.sow("intermediates", "activation_mean_square", jnp.mean(jnp.square(h.astype(jnp.float32))))
+        # the layer's output, for readers of a frozen model's features (when "hidden_states" is mutable)
+        self.sow("hidden_states", "output", h)
         return h, router_logits, layer_cache
 
 
@@ -95,15 +98,19 @@ class JambaModel(nn.Module):
     cfg: JambaConfig
 
     @nn.compact
-    def __call__(self, input_ids, valid_BxL, mask_BxLxS, segment_ids=None, layer_caches=None, index=None):
+    def __call__(self, input_ids, valid_BxL, mask_BxLxS, segment_ids=None, layer_caches=None, index=None,
+                 embed_offsets_BxLxE=None):
         cfg = self.cfg
         init = normal_init(cfg.initializer_range)
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype, param_dtype=cfg.weights_dtype,
                          embedding_init=nn.with_logical_partitioning(init, ("vocab", "embed")),
                          name="embed_tokens")
-        h = constrain(embed(input_ids), ("batch", None, None))
+        h = embed(input_ids)
+        if embed_offsets_BxLxE is not None:  # features added to the token embeddings (auxiliary tuning)
+            h = h + embed_offsets_BxLxE.astype(h.dtype)
+        h = constrain(h, ("batch", None, None))
         if cfg.scan_layers:
-            stack = nn.scan(DecoderCycle, variable_axes={"params": 0, "intermediates": 0},
+            stack = nn.scan(DecoderCycle, variable_axes={"params": 0, "intermediates": 0, "hidden_states": 0},
                             split_rngs={"params": True},
                             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
                             length=repeats(cfg), metadata_params={nn.PARTITION_NAME: "layers"})
@@ -148,12 +155,19 @@ class JambaForCausalLM(nn.Module):
     stays inside a document and the Mamba state restarts at each document's first token.
     cache: optional hybrid cache (`jamba_jax.cache.init_cache`); the tokens continue from it at
     position cache["index"] and the output carries the updated cache (prefill and decoding).
+    embed_offsets: optional [batch, length, hidden] added to the token embeddings (features from
+    another model: auxiliary tuning reads a frozen LM's hidden states this way).
     """
 
     cfg: JambaConfig
 
+    def init_cache(self, batch: int, max_length: int, dtype=None) -> dict:
+        """An empty hybrid cache for this model (`jamba_jax.cache.init_cache`)."""
+        return init_cache(self.cfg, batch, max_length, dtype)
+
     @nn.compact
-    def __call__(self, input_ids, attention_mask: jax.Array | None = None, segment_ids=None, cache=None):
+    def __call__(self, input_ids, attention_mask: jax.Array | None = None, segment_ids=None, cache=None,
+                 embed_offsets=None):
         cfg = self.cfg
         check_token_ids(input_ids, cfg.vocab_size)
         if attention_mask is None:
@@ -171,7 +185,7 @@ class JambaForCausalLM(nn.Module):
             causal = jnp.arange(key_valid.shape[1])[None, None, :] <= q_pos[None, :, None]
             mask, layer_caches = causal & key_valid[:, None, :], cache["layers"]
         hidden, router_logits, new_layers = JambaModel(cfg, name="model")(
-            input_ids, valid, mask, segment_ids, layer_caches, index)
+            input_ids, valid, mask, segment_ids, layer_caches, index, embed_offsets)
         if cache is not None:
             new_cache = {"index": index + input_ids.shape[1], "valid": key_valid, "layers": new_layers}
         if cfg.tie_word_embeddings:

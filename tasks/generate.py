@@ -2,8 +2,8 @@
 
   python main.py --config=configs/generate.py --config.checkpoint=DIR --config.prompt="..."
 
-DIR is a training workdir (its latest checkpoint in DIR/checkpoints) or an orbax directory written
-by `python -m tasks.convert hf-to-orbax`.
+DIR is a training workdir (its latest checkpoint in DIR/checkpoints), an orbax directory written
+by `python -m tasks.convert hf-to-orbax`, or a Hugging Face directory.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jamba_jax import JambaConfig, JambaForCausalLM, generate
+from jamba_jax import JambaConfig, JambaForCausalLM, generate, load_hf_checkpoint, quantize_experts_int8
 from jamba_jax.hf_checkpoint import CheckpointError
 from jamba_jax.orbax_io import CONFIG_FILE, load_params
 from jamba_jax.params import abstract_params
@@ -23,9 +23,16 @@ from training.checkpoint import CheckpointNotFoundError, restore_run_params
 from training.data import load_tokenizer
 
 
-def load_checkpoint(path: str, step: int | None = None) -> tuple[JambaConfig, dict]:
-    """(cfg, params) from a converter directory or from a training run's latest checkpoint (or `step`)."""
+def load_checkpoint(path: str, step: int | None = None, quantize: str | None = None) -> tuple[JambaConfig, dict]:
+    """(cfg, params) from a converter directory, a Hugging Face directory (config.json +
+    safetensors) or a training run's latest checkpoint (or `step`); `quantize="experts_int8"`
+    quantises them (ExpertsInt8) as they load."""
     path = os.path.abspath(path)
+    if os.path.exists(os.path.join(path, "config.json")) and not os.path.exists(os.path.join(path, CONFIG_FILE)):
+        return load_hf_checkpoint(path, quantize=quantize or None)  # quantised tensor by tensor as it reads
+    if quantize:
+        cfg, params = load_checkpoint(path, step)
+        return cfg, quantize_experts_int8(cfg, params)
     if os.path.exists(os.path.join(path, CONFIG_FILE)):
         if step is not None:
             raise CheckpointError(f"{path} is a converted orbax directory (one set of parameters); --step is for "

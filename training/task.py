@@ -73,6 +73,10 @@ class OptionalTaskMethods(Protocol):
     def frozen_inputs(self) -> FrozenInputs | None:
         """Arrays the loss needs that are not trained (default: none)."""
 
+    def extra_eval(self, params: Params, frozen: Any) -> dict:
+        """Evaluation the jitted eval_sums cannot do (sampling, text matching), run on the host at each
+        eval; each value k is reported as eval_k."""
+
     def optimizer(self, config) -> Any:
         """An optax transformation replacing `training.optim.make_optimizer(config)` (e.g. one that
         trains only part of the parameters)."""

@@ -288,6 +288,8 @@ def _train(task, optimizer, config, workdir, stop_after, mesh, rules) -> dict[st
         if step % config.eval_every_steps == 0 or step == config.num_train_steps:
             eval_metrics = evaluate(eval_ds, functools.partial(eval_step, frozen=frozen), state["params"],
                                     config.eval_batches, rows)
+            if hasattr(task, "extra_eval"):  # host-side evaluation (e.g. sampling), reported as eval_<name>
+                eval_metrics.update({f"eval_{k}": v for k, v in task.extra_eval(state["params"], frozen).items()})
             writer.write(step, eval_metrics)
             metrics.update(eval_metrics)
             bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))

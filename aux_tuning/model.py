@@ -1,0 +1,222 @@
+"""Auxiliary tuning (Zeldes, Padnos, Sharir, Peleg, "Technical Report: Auxiliary Tuning and its
+Application to Conditional Text Generation", AI21 Labs 2020, arXiv 2006.16823).
+
+    p(x_t | x_<t, z) = softmax(logits_LM(x_t | x_<t) + logits_aux(x_t | x_<t, z))
+
+The pre-trained LM is frozen; only the auxiliary model trains, by maximum likelihood of the target
+text. By Bayes, p(x_t | x_<t, z) is proportional to p(z | x_<=t) p(x_t | x_<t), so the auxiliary
+logits learn log p(z | x_<=t) up to a constant: a small model suffices.
+
+Here the auxiliary model is a small Jamba (`jamba_jax.JambaForCausalLM` of its own config, the LM's
+vocabulary). The conditioning input z (keywords) enters it alone, as its own token segment before
+the text: its input is [z left-padded to a fixed length][text], and its logits at the text positions
+are added to the LM's. Optionally it also reads the frozen LM's hidden states at chosen layers,
+each projected to its width and added to its input embeddings at the text positions (the report's
+reuse of intermediate LM features). A keyword-bag term adds g cos(mean_k E[z_k], E[v]) to the logit
+of every token v at every position (E: the auxiliary model's token embeddings, g a learned gain per
+hidden unit of the normalised bag): the position-independent part of log p(z | x_<=t), which a
+Jamba body only finds after long training. Every output path starts at zero, so at step 0 the
+combined model is exactly the LM: g, and the body's output projection (its final norm's scale with
+tied embeddings, the default; else its lm_head).
+
+`AuxTunedLM` is a plain object with the interface `jamba_jax.generate` drives (`cfg`, `init_cache`,
+`apply(variables, ids, attention_mask=, cache=)`), over params {"lm": frozen, "aux": trained} and a
+cache {"lm": the LM's hybrid cache, "aux": the auxiliary model's, holding the keywords first}.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from common.errors import UserError
+from common.layers import Dense, normal_init
+from jamba_jax import JambaConfig, JambaForCausalLM
+from jamba_jax.layout import layer_output
+
+_F32 = jnp.float32
+
+
+class AuxTuningError(UserError):
+    """A frozen LM and an auxiliary model (or keywords) that cannot be combined as asked."""
+
+
+@flax.struct.dataclass
+class AuxOutput:
+    logits: jax.Array  # [batch, length, vocab] float32: LM logits + auxiliary logits
+    lm_logits: jax.Array  # [batch, length, vocab]: the frozen LM's alone
+    aux_logits: jax.Array  # [batch, length, vocab] float32: the auxiliary model's alone
+    cache: dict | None = None
+
+
+class FeatureProjection(nn.Module):
+    """The frozen LM's hidden states at `layers`, each projected to the auxiliary model's width and summed."""
+
+    layers: tuple[int, ...]
+    features: int
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, hidden_by_layer):
+        out = 0.0
+        for layer, h in zip(self.layers, hidden_by_layer, strict=True):
+            out = out + Dense(self.features, ("embed", "embed_aux"), dtype=self.dtype, param_dtype=_F32,
+                              kernel_init=normal_init(0.02), name=f"layer_{layer}")(h)
+        return out
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: a static argument of jitted steps
+class AuxTunedLM:
+    cfg: JambaConfig  # the frozen LM's config (its vocabulary is the combined model's)
+    aux_cfg: JambaConfig
+    feature_layers: tuple[int, ...] = ()  # frozen LM layers whose outputs feed the auxiliary model
+
+    def __post_init__(self):
+        if self.aux_cfg.vocab_size != self.cfg.vocab_size:
+            raise AuxTuningError(f"the auxiliary model's vocab_size ({self.aux_cfg.vocab_size}) differs from the "
+                                 f"frozen LM's ({self.cfg.vocab_size}); their logits must share a vocabulary")
+        bad = [i for i in self.feature_layers if not 0 <= i < self.cfg.num_hidden_layers]
+        if bad:
+            raise AuxTuningError(f"feature layers {bad} do not exist in the frozen LM "
+                                 f"({self.cfg.num_hidden_layers} layers)")
+
+    @property
+    def lm(self) -> JambaForCausalLM:
+        return JambaForCausalLM(self.cfg)
+
+    @property
+    def aux(self) -> JambaForCausalLM:
+        return JambaForCausalLM(self.aux_cfg)
+
+    @property
+    def projection(self) -> FeatureProjection:
+        return FeatureProjection(self.feature_layers, self.aux_cfg.hidden_size, self.aux_cfg.compute_dtype)
+
+    # --- parameters ----------------------------------------------------------------------------
+    def init_aux(self, rng) -> dict:
+        """The trainable parameters {"model": the auxiliary Jamba (its output projection zero),
+        "projection": the feature projections, when any}, plain (unboxed) arrays."""
+        k_aux, k_proj = jax.random.split(rng)
+        ids = jnp.zeros((1, 1), jnp.int32)
+        aux = nn.unbox(jax.jit(self.aux.init)(k_aux, ids)["params"])
+        if self.aux_cfg.tie_word_embeddings:  # logits = (scale * norm(h)) E^T: zero scale, zero projection
+            body = dict(aux["model"])
+            body["final_layernorm"] = {"scale": jnp.zeros_like(body["final_layernorm"]["scale"])}
+            aux = {**aux, "model": body}
+        else:
+            aux = {**aux, "lm_head": jnp.zeros_like(aux["lm_head"])}
+        out = {"model": aux, "bag_scale": jnp.zeros((self.aux_cfg.hidden_size,), _F32)}
+        if self.feature_layers:
+            h = [jnp.zeros((1, 1, self.cfg.hidden_size), self.cfg.compute_dtype)] * len(self.feature_layers)
+            out["projection"] = nn.unbox(self.projection.init(k_proj, h)["params"])
+        return out
+
+    def aux_param_specs(self) -> dict:
+        """Logical PartitionSpecs of the trainable parameters (for the mesh)."""
+        from jamba_jax.params import param_logical_specs
+
+        specs = {"model": param_logical_specs(self.aux_cfg), "bag_scale": jax.sharding.PartitionSpec(None)}
+        if self.feature_layers:
+            h = [jax.ShapeDtypeStruct((1, 1, self.cfg.hidden_size), self.cfg.compute_dtype)] * len(self.feature_layers)
+            specs["projection"] = nn.get_partition_spec(jax.eval_shape(self.projection.init, jax.random.PRNGKey(0),
+                                                                       h)["params"])
+        return specs
+
+    # --- cache -------------------------------------------------------------------------------------
+    def init_cache(self, batch: int, max_length: int, dtype=None, keyword_length: int = 0) -> dict:
+        return {"lm": self.lm.init_cache(batch, max_length, dtype),
+                "aux": self.aux.init_cache(batch, keyword_length + max_length, dtype),
+                "bag": jnp.zeros((batch, self.aux_cfg.hidden_size), _F32)}
+
+    def start_cache(self, params, keyword_ids, keyword_mask, max_length: int, dtype=None) -> dict:
+        """A cache whose auxiliary part already holds the keyword segment (the text continues after it)."""
+        keyword_ids = jnp.asarray(keyword_ids, jnp.int32)
+        cache = self.init_cache(keyword_ids.shape[0], max_length, dtype, keyword_ids.shape[1])
+        cache["aux"] = _keyword_prefill(self, params["aux"]["model"], cache["aux"], keyword_ids,
+                                        jnp.asarray(keyword_mask))
+        cache["bag"] = keyword_bag(params["aux"]["model"], keyword_ids, jnp.asarray(keyword_mask))
+        return cache
+
+    # --- forward ----------------------------------------------------------------------------------------
+    def apply(self, variables, input_ids, attention_mask=None, cache=None, keyword_ids=None, keyword_mask=None):
+        """Combined logits of the text `input_ids` [B, L]. Without a cache, `keyword_ids` [B, Z]
+        (left-padded, `keyword_mask` 1 on real tokens) come first in the auxiliary model's input;
+        with one, the keywords are already in `cache["aux"]` (see `start_cache`)."""
+        params = variables["params"]
+        frozen, trained = jax.lax.stop_gradient(params["lm"]), params["aux"]
+        input_ids = jnp.asarray(input_ids, jnp.int32)
+        mutable = ["hidden_states"] if self.feature_layers else False
+        lm_result = self.lm.apply({"params": frozen}, input_ids, attention_mask=attention_mask,
+                                  cache=None if cache is None else cache["lm"], mutable=mutable)
+        lm_out, captured = lm_result if self.feature_layers else (lm_result, None)
+        offsets = None
+        if self.feature_layers:
+            hidden = [jax.lax.stop_gradient(layer_output(self.cfg, captured["hidden_states"], i))
+                      for i in self.feature_layers]
+            offsets = self.projection.apply({"params": trained["projection"]}, hidden)
+        text_mask = jnp.ones(input_ids.shape, bool) if attention_mask is None else jnp.asarray(attention_mask, bool)
+        if cache is None:
+            if keyword_ids is None:
+                raise AuxTuningError("auxiliary tuning needs the conditioning keywords (keyword_ids) or a cache "
+                                     "that holds them")
+            keyword_ids = jnp.asarray(keyword_ids, jnp.int32)
+            kw_mask = jnp.ones(keyword_ids.shape, bool) if keyword_mask is None else jnp.asarray(keyword_mask, bool)
+            ids = jnp.concatenate([keyword_ids, input_ids], axis=1)
+            mask = jnp.concatenate([kw_mask, text_mask], axis=1)
+            if offsets is not None:
+                offsets = jnp.concatenate([jnp.zeros(keyword_ids.shape + offsets.shape[-1:], offsets.dtype), offsets],
+                                          axis=1)
+            aux_out = self.aux.apply({"params": trained["model"]}, ids, attention_mask=mask, embed_offsets=offsets)
+            aux_logits, new_cache = aux_out.logits[:, keyword_ids.shape[1]:], None
+            bag = keyword_bag(trained["model"], keyword_ids, kw_mask)
+        else:
+            aux_out = self.aux.apply({"params": trained["model"]}, input_ids, attention_mask=text_mask,
+                                     cache=cache["aux"], embed_offsets=offsets)
+            aux_logits, bag = aux_out.logits, cache["bag"]
+            new_cache = {"lm": lm_out.cache, "aux": aux_out.cache, "bag": bag}
+        aux_logits = aux_logits.astype(_F32) + bag_logits(trained, bag)[:, None, :]
+        return AuxOutput(logits=lm_out.logits.astype(_F32) + aux_logits, lm_logits=lm_out.logits,
+                         aux_logits=aux_logits, cache=new_cache)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _keyword_prefill(model: AuxTunedLM, aux_params, aux_cache, keyword_ids, keyword_mask):
+    """The auxiliary model run over the keyword segment into its cache."""
+    return model.aux.apply({"params": aux_params}, keyword_ids, attention_mask=keyword_mask, cache=aux_cache).cache
+
+
+def _unit(x, axis=-1):
+    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=axis, keepdims=True) + 1e-12)
+
+
+def bag_logits(trained, bag_BxE):
+    """[B, V]: sqrt(E) * <gain * bag / |bag|, E[v] / |E[v]|> for every token v (0 for an empty bag)."""
+    table = trained["model"]["model"]["embed_tokens"]["embedding"].astype(_F32)  # [V, E]
+    direction = _unit(bag_BxE) * trained["bag_scale"] * (bag_BxE.shape[-1] ** 0.5)
+    return direction @ _unit(table).T
+
+
+def keyword_bag(aux_model_params, keyword_ids, keyword_mask):
+    """The mean of the keywords' embeddings in the auxiliary model's table: [B, E] float32."""
+    table = aux_model_params["model"]["embed_tokens"]["embedding"].astype(_F32)
+    m = jnp.asarray(keyword_mask, _F32)[..., None]
+    return jnp.sum(table[jnp.asarray(keyword_ids)] * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
+
+
+def keyword_block(token_lists: list[list[int]], length: int, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Keyword token lists left-padded (and cut on the left) to `length`: (ids [B, length], mask)."""
+    ids = np.full((len(token_lists), length), pad_id, np.int32)
+    mask = np.zeros((len(token_lists), length), np.int32)
+    for r, toks in enumerate(token_lists):
+        toks = list(toks)[-length:]
+        if toks:
+            ids[r, length - len(toks):] = toks
+            mask[r, length - len(toks):] = 1
+    return ids, mask

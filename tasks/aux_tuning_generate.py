@@ -1,0 +1,69 @@
+"""Keyword-conditioned generation from an auxiliary-tuning run, streaming tokens to stdout:
+
+  python main.py --config=configs/aux_tuning_generate.py --config.checkpoint=DIR --config.keywords="river,stone"
+
+DIR is an `aux_tuning` workdir: its checkpoint holds the auxiliary model; the frozen LM is read from
+where that run found it, and must still be the same (its digest is checked).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from aux_tuning import AuxTunedLM, AuxTuningError, keyword_block
+from jamba_jax import JambaConfig, generate
+from tasks.aux_tuning import keyword_tokens, load_frozen_lm
+from training.checkpoint import restore_run_params
+from training.data import load_tokenizer
+
+
+def load_run(path: str):
+    """(model, variables {"lm", "aux"}, tokenizer, meta) of an aux_tuning workdir's newest checkpoint."""
+    meta, _, step = restore_run_params(path, None)
+    if meta.get("task") != "aux_tuning":
+        raise AuxTuningError(f"{path} (step {step}) is a {meta.get('task')!r} run, not an aux_tuning one")
+    record = meta["frozen_inputs"]
+    lm_dir = re.sub(r" \(step \d+\)$", "", record["source"])
+    _, lm_params, _, digest = load_frozen_lm(lm_dir, meta.get("frozen_lm_quantize", ""))
+    if digest != record["digest"]:
+        raise AuxTuningError(f"the frozen LM at {lm_dir} is not the one {path} was trained against (digest {digest}, "
+                             f"the run recorded {record['digest']})")
+    model = AuxTunedLM(JambaConfig.from_dict(meta["lm"]), JambaConfig.from_dict(meta["model"]),
+                       tuple(meta["aux"]["feature_layers"]))
+    abstract = jax.eval_shape(model.init_aux, jax.random.PRNGKey(0))
+    _, aux_params, _ = restore_run_params(path, abstract)
+    tokenizer = load_tokenizer(meta.get("tokenizer", ""), model.cfg.vocab_size)
+    return model, {"lm": lm_params, "aux": aux_params}, tokenizer, meta
+
+
+def run(config, workdir: str) -> np.ndarray:
+    del workdir
+    model, variables, tok, meta = load_run(config.checkpoint)
+    keywords = [w.strip() for w in config.keywords.split(",") if w.strip()]
+    kw = keyword_tokens(tok, keywords)
+    if not keywords or not kw:
+        raise AuxTuningError(f"config.keywords={config.keywords!r} tokenizes to nothing: give comma-separated words")
+    kw_ids, kw_mask = keyword_block([kw], meta["aux"]["max_keyword_tokens"], tok.pad_id)
+    prompt = [tok.bos_id] + tok.encode(config.prompt)
+    cache = model.start_cache(variables, kw_ids, kw_mask, len(prompt) + config.max_new_tokens)
+    sys.stdout.write(f"[{', '.join(keywords)}] {config.prompt}")
+    sys.stdout.flush()
+    emitted: list[int] = []
+
+    def stream(step, tokens):
+        before = tok.decode(emitted)
+        if tokens[0] != tok.eos_id:
+            emitted.append(int(tokens[0]))
+        sys.stdout.write(tok.decode(emitted)[len(before):])
+        sys.stdout.flush()
+
+    out = generate(model, variables, jnp.asarray([prompt], jnp.int32), max_new_tokens=config.max_new_tokens,
+                   temperature=config.temperature, top_k=config.top_k or None, eos_token_id=tok.eos_id,
+                   pad_token_id=tok.pad_id, rng=jax.random.PRNGKey(config.seed), cache=cache, callback=stream)
+    sys.stdout.write("\n")
+    return out

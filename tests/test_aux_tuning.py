@@ -1,0 +1,240 @@
+"""Auxiliary tuning: the combined model's algebra, the frozen LM kept out of training state, cached
+generation, exact resume, the keyword inclusion rate a short run reaches, and the bad inputs."""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from test_training import read_metrics, small_config, train_losses
+
+import jamba_jax
+import tasks
+from aux_tuning import AuxTunedLM, AuxTuningError, keyword_block
+from aux_tuning.model import bag_logits, keyword_bag
+from configs import aux_tuning_tiny
+from tasks.aux_tuning import AuxTuningTask, contains_keywords, content_words, directory_digest
+from tasks.generate import load_checkpoint
+from training import train
+from training.checkpoint import CheckpointMismatchError
+
+LM = jamba_jax.JambaConfig(vocab_size=97, hidden_size=32, intermediate_size=40, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=2, num_experts=4, attn_layer_period=2,
+                           attn_layer_offset=1, mamba_d_state=8, mamba_dt_rank=4)
+AUX = LM.replace(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_experts=1, num_experts_per_tok=1,
+                 num_attention_heads=2, num_key_value_heads=1, mamba_dt_rank=2)
+
+
+def random_variables(model, seed=0, head_scale=0.1):
+    """LM and auxiliary parameters, the auxiliary head moved off zero so its logits are non-trivial."""
+    aux = model.init_aux(jax.random.PRNGKey(seed + 1))
+    body = aux["model"]
+    if "lm_head" in body:
+        body["lm_head"] = head_scale * jax.random.normal(jax.random.PRNGKey(seed + 2), body["lm_head"].shape)
+    body["model"]["final_layernorm"]["scale"] = jnp.ones_like(body["model"]["final_layernorm"]["scale"])
+    aux["bag_scale"] = head_scale * jnp.ones_like(aux["bag_scale"])
+    return {"lm": jamba_jax.init_params(model.cfg, jax.random.PRNGKey(seed)), "aux": aux}
+
+
+@pytest.mark.parametrize("feature_layers", [(), (1, 3)])
+def test_combined_logits_are_the_sum_and_start_as_the_lm(feature_layers):
+    model = AuxTunedLM(LM, AUX, feature_layers)
+    ids = jnp.asarray(np.random.RandomState(0).randint(3, 97, (2, 9)))
+    kw, kw_mask = keyword_block([[5, 6], [7]], 4)
+    lm_params = jamba_jax.init_params(LM, jax.random.PRNGKey(0))
+    lm_alone = jax.jit(jamba_jax.JambaForCausalLM(LM).apply)({"params": lm_params}, ids).logits
+    at_init = {"lm": lm_params, "aux": model.init_aux(jax.random.PRNGKey(1))}
+    apply = jax.jit(lambda v, x, k, m: model.apply({"params": v}, x, keyword_ids=k, keyword_mask=m))
+    out = apply(at_init, ids, kw, kw_mask)
+    # every auxiliary term is exactly 0 at init: the combined logits are the LM's, bit for bit (the LM's
+    # own logits match a separate forward to float32 rounding: two programs fuse differently)
+    assert not np.asarray(out.aux_logits).any()
+    np.testing.assert_array_equal(np.asarray(out.logits), np.asarray(out.lm_logits.astype(jnp.float32)))
+    np.testing.assert_allclose(np.asarray(out.lm_logits), np.asarray(lm_alone), rtol=0, atol=1e-6)
+
+    variables = random_variables(model)
+    out = apply(variables, ids, kw, kw_mask)
+    aux_alone = jamba_jax.JambaForCausalLM(AUX)
+    if not feature_layers:  # the auxiliary model reads [keywords][text]; its text positions add to the LM's
+        full = jax.jit(aux_alone.apply)({"params": variables["aux"]["model"]}, jnp.concatenate([kw, ids], 1),
+                                        attention_mask=jnp.concatenate([kw_mask, jnp.ones_like(ids)], 1)).logits
+        bag = bag_logits(variables["aux"], keyword_bag(variables["aux"]["model"], kw, kw_mask))[:, None]
+        np.testing.assert_allclose(np.asarray(out.aux_logits), np.asarray(full[:, 4:] + bag), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(out.logits), np.asarray(out.lm_logits + out.aux_logits))
+    assert float(jnp.abs(out.aux_logits).max()) > 0.1
+
+
+def test_keywords_change_the_auxiliary_logits_and_not_the_lms():
+    model = AuxTunedLM(LM, AUX, (2,))
+    variables = random_variables(model)
+    ids = jnp.asarray(np.random.RandomState(1).randint(3, 97, (1, 8)))
+    a = model.apply({"params": variables}, ids, keyword_ids=jnp.asarray([[0, 11, 12]]),
+                    keyword_mask=jnp.asarray([[0, 1, 1]]))
+    b = model.apply({"params": variables}, ids, keyword_ids=jnp.asarray([[0, 0, 40]]),
+                    keyword_mask=jnp.asarray([[0, 0, 1]]))
+    np.testing.assert_array_equal(np.asarray(a.lm_logits), np.asarray(b.lm_logits))
+    assert float(jnp.abs(a.aux_logits - b.aux_logits).max()) > 1e-3
+
+
+def test_cached_generation_equals_the_full_forward():
+    model = AuxTunedLM(LM, AUX, (1,))
+    variables = random_variables(model)
+    ids = jnp.asarray(np.random.RandomState(2).randint(3, 97, (2, 7)))
+    kw, kw_mask = keyword_block([[5, 6, 9], [7]], 4)
+    full = model.apply({"params": variables}, ids, keyword_ids=kw, keyword_mask=kw_mask).logits
+    cache = model.start_cache(variables, kw, kw_mask, max_length=7)
+    step = jax.jit(lambda p, c, x: model.apply({"params": p}, x, cache=c))
+    for t in range(7):
+        out = step(variables, cache, ids[:, t:t + 1])
+        cache = out.cache
+        np.testing.assert_allclose(np.asarray(out.logits[:, 0]), np.asarray(full[:, t]), atol=2e-5, rtol=0)
+    # greedy generation through jamba_jax.generate with both caches: each new token is the argmax of the
+    # full forward over the prompt and the tokens before it (one forward over the whole sequence checks all)
+    tokens = jamba_jax.generate(model, variables, ids[:, :3], max_new_tokens=4,
+                                cache=model.start_cache(variables, kw, kw_mask, max_length=7))
+    seq = jnp.concatenate([ids[:, :3], jnp.asarray(tokens)], axis=1)
+    logits = model.apply({"params": variables}, seq, keyword_ids=kw, keyword_mask=kw_mask).logits
+    np.testing.assert_array_equal(np.asarray(jnp.argmax(logits[:, 2:6], -1)), tokens)
+
+
+def test_config_errors_are_named():
+    with pytest.raises(AuxTuningError, match="vocab_size"):
+        AuxTunedLM(LM, AUX.replace(vocab_size=98))
+    with pytest.raises(AuxTuningError, match="feature layers"):
+        AuxTunedLM(LM, AUX, (9,))
+
+
+def test_keywords_are_content_words_matched_by_lemma():
+    text = "mitosis: cell division in which the nucleus divides into nuclei containing chromosomes"
+    words = content_words(text, skip=3)
+    assert "the" not in words and "which" not in words and "mitosis" not in words and "nucleus" in words
+    assert contains_keywords("two stones fell into the rivers", ["stone", "river"])
+    assert not contains_keywords("two stones fell", ["stone", "river"])
+
+
+# --- on the shared loop, over a small trained LM ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def frozen_lm(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("lm"))
+    tasks.run(small_config(num_train_steps=200, eval_every_steps=200, save_every_steps=200, batch_size=16, seq_len=64),
+              workdir)
+    return workdir
+
+
+def aux_config(frozen_lm, **overrides):
+    c = aux_tuning_tiny.get_config()
+    c.frozen_lm = frozen_lm
+    c.num_train_steps, c.warmup_steps, c.learning_rate = 12, 2, 1e-2
+    c.batch_size, c.seq_len = 8, 48
+    c.log_every_steps, c.eval_every_steps, c.save_every_steps, c.eval_batches = 1, 12, 6, 2
+    c.sample_keywords = ""
+    c.aux.eval_samples, c.aux.sample_tokens = 16, 16
+    c.model.intermediate_size = 64
+    for k, v in overrides.items():
+        target = c
+        *path, last = k.split(".")
+        for p in path:
+            target = target[p]
+        target[last] = v
+    return c
+
+
+@pytest.fixture(scope="module")
+def full_run(frozen_lm, tmp_path_factory):
+    """An uninterrupted 12-step run that reads LM features: (workdir, task, the LM's directory digest before)."""
+    before = directory_digest(frozen_lm, None)
+    workdir = str(tmp_path_factory.mktemp("aux_full"))
+    config = aux_config(frozen_lm, **{"aux.feature_layers": (1,)})
+    task = AuxTuningTask(config)
+    train.run(task, config, workdir)
+    return workdir, task, before
+
+
+@pytest.fixture(scope="module")
+def stopped_run(frozen_lm, tmp_path_factory):
+    """The same run left after step 6 (its checkpoint), as if killed there."""
+    workdir = str(tmp_path_factory.mktemp("aux_stopped"))
+    config = aux_config(frozen_lm, **{"aux.feature_layers": (1,)})
+    train.run(AuxTuningTask(config), config, workdir, stop_after=6)
+    return workdir
+
+
+def test_training_keeps_the_lm_frozen_and_out_of_the_checkpoints(frozen_lm, full_run):
+    workdir, task, before = full_run
+    assert directory_digest(frozen_lm, None) == before  # never written to
+    rows = read_metrics(workdir)
+    assert any("loss" in r for r in rows) and any("eval_loss" in r and "eval_keyword_rate" in r for r in rows)
+    root = os.path.join(workdir, "checkpoints")
+    with ocp.CheckpointManager(root, item_names=("state", "data", "meta"),
+                               options=ocp.CheckpointManagerOptions(read_only=True)) as mngr:
+        step = mngr.latest_step()
+        state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    assert set(state["params"]) == {"model", "bag_scale", "projection"}
+    n_aux = sum(np.asarray(x).size for x in jax.tree.leaves(task.init_params(jax.random.PRNGKey(0))))
+    n_opt = sum(np.asarray(x).size for x in jax.tree.leaves(state["opt_state"]) if np.ndim(x))
+    assert sum(np.asarray(x).size for x in jax.tree.leaves(state["params"])) == n_aux
+    assert n_opt == 2 * n_aux  # Adam's two moments of the auxiliary parameters, none of the LM's
+    assert meta["frozen_inputs"]["source"].startswith(os.path.abspath(frozen_lm))
+    # the frozen parameters the task holds are bit-identical to the checkpoint's after training
+    lm_params = load_checkpoint(frozen_lm)[1]
+    for a, b in zip(jax.tree.leaves(task.frozen_inputs().arrays), jax.tree.leaves(lm_params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_resume_reproduces_the_uninterrupted_run(frozen_lm, full_run, stopped_run, tmp_path):
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(stopped_run, resumed)
+    config = aux_config(frozen_lm, **{"aux.feature_layers": (1,)})
+    train.run(AuxTuningTask(config), config, resumed)
+    assert train_losses(resumed) == train_losses(full_run[0])
+
+
+def test_a_resume_against_another_frozen_lm_is_refused(frozen_lm, stopped_run, tmp_path):
+    other = str(tmp_path / "other_lm")
+    shutil.copytree(frozen_lm, other)
+    tasks.run(small_config(num_train_steps=202, eval_every_steps=202, save_every_steps=202, batch_size=16, seq_len=64),
+              other)  # two steps more
+    workdir = str(tmp_path / "aux")
+    shutil.copytree(stopped_run, workdir)
+    config = aux_config(other, **{"aux.feature_layers": (1,)})
+    with pytest.raises(CheckpointMismatchError, match="frozen_inputs"):
+        train.run(AuxTuningTask(config), config, workdir)
+
+
+def test_a_short_run_raises_the_keyword_rate_above_the_frozen_lms(frozen_lm, tmp_path):
+    config = aux_config(frozen_lm, num_train_steps=300, eval_every_steps=300, save_every_steps=300, batch_size=16,
+                        learning_rate=1e-2, **{"aux.min_keywords": 1, "aux.max_keywords": 1, "aux.eval_samples": 64,
+                                               "aux.sample_tokens": 24})
+    task = AuxTuningTask(config)
+    # the frozen LM alone: at step 0 the combined model is exactly the LM
+    lm_rate = task.extra_eval(task.init_params(jax.random.PRNGKey(0)), task.frozen_inputs().arrays)["keyword_rate"]
+    metrics = train.run(task, config, str(tmp_path / "aux"))
+    # 64 held-out keywords: the LM alone includes 0-1 of them; 5 more (0.08) is far outside binomial noise at
+    # that rate (P < 1e-3); this short run reaches about 9
+    assert metrics["eval_keyword_rate"] >= lm_rate + 0.08, (lm_rate, metrics["eval_keyword_rate"])
+
+
+def test_bad_inputs_are_named(frozen_lm, tmp_path):
+    with pytest.raises(AuxTuningError, match="vocab_size=100"):
+        AuxTuningTask(aux_config(frozen_lm, **{"model.vocab_size": 100}))
+    with pytest.raises(AuxTuningError, match="not a directory"):
+        AuxTuningTask(aux_config(str(tmp_path / "nowhere")))
+    # a checkpoint of a model that is not a causal LM (its run says another task)
+    fake = str(tmp_path / "not_causal")
+    shutil.copytree(frozen_lm, fake)
+    for step in os.listdir(os.path.join(fake, "checkpoints")):
+        meta_file = os.path.join(fake, "checkpoints", step, "meta", "metadata")
+        meta = json.load(open(meta_file))
+        meta["task"] = "sensebert_pretrain"
+        json.dump(meta, open(meta_file, "w"))
+        os.remove(os.path.join(fake, "checkpoints", step, "integrity.json"))
+    with pytest.raises(AuxTuningError, match="not a causal language model"):
+        AuxTuningTask(aux_config(fake))
+    task = AuxTuningTask(aux_config(frozen_lm))
+    with pytest.raises(AuxTuningError, match="tokenize to nothing"):
+        task.sample(task.init_params(jax.random.PRNGKey(0)), task.frozen_inputs().arrays, [[""]], 0)
