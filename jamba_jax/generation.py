@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from common.errors import UserError
-from jamba_jax.cache import init_cache
 from jamba_jax.model import JambaForCausalLM, check_token_ids
 
 
