@@ -65,6 +65,13 @@ def contains_keywords(text: str, keywords: list[str]) -> bool:
     return all(lemmas(k) & found for k in keywords)
 
 
+def sample_keywords(text: str, rng: np.random.Generator, aux_cfg) -> list[str]:
+    """min_keywords..max_keywords of the document's content words (config.aux), in text order."""
+    words = content_words(text, aux_cfg.skip_words)
+    k = int(rng.integers(aux_cfg.min_keywords, min(aux_cfg.max_keywords, len(words)) + 1))
+    return [words[i] for i in sorted(rng.choice(len(words), k, replace=False))]
+
+
 def keyword_tokens(tokenizer, keywords: list[str]) -> list[int]:
     """Each keyword with a leading space, as it is written inside a text (byte-level BPE gives a
     word's first-in-text and mid-text forms different tokens)."""
@@ -157,9 +164,7 @@ class AuxTuningTask:
     def example(self, text: str, rng: np.random.Generator) -> dict:
         """One row: the document (<bos> text <eos>, cut or right-padded to seq_len) and its keywords."""
         a, n, tok = self.config.aux, self.config.seq_len, self.tokenizer
-        words = content_words(text, a.skip_words)
-        k = int(rng.integers(a.min_keywords, min(a.max_keywords, len(words)) + 1))
-        chosen = [words[i] for i in sorted(rng.choice(len(words), k, replace=False))]
+        chosen = sample_keywords(text, rng, a)
         ids = [tok.bos_id] + tok.encode(text) + [tok.eos_id]
         ids = ids[:n]
         kw_ids, kw_mask = keyword_block([keyword_tokens(tok, chosen)], a.max_keyword_tokens, tok.pad_id)

@@ -1,0 +1,135 @@
+"""Keyword-conditioned generation the plain way, the baselines auxiliary tuning is measured against:
+a Jamba LM reading each document after a keyword prefix,
+
+    <bos> " kw1 kw2 kw3" "\\n" text <eos>        (the loss counts the text only)
+
+trained from scratch (`config.init_from = ""`) or fine-tuned in full from a `jamba_lm` checkpoint
+(`config.init_from = DIR`). With `config.num_train_steps = 0` it only evaluates: the frozen LM alone,
+the keywords as a text prompt. Keywords, data and the evaluation (eval_loss of the text given the
+keywords, eval_keyword_rate of sampled continuations) are those of the `aux_tuning` task.
+
+  python main.py --config=configs/keyword_lm_tiny.py --config.init_from=workdir
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jamba_jax import ConfigError, JambaConfig, JambaForCausalLM, generate, init_params
+from jamba_jax.losses import next_token_nll
+from jamba_jax.params import activation_bytes, param_logical_specs
+from tasks.aux_tuning import contains_keywords, content_words, keyword_tokens, sample_keywords
+from tasks.generate import load_checkpoint
+from training.data import document_stream, load_tokenizer, process_rows, text_source
+
+
+class KeywordLMTask:
+    name = "keyword_lm"
+
+    def __init__(self, config):
+        self.config = config
+        self._start = None
+        if config.init_from:
+            cfg, params = load_checkpoint(config.init_from)
+            self._start = jax.tree.map(np.asarray, params)
+            fields = dict(config.model.to_dict())
+            if fields.get("vocab_size", -1) not in (-1, cfg.vocab_size):
+                raise ConfigError(f"config.model.vocab_size={fields['vocab_size']} but {config.init_from} has "
+                                  f"{cfg.vocab_size} tokens")
+            self.cfg = cfg.replace(dtype=fields.get("dtype", cfg.dtype))
+        else:
+            self.cfg = JambaConfig.from_dict(config.model.to_dict())
+        self.model = JambaForCausalLM(self.cfg)
+        self.tokenizer = load_tokenizer(config.data.tokenizer, self.cfg.vocab_size)
+        self.newline = self.tokenizer.encode("\n")
+
+    def meta(self) -> dict:
+        return {"task": self.name, "model": dataclasses.asdict(self.cfg), "aux": self.config.aux.to_dict(),
+                "init_from": self.config.init_from}
+
+    def init_params(self, rng):
+        return jax.tree.map(jnp.asarray, self._start) if self._start is not None else init_params(self.cfg, rng)
+
+    def param_specs(self):
+        return param_logical_specs(self.cfg)
+
+    def activation_bytes(self, rows: int, seq_len: int) -> int:
+        return activation_bytes(self.cfg, rows, seq_len + self.config.aux.max_keyword_tokens)
+
+    # --- data ---------------------------------------------------------------------------------------------------
+    def prefix(self, keywords: list[str]) -> list[int]:
+        tok = self.tokenizer
+        return [tok.bos_id] + keyword_tokens(tok, keywords)[-self.config.aux.max_keyword_tokens:] + self.newline
+
+    def example(self, text: str, rng: np.random.Generator) -> dict:
+        """[prefix][text <eos>] cut or right-padded to max_keyword_tokens + seq_len + 2; weights on the text."""
+        tok, n = self.tokenizer, self.config.seq_len + self.config.aux.max_keyword_tokens + 1 + len(self.newline)
+        chosen = sample_keywords(text, rng, self.config.aux)
+        prefix = self.prefix(chosen)
+        ids = (prefix + tok.encode(text) + [tok.eos_id])[:n]
+        targets = np.zeros((n,), np.float32)
+        targets[len(prefix):len(ids)] = 1.0  # position t is a target when token t belongs to the text
+        return {"inputs": np.asarray(ids + [tok.pad_id] * (n - len(ids)), np.int32),
+                "mask": np.asarray([1] * len(ids) + [0] * (n - len(ids)), np.int32), "targets": targets,
+                "keyword_text": np.asarray(" ".join(chosen))}
+
+    def documents(self, split: str) -> list[str]:
+        skip = self.config.aux.skip_words
+        return [d for d in text_source(self.config.data, split) if content_words(d, skip)]
+
+    def _dataset(self, split, train, pidx, pcount):
+        c = self.config
+        ds = document_stream(self.documents(split), c.batch_size, c.seed, train, pcount)
+        ds = ds.random_map(self.example, seed=c.seed)
+        ds = ds.map(lambda ex: {k: v for k, v in ex.items() if k != "keyword_text"})
+        ds = ds.batch(c.batch_size, drop_remainder=train)
+        return ds.map(lambda b: process_rows(b, c.batch_size, pidx, pcount)).to_iter_dataset()
+
+    def train_dataset(self, process_index, process_count):
+        return self._dataset("train", True, process_index, process_count)
+
+    def eval_dataset(self, process_index, process_count):
+        return self._dataset("validation", False, process_index, process_count)
+
+    # --- loss ---------------------------------------------------------------------------------------------------------
+    def _nll(self, params, batch):
+        logits = self.model.apply({"params": params}, batch["inputs"], attention_mask=batch["mask"]).logits
+        w = batch["targets"][:, 1:]  # the target of position t is token t + 1
+        return jnp.sum(next_token_nll(logits, batch["inputs"]) * w), jnp.sum(w)
+
+    def loss(self, params, batch, rng, frozen=None):
+        nll, tokens = self._nll(params, batch)
+        return nll, {"loss": nll, "tokens": tokens}
+
+    def eval_sums(self, params, batch, frozen=None):
+        nll, tokens = self._nll(params, batch)
+        return {"nll": nll, "tokens": tokens}
+
+    # --- keyword inclusion ---------------------------------------------------------------------------------------
+    def extra_eval(self, params, frozen=None) -> dict:
+        """eval_keyword_rate: continuations sampled after each held-out document's keyword prefix (the
+        same documents, keywords and sampling as the aux_tuning task's)."""
+        a, tok = self.config.aux, self.tokenizer
+        rng = np.random.default_rng(self.config.seed + 1)
+        keywords = [sample_keywords(d, rng, a) for d in self.documents("validation")[:a.eval_samples]]
+        prefixes = [self.prefix(k) for k in keywords]
+        width = max(len(p) for p in prefixes)
+        ids = np.full((len(prefixes), width), tok.pad_id, np.int32)
+        mask = np.zeros_like(ids)
+        for r, p in enumerate(prefixes):  # left-padded prompts
+            ids[r, width - len(p):], mask[r, width - len(p):] = p, 1
+        out = generate(self.model, params, ids, attention_mask=mask, max_new_tokens=a.sample_tokens,
+                       temperature=a.temperature, top_k=a.top_k or None, eos_token_id=tok.eos_id,
+                       pad_token_id=tok.pad_id, rng=jax.random.PRNGKey(self.config.seed))
+        texts = [tok.decode([t for t in row if t not in (tok.pad_id, tok.eos_id)]) for row in out]
+        return {"keyword_rate": float(np.mean([contains_keywords(t, k) for t, k in zip(texts, keywords, strict=True)]))}
+
+    def on_end(self, params, frozen=None):
+        pass
+
+
+Task = KeywordLMTask
