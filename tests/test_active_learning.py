@@ -1,0 +1,205 @@
+"""Exemplar-guided active learning: the frequency estimate and its bounds, the stopping rule, the
+search against the baselines on a pool with a rare class, the classifier against scikit-learn,
+determinism, each defect of the authors' code, and the bad inputs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from active_learning import PoolError, Settings, gaussian_blobs, logistic, make_pool, run_seeds
+from active_learning.bounds import bernstein, kl_bounds
+from active_learning.strategies import al_label, init_state, search_epsilon_greedy, search_round
+
+SETTINGS = Settings(batch=10, rounds=6)
+
+
+@pytest.fixture(scope="module")
+def skewed():
+    """A 1% class beside two common ones (threshold 0.1) and a 2% one."""
+    x, y, ex, xt, yt = gaussian_blobs([0.85, 0.12, 0.02, 0.01], 1500, dim=8, separation=3.0, seed=0)
+    return (x, y, ex, xt, yt), make_pool(x, y, ex, xt, yt, SETTINGS)
+
+
+def test_importance_weights_estimate_every_class_frequency_without_bias(skewed):
+    """Draws from each class's proposal, weighted 1[y = t] / (N p(x)), average to the pool's
+    frequency of every class t (simulation over many draws, to 4 standard errors)."""
+    (x, y, *_), pool = skewed
+    p = np.asarray(pool.p, np.float64)
+    n = len(y)
+    freq = np.bincount(y) / n
+    rng = np.random.default_rng(0)
+    for c in range(p.shape[0]):
+        s = rng.choice(n, 200_000, p=p[c] / p[c].sum())
+        w = (y[s][:, None] == np.arange(4)) / (n * p[c][s])[:, None]
+        se = w.std(0) / np.sqrt(len(s))
+        assert np.all(np.abs(w.mean(0) - freq) <= 4 * se + 1e-9), (c, w.mean(0), freq, se)
+    assert float(pool.max_weight) <= 1 / 0.1 + 1e-3  # the defensive mixture caps every weight
+
+
+def test_bernstein_bounds_cover_the_mean_at_least_1_minus_delta():
+    """Bounded draws (importance weights / their maximum): the true mean falls outside the bounds in
+    at most delta of 2,000 repetitions (to 3 binomial standard errors); so a common class is dropped
+    as rare (upper bound below the threshold) at most delta of the time."""
+    rng = np.random.default_rng(1)
+    delta, n, true = 0.1, 200, 0.15
+    misses = 0
+    for _ in range(2000):
+        z = (rng.random(n) < true) * rng.uniform(0.3, 1.0, n)  # values in [0, 1]
+        mean = true * 0.65
+        lo, hi = bernstein(jnp.asarray(z.sum()), jnp.asarray((z * z).sum()), jnp.asarray(float(n)), delta)
+        misses += not (float(lo) <= mean <= float(hi))
+    assert misses / 2000 <= delta + 3 * np.sqrt(delta * (1 - delta) / 2000)
+    # the KL bounds sit where n KL(mean || p) = log(1 / delta), on both sides
+    lo, hi = kl_bounds(jnp.asarray([0.2, 0.0]), jnp.asarray([100.0, 100.0]), 0.01)
+
+    def kl(p, q):
+        return sum(a * np.log(a / b) for a, b in ((p, q), (1 - p, 1 - q)) if a > 0)
+
+    radius = np.log(100) / 100
+    assert float(lo[0]) < 0.2 < float(hi[0]) and float(lo[1]) == 0.0 < float(hi[1])
+    for mean, bound in ((0.2, lo[0]), (0.2, hi[0]), (0.0, hi[1])):
+        assert abs(kl(mean, float(bound)) - radius) < 1e-4, (mean, float(bound))
+
+
+def test_egal_finds_every_common_class_sooner_than_random_and_least_confidence(skewed):
+    _, pool = skewed
+    keys = jax.random.split(jax.random.PRNGKey(0), 48)
+    found = {m: float(np.mean(run_seeds(pool, SETTINGS, m, keys)[1])) for m in ("egal", "random", "least_confidence")}
+    assert found["egal"] < found["random"] and found["egal"] < found["least_confidence"], found
+
+
+def test_the_search_drops_a_rare_class_it_cannot_find():
+    """A 1% class whose exemplar sits among another class: after a few rounds the bounds prove it rare
+    and the search ends (it does not keep spending labels on it)."""
+    x, y, ex, xt, yt = gaussian_blobs([0.6, 0.39, 0.01], 2000, dim=8, separation=4.0, seed=3)
+    ex = ex.copy()
+    ex[2] = ex[0]  # a misleading exemplar for the rare class
+    settings = Settings(batch=20, rounds=10)
+    metrics, _ = run_seeds(make_pool(x, y, ex, xt, yt, settings), settings, "egal",
+                           jax.random.split(jax.random.PRNGKey(1), 16))
+    in_search = np.asarray(metrics["in_search"])
+    assert (in_search[:, -1] == 0).mean() >= 0.9, in_search[:, -1]
+
+
+def test_logistic_regression_matches_scikit_learn():
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0).astype(np.float32)
+    w = np.zeros(len(x), np.float32)
+    w[np.random.RandomState(0).permutation(len(x))[:200]] = 1
+    ours = logistic.fit(logistic.init(64, 10), jnp.asarray(x), jnp.asarray(y), jnp.asarray(w), steps=100)
+    theirs = LogisticRegression(max_iter=5000, tol=1e-8).fit(x[w > 0], y[w > 0])
+    agree = (np.asarray(logistic.predict_proba(ours, jnp.asarray(x))).argmax(1) == theirs.predict(x)).mean()
+    assert agree >= 0.995, agree
+    sk = logistic.Logistic(jnp.asarray(theirs.coef_.T, jnp.float32), jnp.asarray(theirs.intercept_, jnp.float32))
+    ref = float(logistic.objective(sk, jnp.asarray(x), jnp.asarray(y), jnp.asarray(w)))
+    assert abs(float(logistic.objective(ours, jnp.asarray(x), jnp.asarray(y), jnp.asarray(w))) - ref) <= 1e-4 * ref
+
+
+def test_runs_are_deterministic_for_a_seed(skewed):
+    _, pool = skewed
+    keys = jax.random.split(jax.random.PRNGKey(5), 3)
+    a, b = run_seeds(pool, SETTINGS, "egal", keys), run_seeds(pool, SETTINGS, "egal", keys)
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+
+
+# --- the defects of the authors' code, one test each ----------------------------------------------------------
+def test_greedy_search_takes_the_nearest_unlabelled_point_not_the_farthest(skewed):
+    (x, *_), pool = skewed
+    state = init_state(pool, Settings(epsilon=0.0), jax.random.PRNGKey(0))
+    state = search_epsilon_greedy(state, pool, 1, Settings(epsilon=0.0))
+    chosen = int(state.order[0])
+    assert chosen == int(np.argmin(np.asarray(pool.d[1])))
+
+
+def test_thompson_selection_picks_unlabelled_points_by_their_own_index(skewed):
+    _, pool = skewed
+    n = pool.x.shape[0]
+    state = init_state(pool, SETTINGS, jax.random.PRNGKey(0))
+    labeled = np.ones(n, bool)
+    labeled[[7, 900]] = False  # two unlabelled points; the model is sure of 7 and unsure of 900
+    probs = np.tile([0.999, 0.001 / 3, 0.001 / 3, 0.001 / 3], (n, 1)).astype(np.float32)
+    probs[900] = [0.25, 0.25, 0.25, 0.25]
+    state = state._replace(labeled=jnp.asarray(labeled), n_labeled=jnp.asarray(n - 2, jnp.int32),
+                           order=jnp.zeros((n,), jnp.int32))
+    picks = [int(al_label(state._replace(key=k), pool, jnp.asarray(probs), Settings(thompson_scale=10.0),
+                          "egal_thompson").order[n - 2]) for k in jax.random.split(jax.random.PRNGKey(1), 40)]
+    assert set(picks) <= {7, 900} and picks.count(900) > 30, picks
+
+
+def test_the_search_goes_on_while_a_single_class_is_unresolved(skewed):
+    _, pool = skewed
+    state = init_state(pool, SETTINGS, jax.random.PRNGKey(0))
+    state = state._replace(in_search=jnp.asarray([False, False, False, True]))  # one class left
+    after = search_round(state, pool, SETTINGS, "egal")
+    assert int(after.n_labeled) == SETTINGS.batch // 4 and float(after.n_draws) > 0
+
+
+def test_importance_values_are_normalised_into_the_unit_interval(skewed):
+    _, pool = skewed
+    state = init_state(pool, SETTINGS, jax.random.PRNGKey(2))
+    for _ in range(3):
+        state = search_round(state, pool, SETTINGS, "egal")
+    z_sum, z_sq, n = (np.asarray(a, np.float64) for a in (state.z_sum, state.z_sq, state.n_draws))
+    assert n > 0 and np.all(z_sum <= n + 1e-6) and np.all(z_sq <= z_sum + 1e-6)  # each value in [0, 1]
+    assert np.isclose(float(pool.max_weight), 1 / (pool.x.shape[0] * float(jnp.min(pool.p))), rtol=1e-5)
+
+
+def test_the_dictionary_exemplars_are_the_search_centres(skewed):
+    """The proposal peaks at the pool point nearest the given exemplar, and no pool point is removed
+    or substituted for it (the authors' code replaced exemplars with random pool examples)."""
+    (x, y, ex, xt, yt), pool = skewed
+    assert pool.x.shape[0] == len(x)
+    for c in range(len(ex)):
+        nearest = np.argmin(((x - ex[c]) ** 2).sum(1))
+        assert int(np.argmax(np.asarray(pool.p[c]))) == nearest
+
+
+def test_bad_inputs_are_named():
+    x, y, ex, xt, yt = gaussian_blobs([0.9, 0.1], 100, seed=1)
+    with pytest.raises(PoolError, match="budget"):
+        make_pool(x, y, ex, xt, yt, Settings(batch=20, rounds=10))
+    with pytest.raises(PoolError, match="exemplars for 2 classes"):
+        make_pool(x, y, ex[:1], xt, yt, SETTINGS)
+    bad = x.copy()
+    bad[3, 0] = np.nan
+    with pytest.raises(PoolError, match="NaN"):
+        make_pool(bad, y, ex, xt, yt, SETTINGS)
+    with pytest.raises(PoolError, match="threshold"):
+        make_pool(x, y, ex, xt, yt, Settings(batch=10, rounds=2, threshold=1.5))
+
+
+def test_the_runner_writes_results_and_plots_for_every_method_and_pool(tmp_path):
+    """configs/egal_wsd.py end to end at a small size: a pseudo-word pool embedded by a tiny Jamba and
+    the digits, results.json in the documented shape, one PNG per pool."""
+    import json
+    import os
+
+    from test_training import small_config
+
+    import tasks
+    from configs import egal_wsd
+
+    lm = str(tmp_path / "lm")
+    tasks.run(small_config(num_train_steps=4, eval_every_steps=4, save_every_steps=4), lm)
+    c = egal_wsd.get_config()
+    c.encoder_checkpoint, c.encoder_layer, c.num_seeds = lm, 1, 3
+    c.pools, c.skews, c.methods = ("personmusic",), (10,), ("egal", "random")
+    c.al.rounds, c.al.batch = 3, 10
+    workdir = str(tmp_path / "egal")
+    tasks.run(c, workdir)
+    results = json.load(open(os.path.join(workdir, "results.json")))
+    assert set(results["pools"]) == {"personmusic 1:10", "digits 0.5^c"} and results["encoder"].startswith("jamba")
+    for pool in results["pools"].values():
+        assert set(pool["methods"]) == {"egal", "random"}
+        r = pool["methods"]["egal"]
+        assert r["labels"] == [10, 20, 30] and len(r["accuracy"]) == len(r["macro_f1"]) == 3
+        assert 1 <= r["labels_to_find_common"] <= 31
+    assert sorted(f for f in os.listdir(workdir) if f.endswith(".png")) == ["digits_0_5_c.png", "personmusic_1_10.png"]
+    c.pools = ("nosuchword",)
+    with pytest.raises(PoolError, match="nosuchword"):
+        tasks.run(c, workdir)
