@@ -2,6 +2,7 @@
 and the four commands; and main.py runs from any directory."""
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -10,8 +11,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_the_wheel_holds_the_packages_the_data_and_the_commands(tmp_path):
+    # built from a copy: setuptools writes build/ and *.egg-info beside the sources
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "build", "workdir*", "bench_*", "__pycache__",
+                                                             "*.egg-info", ".pytest_cache", ".ruff_cache"))
     out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                          "-w", str(tmp_path), ROOT], capture_output=True, text=True, timeout=300)
+                          "-w", str(tmp_path), str(src)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     [wheel] = [f for f in os.listdir(tmp_path) if f.endswith(".whl")]
     with zipfile.ZipFile(tmp_path / wheel) as z:
@@ -20,7 +25,8 @@ def test_the_wheel_holds_the_packages_the_data_and_the_commands(tmp_path):
     for needed in ("main.py", "configs/jamba_tiny.py", "kernels/ssm_pallas_tpu.py", "common/layers.py",
                    "jamba_jax/model.py", "sensebert_jax/lexicon.json.gz", "training/task.py", "tasks/jamba_lm.py",
                    "data/tokenizer/tokenizer.json", "data/wordnet_corpus/train.txt.gz",
-                   "data/sensebert_eval/tagging.jsonl.gz", "data/sensebert_wordpiece/vocab.txt"):
+                   "data/sensebert_eval/tagging.jsonl.gz", "data/sensebert_wordpiece/vocab.txt",
+                   "aux_tuning/model.py", "active_learning/strategies.py", "data/egal_pools/pseudowords.jsonl.gz"):
         assert needed in names, needed
     for command in ("jamba-train", "jamba-generate", "jamba-convert", "sensebert-predict"):
         assert f"{command} =" in entry_points, command
