@@ -1,73 +1,288 @@
-"""Attention math shared by the models: dense softmax attention in float32 and the blockwise
-(online-softmax) form for long key sequences, on grouped-query layouts.
+"""Softmax attention without a [queries, keys] array, on grouped-query layouts.
 
-q [B, L, V, G, D] (V kv heads, G query heads per kv head), k and v [B, S, V, D], mask [B, L, S].
+q [B, L, V, G, D] (V kv heads, G query heads per kv head), k and v [B, S, V, D]. Which keys a
+query sees is described by an `AttentionMask` (positions, the padding mask and segment ids); the
+attention loops build each [q block, k block] piece of the mask from it where they need it, so
+memory is O(L + S) whatever the lengths (FlashAttention's recurrence, Dao et al. 2022; memory-
+efficient attention, Rabe & Staats 2021):
+
+- forward: for each block of queries (the G heads that share a kv head folded into its rows, so
+  one matmul serves them all), an online softmax over the key blocks it can see: causal masks end
+  the loop at the block holding the query block's last position, and key blocks no row of the batch
+  can see (left padding, empty cache slots) are skipped at both ends;
+- backward (custom VJP): for each key block, the query blocks that can see it, recomputing the
+  probabilities from the saved log-sum-exp (FlashAttention-2's backward); nothing O(L x S) is saved.
+
+`attention` picks the implementation (today the blockwise path on every platform, through XLA).
+`reference_attention` materialises the mask and the scores: it is the tests' reference, never a model's path.
 """
 
 from __future__ import annotations
+
+import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 _F32 = jnp.float32
+_LOWEST = float(jnp.finfo(_F32).min)  # a finite minimum (not -inf) keeps fully masked rows free of NaN
+
+BLOCK_Q = 256  # queries per block (times G rows: the kv head's query heads share its keys)
+BLOCK_K = 512  # keys per block
 
 
-def make_attention_mask(valid_BxL, segment_ids_BxL=None):
-    """Boolean [batch, q, k] mask: causal, keys must be real tokens, and (packed rows) same segment."""
-    length = valid_BxL.shape[1]
-    causal_LxS = jnp.tril(jnp.ones((length, length), dtype=bool))
-    mask = causal_LxS[None] & valid_BxL[:, None, :]
-    if segment_ids_BxL is not None:
-        mask = mask & (segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :])
-    return mask
+class AttentionMask(NamedTuple):
+    """Which keys each query sees, in O(L + S) arrays.
 
-
-ATTN_BLOCK = 1024  # keys per block of the online-softmax path, used past 2 * ATTN_BLOCK keys
-
-
-def dense_attention(q_BxLxVxGxD, k_BxSxVxD, v_BxSxVxD, mask_BxLxS):
-    """softmax(q k^T / sqrt(d)) v in float32, materialising [batch, heads, q, s]."""
-    hd = q_BxLxVxGxD.shape[-1]
-    logits = jnp.einsum("bqkgd,bskd->bkgqs", q_BxLxVxGxD, k_BxSxVxD) * (hd ** -0.5)
-    # A finite minimum (not -inf) keeps fully masked rows (left padding) free of NaN.
-    logits = jnp.where(mask_BxLxS[:, None, None], logits.astype(_F32), jnp.finfo(_F32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v_BxSxVxD.dtype)
-    return jnp.einsum("bkgqs,bskd->bqkgd", probs, v_BxSxVxD)
-
-
-def blockwise_attention(q_BxLxVxGxD, k_BxSxVxD, v_BxSxVxD, mask_BxLxS, block: int, live_blocks=None):
-    """The same attention with an online softmax over key blocks (memory-efficient attention, Rabe &
-    Staats 2021; FlashAttention's recurrence): memory O(q x block) instead of O(q x s).
-
-    live_blocks: a (traced) count of leading key blocks that can hold unmasked keys; later blocks
-    are skipped (causal prefill and decoding from a long cache). None visits every block.
+    Key s is visible to query l of row b iff k_valid[b, s], and (causal) s <= q_pos[l], and (packed
+    rows) q_segment[b, l] == k_segment[b, s]. Key s sits at position s (cache slot s).
     """
-    b, s, nkv, hd = k_BxSxVxD.shape
-    pad = (-s) % block
-    if pad:
-        k_BxSxVxD = jnp.pad(k_BxSxVxD, [(0, 0), (0, pad), (0, 0), (0, 0)])
-        v_BxSxVxD = jnp.pad(v_BxSxVxD, [(0, 0), (0, pad), (0, 0), (0, 0)])
-        mask_BxLxS = jnp.pad(mask_BxLxS, [(0, 0), (0, 0), (0, pad)])
-    n_blocks = (s + pad) // block
-    q32 = q_BxLxVxGxD.astype(_F32) * (hd ** -0.5)
-    lowest = jnp.finfo(_F32).min
-    q_len, groups = q_BxLxVxGxD.shape[1], q_BxLxVxGxD.shape[3]
 
-    def body(j, carry):
-        m, denom, acc = carry  # running max [b, K, G, q], softmax denominator (same), output [b, q, K, G, d]
-        kb = jax.lax.dynamic_slice_in_dim(k_BxSxVxD, j * block, block, axis=1).astype(_F32)
-        vb = jax.lax.dynamic_slice_in_dim(v_BxSxVxD, j * block, block, axis=1).astype(_F32)
-        mb = jax.lax.dynamic_slice_in_dim(mask_BxLxS, j * block, block, axis=2)
-        logits = jnp.where(mb[:, None, None], jnp.einsum("bqkgd,bskd->bkgqs", q32, kb), lowest)
-        m_new = jnp.maximum(m, logits.max(-1))
-        p = jnp.exp(logits - m_new[..., None])
-        corr = jnp.exp(m - m_new)
-        denom = denom * corr + p.sum(-1)
-        acc = acc * jnp.moveaxis(corr, -1, 1)[..., None] + jnp.einsum("bkgqs,bskd->bqkgd", p, vb)
-        return m_new, denom, acc
+    k_valid: jax.Array  # [B, S] bool: real keys (left padding and unwritten cache slots are not)
+    q_pos: jax.Array | None = None  # [L] int32, nondecreasing: causal; None: bidirectional (BERT)
+    q_segment: jax.Array | None = None  # [B, L] document ids of packed rows
+    k_segment: jax.Array | None = None  # [B, S]
 
-    init = (jnp.full((b, nkv, groups, q_len), lowest, _F32), jnp.zeros((b, nkv, groups, q_len), _F32),
-            jnp.zeros((b, q_len, nkv, groups, hd), _F32))
-    upper = n_blocks if live_blocks is None else jnp.minimum(live_blocks, n_blocks)
-    _, denom, acc = jax.lax.fori_loop(0, upper, body, init)
-    return acc / jnp.moveaxis(denom, -1, 1)[..., None]
+    @classmethod
+    def causal(cls, valid_BxL, segment_ids_BxL=None) -> AttentionMask:
+        """A causal LM over whole rows: query l sees real keys 0..l (of its own document)."""
+        length = valid_BxL.shape[1]
+        return cls(valid_BxL.astype(bool), jnp.arange(length, dtype=jnp.int32), segment_ids_BxL, segment_ids_BxL)
+
+    @classmethod
+    def cached(cls, key_valid_BxS, index, length: int) -> AttentionMask:
+        """`length` new tokens written at cache slot `index` of a cache whose real slots are key_valid."""
+        return cls(key_valid_BxS.astype(bool), index + jnp.arange(length, dtype=jnp.int32))
+
+    @classmethod
+    def bidirectional(cls, valid_BxL) -> AttentionMask:
+        """An encoder (BERT): every query sees every real key."""
+        return cls(valid_BxL.astype(bool))
+
+    def block(self, q_start, q_len: int, k_start, k_len: int):
+        """The [B, q_len, k_len] piece of the mask at (q_start, k_start)."""
+        ok = jax.lax.dynamic_slice_in_dim(self.k_valid, k_start, k_len, axis=1)[:, None, :]
+        if self.q_pos is not None:
+            k_pos = k_start + jnp.arange(k_len, dtype=jnp.int32)
+            q_pos = jax.lax.dynamic_slice_in_dim(self.q_pos, q_start, q_len)
+            ok = ok & (k_pos[None, None, :] <= q_pos[None, :, None])
+        if self.q_segment is not None:
+            qs = jax.lax.dynamic_slice_in_dim(self.q_segment, q_start, q_len, axis=1)
+            ks = jax.lax.dynamic_slice_in_dim(self.k_segment, k_start, k_len, axis=1)
+            ok = ok & (qs[:, :, None] == ks[:, None, :])
+        return ok
+
+    def dense(self, q_len: int):
+        """The whole [B, L, S] mask (tests' reference only)."""
+        s = self.k_valid.shape[1]
+        return jnp.broadcast_to(self.block(0, q_len, 0, s), (self.k_valid.shape[0], q_len, s))
+
+
+def reference_attention(q_BxLxVxGxD, k_BxSxVxD, v_BxSxVxD, mask: AttentionMask):
+    """softmax(q k^T / sqrt(d)) v in float32 with the scores and mask materialised: the reference
+    the tests hold the blockwise and kernel paths to (fully masked rows: the mean of v)."""
+    hd = q_BxLxVxGxD.shape[-1]
+    logits = jnp.einsum("bqkgd,bskd->bkgqs", q_BxLxVxGxD.astype(_F32), k_BxSxVxD.astype(_F32)) * (hd ** -0.5)
+    logits = jnp.where(mask.dense(q_BxLxVxGxD.shape[1])[:, None, None], logits, _LOWEST)
+    probs = jax.nn.softmax(logits, axis=-1)
+    return jnp.einsum("bkgqs,bskd->bqkgd", probs, v_BxSxVxD.astype(_F32)).astype(q_BxLxVxGxD.dtype)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The blockwise path (XLA: every platform)
+
+
+class _Plan(NamedTuple):
+    """Static tiling of one call."""
+
+    bq: int  # queries per block
+    bk: int  # keys per block
+    nq: int  # query blocks
+    nk: int  # key blocks
+
+
+def _plan(q_len: int, k_len: int, block_q: int, block_k: int) -> _Plan:
+    bq, bk = min(block_q, q_len), min(block_k, k_len)
+    return _Plan(bq, bk, -(-q_len // bq), -(-k_len // bk))
+
+
+def _padded_mask(mask: AttentionMask, p: _Plan) -> AttentionMask:
+    """Pads the mask to whole blocks: extra keys invalid, extra queries copies of the last one."""
+    q_pad = p.nq * p.bq - (mask.q_pos.shape[0] if mask.q_pos is not None else 0)
+    k_pad = p.nk * p.bk - mask.k_valid.shape[1]
+
+    def pad(x, n, axis, mode="constant"):
+        if x is None or n == 0:
+            return x
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, n)
+        return jnp.pad(x, widths, mode=mode)
+
+    q_pad_seg = p.nq * p.bq - mask.q_segment.shape[1] if mask.q_segment is not None else 0
+    return AttentionMask(pad(mask.k_valid, k_pad, 1), pad(mask.q_pos, q_pad, 0, "edge"),
+                         pad(mask.q_segment, q_pad_seg, 1, "edge"), pad(mask.k_segment, k_pad, 1))
+
+
+def _key_block_range(mask: AttentionMask, p: _Plan):
+    """[first, last] key blocks holding a key some row can see (empty range: first > last)."""
+    any_valid = jnp.any(mask.k_valid, axis=0)
+    idx = jnp.arange(any_valid.shape[0], dtype=jnp.int32)
+    first = jnp.min(jnp.where(any_valid, idx, any_valid.shape[0])) // p.bk
+    last = jnp.max(jnp.where(any_valid, idx, -1))
+    return first, jnp.where(last < 0, -1, last // p.bk)
+
+
+def _q_block_max_pos(mask: AttentionMask, p: _Plan):
+    """[nq] the last (largest) position of each query block."""
+    return mask.q_pos.reshape(p.nq, p.bq)[:, -1]
+
+
+def _rows(x_BxLxVxGxD, p: _Plan):
+    """[B, L, V, G, D] -> [nq, B, V, bq * G, D]: query blocks, each kv head's G query heads in the rows."""
+    b, length, nkv, g, d = x_BxLxVxGxD.shape
+    x = jnp.pad(x_BxLxVxGxD, [(0, 0), (0, p.nq * p.bq - length), (0, 0), (0, 0), (0, 0)])
+    return x.reshape(b, p.nq, p.bq, nkv, g, d).transpose(1, 0, 3, 2, 4, 5).reshape(p.nq, b, nkv, p.bq * g, d)
+
+
+def _unrows(x_NxBxVxRxD, length: int, g: int):
+    nq, b, nkv, r, d = x_NxBxVxRxD.shape
+    x = x_NxBxVxRxD.reshape(nq, b, nkv, r // g, g, d).transpose(1, 0, 3, 2, 4, 5)
+    return x.reshape(b, nq * (r // g), nkv, g, d)[:, :length]
+
+
+def _pad_keys(x_BxSxVxD, p: _Plan):
+    return jnp.pad(x_BxSxVxD, [(0, 0), (0, p.nk * p.bk - x_BxSxVxD.shape[1]), (0, 0), (0, 0)])
+
+
+def _block_mask_rows(mask: AttentionMask, i, j, p: _Plan, g: int):
+    """The (i, j) block's mask in the row layout: [B, 1, bq * G, bk]."""
+    m = mask.block(i * p.bq, p.bq, j * p.bk, p.bk)
+    return jnp.broadcast_to(m[:, :, None, :], (m.shape[0], p.bq, g, p.bk)).reshape(m.shape[0], 1, p.bq * g, p.bk)
+
+
+def _dot(a, b, spec):
+    return jnp.einsum(spec, a, b, preferred_element_type=_F32)
+
+
+def _forward(q_rows, k, v, mask: AttentionMask, p: _Plan, g: int):
+    """(out rows [nq, B, V, R, D] float32, lse [nq, B, V, R]); q_rows already scaled by 1/sqrt(d)."""
+    k_first, k_last = _key_block_range(mask, p)
+    q_max = _q_block_max_pos(mask, p) if mask.q_pos is not None else None
+    _, b, nkv, r, d = q_rows.shape
+
+    def one_query_block(i):
+        qb = q_rows[i]
+        hi = k_last + 1
+        if q_max is not None:
+            hi = jnp.minimum(hi, q_max[i] // p.bk + 1)
+
+        def body(j, carry):
+            m, denom, acc = carry
+            kb = jax.lax.dynamic_slice_in_dim(k, j * p.bk, p.bk, axis=1)
+            vb = jax.lax.dynamic_slice_in_dim(v, j * p.bk, p.bk, axis=1)
+            s = jnp.where(_block_mask_rows(mask, i, j, p, g), _dot(qb, kb, "bvrd,bsvd->bvrs"), _LOWEST)
+            m_new = jnp.maximum(m, s.max(-1))
+            pr = jnp.exp(s - m_new[..., None])
+            corr = jnp.exp(m - m_new)
+            denom = denom * corr + pr.sum(-1)
+            acc = acc * corr[..., None] + _dot(pr.astype(v.dtype), vb, "bvrs,bsvd->bvrd")
+            return m_new, denom, acc
+
+        init = (jnp.full((b, nkv, r), _LOWEST, _F32), jnp.zeros((b, nkv, r), _F32), jnp.zeros((b, nkv, r, d), _F32))
+        m, denom, acc = jax.lax.fori_loop(k_first, jnp.maximum(hi, k_first), body, init)
+        seen = denom > 0
+        out = acc / jnp.where(seen, denom, 1.0)[..., None]
+        return out, jnp.where(seen, m + jnp.log(jnp.where(seen, denom, 1.0)), _LOWEST)
+
+    return jax.lax.map(one_query_block, jnp.arange(p.nq))
+
+
+def _backward(q_rows, k, v, mask: AttentionMask, out_rows, lse, dout_rows, p: _Plan, g: int):
+    """(dq rows (scaled-q space), dk, dv) in float32, one key block at a time."""
+    k_first, k_last = _key_block_range(mask, p)
+    q_max = _q_block_max_pos(mask, p) if mask.q_pos is not None else None
+    delta = jnp.sum(dout_rows * out_rows, axis=-1)  # [nq, B, V, R]
+    dout_rows = dout_rows.astype(q_rows.dtype)
+    b, s_len, nkv, d = k.shape
+
+    def one_key_block(j, carry):
+        dq, dk, dv = carry
+        kb = jax.lax.dynamic_slice_in_dim(k, j * p.bk, p.bk, axis=1)
+        vb = jax.lax.dynamic_slice_in_dim(v, j * p.bk, p.bk, axis=1)
+        lo = 0 if q_max is None else jnp.sum(q_max < j * p.bk)
+
+        def body(i, inner):
+            dq, dkb, dvb = inner
+            qb, dob = q_rows[i], dout_rows[i]
+            s = _dot(qb, kb, "bvrd,bsvd->bvrs")
+            pr = jnp.where(_block_mask_rows(mask, i, j, p, g), jnp.exp(s - lse[i][..., None]), 0.0)
+            dvb = dvb + _dot(pr.astype(dob.dtype), dob, "bvrs,bvrd->bsvd")
+            dp = _dot(dob, vb, "bvrd,bsvd->bvrs")
+            ds = (pr * (dp - delta[i][..., None])).astype(qb.dtype)
+            dkb = dkb + _dot(ds, qb, "bvrs,bvrd->bsvd")
+            dq = dq.at[i].add(_dot(ds, kb, "bvrs,bsvd->bvrd"))
+            return dq, dkb, dvb
+
+        zeros = jnp.zeros((b, p.bk, nkv, d), _F32)
+        dq, dkb, dvb = jax.lax.fori_loop(lo, p.nq, body, (dq, zeros, zeros))
+        dk = jax.lax.dynamic_update_slice_in_dim(dk, dkb, j * p.bk, axis=1)
+        dv = jax.lax.dynamic_update_slice_in_dim(dv, dvb, j * p.bk, axis=1)
+        return dq, dk, dv
+
+    init = (jnp.zeros(q_rows.shape, _F32), jnp.zeros(k.shape, _F32), jnp.zeros(v.shape, _F32))
+    return jax.lax.fori_loop(k_first, jnp.maximum(k_last + 1, k_first), one_key_block, init)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _blockwise(q, k, v, mask, block_q, block_k):
+    return _blockwise_fwd(q, k, v, mask, block_q, block_k)[0]
+
+
+def _blockwise_fwd(q, k, v, mask, block_q, block_k):
+    length, g, d = q.shape[1], q.shape[3], q.shape[4]
+    p = _plan(length, k.shape[1], block_q, block_k)
+    pmask = _padded_mask(mask, p)
+    q_rows = _rows(q * jnp.asarray(d ** -0.5, q.dtype), p)
+    kp, vp = _pad_keys(k, p), _pad_keys(v, p)
+    out_rows, lse = _forward(q_rows, kp, vp, pmask, p, g)
+    return _unrows(out_rows, length, g).astype(q.dtype), (q_rows, k, v, pmask, out_rows, lse)
+
+
+def _blockwise_bwd(block_q, block_k, residuals, dout):
+    q_rows, k, v, pmask, out_rows, lse = residuals
+    length, g, d = dout.shape[1], dout.shape[3], dout.shape[4]
+    p = _plan(length, k.shape[1], block_q, block_k)
+    dq_rows, dk, dv = _backward(q_rows, _pad_keys(k, p), _pad_keys(v, p), pmask, out_rows, lse,
+                                _rows(dout.astype(_F32), p), p, g)
+    dq = _unrows(dq_rows, length, g) * (d ** -0.5)
+    k_len = k.shape[1]
+    return dq.astype(dout.dtype), dk[:, :k_len].astype(k.dtype), dv[:, :k_len].astype(v.dtype), None
+
+
+_blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
+
+
+def blockwise_attention(q_BxLxVxGxD, k_BxSxVxD, v_BxSxVxD, mask: AttentionMask, block_q: int | None = None,
+                        block_k: int | None = None):
+    """Attention by query and key blocks (module docstring), differentiable in q, k and v; blocks
+    default to the module's BLOCK_Q and BLOCK_K (read at trace time).
+
+    Matmuls run in the inputs' dtype with float32 accumulation (bfloat16 inputs: bfloat16 matmuls),
+    the softmax in float32; returns [B, L, V, G, D] in q's dtype.
+    """
+    return _blockwise(q_BxLxVxGxD, k_BxSxVxD, v_BxSxVxD, mask, block_q or BLOCK_Q, block_k or BLOCK_K)
+
+
+ATTENTION_IMPLS = ("auto", "blockwise")
+
+
+def attention(q_BxLxVxGxD, k_BxSxVxD, v_BxSxVxD, mask: AttentionMask, impl: str = "auto"):
+    """Softmax attention of q over k, v under `mask`, by implementation `impl`:
+
+    - "blockwise": `blockwise_attention` (XLA; every platform);
+    - "auto": the blockwise path.
+    """
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention impl={impl!r}: expected one of {ATTENTION_IMPLS}")
+    return blockwise_attention(q_BxLxVxGxD, k_BxSxVxD, v_BxSxVxD, mask)

@@ -2,7 +2,8 @@
 
 The HF fields keep their exact names and defaults so that a Hub `config.json` maps one to one
 (`from_hf_dict` / `to_hf_dict`). Our additions are the numerics and execution knobs:
-`dtype` (compute), `param_dtype`, `scan_impl` (see `kernels.selective_scan`), `remat`,
+`dtype` (compute), `param_dtype`, `scan_impl` (see `kernels.selective_scan`), `attention_impl`
+(see `common.attention`), `remat`,
 `scan_layers` (see `jamba_jax.layout`) and `moe_capacity_factor` (see `jamba_jax.expert_parallel`).
 
 The layer schedule (Jamba paper, section 2): layer i is attention when
@@ -16,6 +17,7 @@ import dataclasses
 import math
 from typing import Any
 
+from common.attention import ATTENTION_IMPLS
 from common.config import DTYPES, ModelConfigBase
 from common.errors import UserError
 from common.layers import ACTIVATIONS
@@ -87,6 +89,7 @@ class JambaConfig(ModelConfigBase):
     dtype: str = "float32"  # compute dtype of matmuls and activations (bfloat16 on accelerators)
     param_dtype: str = "float32"  # storage dtype of the parameters
     scan_impl: str = "auto"  # selective-scan implementation, see kernels.selective_scan
+    attention_impl: str = "auto"  # attention implementation, see common.attention.attention
     remat: bool = False  # rematerialise each decoder layer in the backward pass
     scan_layers: bool = False  # the stack as one nn.scan over repeats of the layer cycle (jamba_jax.layout)
     moe_capacity_factor: float = 0.0  # 0 = dropless; else slots per device pair under expert parallelism
@@ -129,6 +132,7 @@ class JambaConfig(ModelConfigBase):
         need(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
         need(self.param_dtype in DTYPES, "param_dtype", f"must be one of {DTYPES}")
         need(self.scan_impl in _SCAN_IMPLS, "scan_impl", f"must be one of {_SCAN_IMPLS}")
+        need(self.attention_impl in ATTENTION_IMPLS, "attention_impl", f"must be one of {ATTENTION_IMPLS}")
         need(self.rms_norm_eps > 0, "rms_norm_eps", "must be positive")
         need(self.moe_capacity_factor >= 0, "moe_capacity_factor", "must be 0 (dropless) or positive")
         need(not self.scan_layers or self.num_hidden_layers % self.layer_cycle == 0, "scan_layers",
@@ -172,7 +176,7 @@ class JambaConfig(ModelConfigBase):
     # --- conversion --------------------------------------------------------------------------------
     @classmethod
     def hf_field_names(cls) -> tuple[str, ...]:
-        ours = {"dtype", "param_dtype", "scan_impl", "remat", "scan_layers", "moe_capacity_factor"}
+        ours = {"dtype", "param_dtype", "scan_impl", "attention_impl", "remat", "scan_layers", "moe_capacity_factor"}
         return tuple(f.name for f in dataclasses.fields(cls) if f.name not in ours)
 
     @classmethod

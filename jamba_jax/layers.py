@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from common.attention import ATTN_BLOCK, blockwise_attention, dense_attention
+from common.attention import AttentionMask, attention
 from common.layers import Dense, RMSNorm, activation, normal_init
 from jamba_jax.config import JambaConfig
 
@@ -53,7 +53,7 @@ class Attention(nn.Module):
         return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
     @nn.compact
-    def __call__(self, x_BxLxE, mask_BxLxS, kv_cache=None, index=None):
+    def __call__(self, x_BxLxE, mask: AttentionMask, kv_cache=None, index=None):
         cfg = self.cfg
         nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         b, length, _ = x_BxLxE.shape
@@ -71,11 +71,7 @@ class Attention(nn.Module):
             v_BxSxVxD = jax.lax.dynamic_update_slice(kv_cache.v, v_BxSxVxD.astype(kv_cache.v.dtype), start)
             new_cache = KVCache(k_BxSxVxD, v_BxSxVxD)
             k_BxSxVxD, v_BxSxVxD = k_BxSxVxD.astype(q.dtype), v_BxSxVxD.astype(q.dtype)
-        if k_BxSxVxD.shape[1] > 2 * ATTN_BLOCK:
-            live = None if index is None else (index + length + ATTN_BLOCK - 1) // ATTN_BLOCK
-            out_BxLxVxGxD = blockwise_attention(q_BxLxVxGxD, k_BxSxVxD, v_BxSxVxD, mask_BxLxS, ATTN_BLOCK, live)
-        else:
-            out_BxLxVxGxD = dense_attention(q_BxLxVxGxD, k_BxSxVxD, v_BxSxVxD, mask_BxLxS)
+        out_BxLxVxGxD = attention(q_BxLxVxGxD, k_BxSxVxD, v_BxSxVxD, mask, impl=cfg.attention_impl)
         out = out_BxLxVxGxD.astype(cfg.compute_dtype).reshape(b, length, nh * hd)
         return dense(cfg, cfg.hidden_size, ("q_heads", "embed"), "o_proj")(out), new_cache
 

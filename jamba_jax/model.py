@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common.attention import make_attention_mask
+from common.attention import AttentionMask
 from common.errors import UserError
 from common.layers import normal_init
 from common.sharding import constrain
@@ -44,11 +44,11 @@ class DecoderLayer(nn.Module):
     layer_idx: int
 
     @nn.compact
-    def __call__(self, h, valid_BxL, mask_BxLxS, segment_ids_BxL, layer_cache=None, index=None):
+    def __call__(self, h, valid_BxL, mask, segment_ids_BxL, layer_cache=None, index=None):
         cfg, i = self.cfg, self.layer_idx
         x = rms_norm(cfg, "input_layernorm")(h)
         if cfg.is_attention_layer(i):
-            x, layer_cache = Attention(cfg, name="self_attn")(x, mask_BxLxS, layer_cache, index)
+            x, layer_cache = Attention(cfg, name="self_attn")(x, mask, layer_cache, index)
         else:
             x, layer_cache = MambaMixer(cfg, name="mamba")(x, valid_BxL, segment_ids_BxL, layer_cache)
         h = h + x
@@ -74,12 +74,12 @@ class DecoderCycle(nn.Module):
     cfg: JambaConfig
 
     @nn.compact
-    def __call__(self, h, valid_BxL, mask_BxLxS, segment_ids_BxL, caches, index):
+    def __call__(self, h, valid_BxL, mask, segment_ids_BxL, caches, index):
         cfg = self.cfg
         layer_cls = nn.remat(DecoderLayer) if cfg.remat else DecoderLayer
         router_logits, new_caches = [], []
         for j in range(cfg.layer_cycle):
-            h, rl, cache = layer_cls(cfg, j, name=f"layers_{j}")(h, valid_BxL, mask_BxLxS, segment_ids_BxL,
+            h, rl, cache = layer_cls(cfg, j, name=f"layers_{j}")(h, valid_BxL, mask, segment_ids_BxL,
                                                                  None if caches is None else caches[j], index)
             h = constrain(h, ("batch", None, None))
             new_caches.append(cache)
@@ -98,7 +98,7 @@ class JambaModel(nn.Module):
     cfg: JambaConfig
 
     @nn.compact
-    def __call__(self, input_ids, valid_BxL, mask_BxLxS, segment_ids=None, layer_caches=None, index=None,
+    def __call__(self, input_ids, valid_BxL, mask, segment_ids=None, layer_caches=None, index=None,
                  embed_offsets_BxLxE=None):
         cfg = self.cfg
         init = normal_init(cfg.initializer_range)
@@ -115,7 +115,7 @@ class JambaModel(nn.Module):
                             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
                             length=repeats(cfg), metadata_params={nn.PARTITION_NAME: "layers"})
             caches = None if layer_caches is None else tuple(layer_caches)
-            h, (stacked_logits, new_caches) = stack(cfg, name=CYCLES)(h, valid_BxL, mask_BxLxS, segment_ids, caches,
+            h, (stacked_logits, new_caches) = stack(cfg, name=CYCLES)(h, valid_BxL, mask, segment_ids, caches,
                                                                       index)
             # [repeats, ...] per MoE position -> one array per MoE layer, in layer order
             router_logits = tuple(logits[r] for r in range(repeats(cfg)) for logits in stacked_logits)
@@ -125,7 +125,7 @@ class JambaModel(nn.Module):
             router_logits, new_caches = [], []
             for i in range(cfg.num_hidden_layers):
                 layer_cache = None if layer_caches is None else layer_caches[i]
-                h, rl, layer_cache = layer_cls(cfg, i, name=f"layers_{i}")(h, valid_BxL, mask_BxLxS, segment_ids,
+                h, rl, layer_cache = layer_cls(cfg, i, name=f"layers_{i}")(h, valid_BxL, mask, segment_ids,
                                                                            layer_cache, index)
                 h = constrain(h, ("batch", None, None))
                 new_caches.append(layer_cache)
@@ -157,6 +157,7 @@ class JambaForCausalLM(nn.Module):
     position cache["index"] and the output carries the updated cache (prefill and decoding).
     embed_offsets: optional [batch, length, hidden] added to the token embeddings (features from
     another model: auxiliary tuning reads a frozen LM's hidden states this way).
+    last_logits_only: logits [batch, 1, vocab] of the last position only (prefill).
     """
 
     cfg: JambaConfig
@@ -167,7 +168,7 @@ class JambaForCausalLM(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask: jax.Array | None = None, segment_ids=None, cache=None,
-                 embed_offsets=None):
+                 embed_offsets=None, last_logits_only: bool = False):
         cfg = self.cfg
         check_token_ids(input_ids, cfg.vocab_size)
         if attention_mask is None:
@@ -175,19 +176,19 @@ class JambaForCausalLM(nn.Module):
         else:
             valid = attention_mask.astype(bool)
         if cache is None:
-            mask, layer_caches, index, new_cache = make_attention_mask(valid, segment_ids), None, None, None
+            mask, layer_caches, index, new_cache = AttentionMask.causal(valid, segment_ids), None, None, None
         else:
             if segment_ids is not None:
                 raise ValueError("segment_ids (packed rows) and a generation cache cannot be combined")
             index = cache["index"]
             key_valid = jax.lax.dynamic_update_slice(cache["valid"], valid, (0, index))
-            q_pos = index + jnp.arange(input_ids.shape[1])
-            causal = jnp.arange(key_valid.shape[1])[None, None, :] <= q_pos[None, :, None]
-            mask, layer_caches = causal & key_valid[:, None, :], cache["layers"]
+            mask, layer_caches = AttentionMask.cached(key_valid, index, input_ids.shape[1]), cache["layers"]
         hidden, router_logits, new_layers = JambaModel(cfg, name="model")(
             input_ids, valid, mask, segment_ids, layer_caches, index, embed_offsets)
         if cache is not None:
             new_cache = {"index": index + input_ids.shape[1], "valid": key_valid, "layers": new_layers}
+        if last_logits_only:
+            hidden = hidden[:, -1:]
         if cfg.tie_word_embeddings:
             table = nn.unbox(self.variables["params"]["model"]["embed_tokens"]["embedding"])
             logits = hidden @ table.astype(cfg.compute_dtype).T

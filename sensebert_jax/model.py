@@ -8,7 +8,7 @@ predict the masked word and its supersense.
   MLM head          W^T g(h) + b               g: dense + gelu + LayerNorm; tied to W
   supersense head   S^T g_s(h)                 S shared with the input embedding
 
-The attention math is the project's (`common.attention.dense_attention`, float32 softmax); the
+The attention math is the project's (`common.attention.attention`, float32 softmax, blockwise); the
 encoder is post-LayerNorm BERT, with dropout on the attention output (not on its probabilities).
 Fine-tuning heads (token classification, word-in-context) sit on the same `encoder` parameters,
 so a pre-trained checkpoint's encoder drops in.
@@ -19,7 +19,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from common.attention import dense_attention
+from common.attention import AttentionMask, attention
 from common.layers import Dense, activation, normal_init
 from common.layers import layer_norm as _layer_norm
 from sensebert_jax.config import SenseBertConfig
@@ -39,7 +39,7 @@ class EncoderLayer(nn.Module):
     cfg: SenseBertConfig
 
     @nn.compact
-    def __call__(self, h_BxLxH, mask_BxLxL, deterministic: bool):
+    def __call__(self, h_BxLxH, mask: AttentionMask, deterministic: bool):
         cfg = self.cfg
         b, length, _ = h_BxLxH.shape
         nh, hd = cfg.num_attention_heads, cfg.head_dim
@@ -50,7 +50,7 @@ class EncoderLayer(nn.Module):
         q = proj("query").reshape(b, length, nh, 1, hd)
         k = proj("key").reshape(b, length, nh, hd)
         v = proj("value").reshape(b, length, nh, hd)
-        attn = dense_attention(q, k, v, mask_BxLxL).reshape(b, length, nh * hd)
+        attn = attention(q, k, v, mask).reshape(b, length, nh * hd)
         attn = dense(cfg, cfg.hidden_size, ("q_heads", "embed"), "attention_output")(attn)
         attn = nn.Dropout(cfg.hidden_dropout_prob)(attn, deterministic=deterministic)
         h = layer_norm(cfg, "attention_layer_norm")(h_BxLxH + attn)
@@ -87,8 +87,7 @@ class SenseBertEncoder(nn.Module):
              + types[token_type_ids].astype(dtype))
         h = layer_norm(cfg, "embeddings_layer_norm")(x)
         h = nn.Dropout(cfg.hidden_dropout_prob)(h, deterministic=deterministic)
-        valid = attention_mask.astype(bool)
-        mask = valid[:, None, :] & valid[:, :, None]
+        mask = AttentionMask.bidirectional(attention_mask)  # keys only, as BERT's extended mask
         for i in range(cfg.num_hidden_layers):
             h = EncoderLayer(cfg, name=f"layer_{i}")(h, mask, deterministic)
         return h, words, senses

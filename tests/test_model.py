@@ -135,25 +135,3 @@ def test_capacity_factor_without_expert_parallelism_drops_overflow_pairs():
     want = np.asarray(Experts(cfg.replace(moe_capacity_factor=0.0)).apply(params, x, idx, w * kept))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert 0 < (~kept).sum() and not np.allclose(got, dropless)  # something was dropped
-
-
-@pytest.mark.parametrize("live", [None, 3])
-def test_blockwise_attention_equals_dense(live):
-    """The online-softmax path gives dense attention's result, with left padding and causal masks,
-    when the key length is no multiple of the block, and when trailing blocks are skipped."""
-    from common.attention import blockwise_attention, dense_attention, make_attention_mask
-
-    r = np.random.RandomState(0)
-    b, s, nkv, g, d = 2, 23, 2, 3, 8
-    q = jnp.asarray(r.randn(b, s, nkv, g, d), jnp.float32)
-    k = jnp.asarray(r.randn(b, s, nkv, d), jnp.float32)
-    v = jnp.asarray(r.randn(b, s, nkv, d), jnp.float32)
-    valid = np.ones((b, s), bool)
-    valid[1, :6] = False
-    mask = make_attention_mask(jnp.asarray(valid))
-    if live is not None:  # queries 0..9 only: keys past 12 (block 3 onward) are all masked
-        q, mask = q[:, :10], mask[:, :10]
-    want = dense_attention(q, k, v, mask)
-    got = blockwise_attention(q, k, v, mask, block=4, live_blocks=live)
-    real = valid[:, : q.shape[1]]
-    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=1e-5, rtol=1e-5)
