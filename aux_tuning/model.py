@@ -145,16 +145,19 @@ class AuxTunedLM:
         return cache
 
     # --- forward ----------------------------------------------------------------------------------------
-    def apply(self, variables, input_ids, attention_mask=None, cache=None, keyword_ids=None, keyword_mask=None):
+    def apply(self, variables, input_ids, attention_mask=None, cache=None, keyword_ids=None, keyword_mask=None,
+              last_logits_only: bool = False):
         """Combined logits of the text `input_ids` [B, L]. Without a cache, `keyword_ids` [B, Z]
         (left-padded, `keyword_mask` 1 on real tokens) come first in the auxiliary model's input;
-        with one, the keywords are already in `cache["aux"]` (see `start_cache`)."""
+        with one, the keywords are already in `cache["aux"]` (see `start_cache`).
+        last_logits_only: the last position's logits only ([B, 1, V]; prefill)."""
         params = variables["params"]
         frozen, trained = jax.lax.stop_gradient(params["lm"]), params["aux"]
         input_ids = jnp.asarray(input_ids, jnp.int32)
         mutable = ["hidden_states"] if self.feature_layers else False
         lm_result = self.lm.apply({"params": frozen}, input_ids, attention_mask=attention_mask,
-                                  cache=None if cache is None else cache["lm"], mutable=mutable)
+                                  cache=None if cache is None else cache["lm"], mutable=mutable,
+                                  last_logits_only=last_logits_only)
         lm_out, captured = lm_result if self.feature_layers else (lm_result, None)
         offsets = None
         if self.feature_layers:
@@ -173,12 +176,13 @@ class AuxTunedLM:
             if offsets is not None:
                 offsets = jnp.concatenate([jnp.zeros(keyword_ids.shape + offsets.shape[-1:], offsets.dtype), offsets],
                                           axis=1)
-            aux_out = self.aux.apply({"params": trained["model"]}, ids, attention_mask=mask, embed_offsets=offsets)
-            aux_logits, new_cache = aux_out.logits[:, keyword_ids.shape[1]:], None
+            aux_out = self.aux.apply({"params": trained["model"]}, ids, attention_mask=mask, embed_offsets=offsets,
+                                     last_logits_only=last_logits_only)
+            aux_logits, new_cache = aux_out.logits[:, -lm_out.logits.shape[1]:], None
             bag = keyword_bag(trained["model"], keyword_ids, kw_mask)
         else:
             aux_out = self.aux.apply({"params": trained["model"]}, input_ids, attention_mask=text_mask,
-                                     cache=cache["aux"], embed_offsets=offsets)
+                                     cache=cache["aux"], embed_offsets=offsets, last_logits_only=last_logits_only)
             aux_logits, bag = aux_out.logits, cache["bag"]
             new_cache = {"lm": lm_out.cache, "aux": aux_out.cache, "bag": bag}
         aux_logits = aux_logits.astype(_F32) + bag_logits(trained, bag)[:, None, :]

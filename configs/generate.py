@@ -14,6 +14,6 @@ def get_config():
     c.top_k = 0  # 0 = no top-k filter
     c.top_p = 0.0  # 0 = no nucleus filter; else in (0, 1]
     c.seed = 0  # sampling PRNG seed
-    c.prefill_chunk = 0  # prompt chunk size (0 = whole prompt at once)
+    c.prefill_chunk = 0  # prompt chunk size (0 = chosen from a memory budget: jamba_jax.generation)
     c.tokenizer = ""  # tokenizer.json / SentencePiece model ("" = the bundled BPE)
     return c

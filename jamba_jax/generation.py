@@ -2,7 +2,9 @@
 while-loop over all steps, or (when streaming through a callback) one jitted step per token.
 
 Prefill feeds the prompt in chunks of `prefill_chunk` tokens, carrying the Mamba states and filling
-the KV cache, so a long prompt needs the weights, the KV cache and one chunk's activations. Decoding
+the KV cache, so a long prompt needs the weights, the KV cache and one chunk's activations; by default
+the chunk is the largest power of two whose activations fit PREFILL_BUDGET_BYTES (never the whole of
+a long prompt), and only the last position's logits are computed. Decoding
 runs with static shapes (no recompilation per token): without a callback as one compiled
 while-loop over all steps, with a callback as one call of a single jitted step per token.
 Left-padded batches work (pass their attention_mask); each row stops at its own EOS and is padded
@@ -17,9 +19,15 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from common.errors import UserError
 from jamba_jax.model import JambaForCausalLM, check_token_ids
+from jamba_jax.params import forward_bytes_per_token
+
+PREFILL_BUDGET_BYTES = 256 * 2**20  # one prefill chunk's activations (the default chunk's size)
+MIN_PREFILL_CHUNK, MAX_PREFILL_CHUNK = 256, 16384
+PROGRESS_MIN_TOKENS = 32768  # prompts this long show a progress bar
 
 
 class GenerationError(UserError):
@@ -45,9 +53,18 @@ def sample_logits(logits_BxV, rng, temperature: float, top_k: int | None, top_p:
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
+def default_prefill_chunk(cfg, batch: int, prompt_len: int, budget_bytes: int = PREFILL_BUDGET_BYTES) -> int:
+    """The prompt chunk `prefill` uses by default: the largest power of two (within
+    [MIN_PREFILL_CHUNK, MAX_PREFILL_CHUNK]) whose forward activations for `batch` rows fit
+    `budget_bytes` (`jamba_jax.params.forward_bytes_per_token`), or the whole prompt if shorter."""
+    fits = max(budget_bytes // max(batch * forward_bytes_per_token(cfg), 1), 1)
+    chunk = min(max(1 << (int(fits).bit_length() - 1), MIN_PREFILL_CHUNK), MAX_PREFILL_CHUNK)
+    return min(chunk, prompt_len)
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
 def _prefill_chunk(model: JambaForCausalLM, params, cache, ids_BxC, mask_BxC):
-    out = model.apply({"params": params}, ids_BxC, attention_mask=mask_BxC, cache=cache)
+    out = model.apply({"params": params}, ids_BxC, attention_mask=mask_BxC, cache=cache, last_logits_only=True)
     return out.logits[:, -1].astype(jnp.float32), out.cache
 
 
@@ -88,21 +105,27 @@ def prefill(model: JambaForCausalLM, params, input_ids, attention_mask=None, max
             prefill_chunk: int | None = None, cache_dtype=None, cache=None):
     """Runs the prompt through the model in chunks; returns (logits of its last position, cache).
 
-    `model` is any Linen module with `init_cache(batch, max_length, dtype)` and the call signature of
-    JambaForCausalLM (`apply(params, ids, attention_mask=, cache=)` -> output with .logits, .cache),
-    e.g. an auxiliary-tuned LM; `cache` continues from a cache already holding something (the
-    auxiliary model's keyword segment) instead of a fresh one.
+    `model` is any Linen module with a `cfg`, `init_cache(batch, max_length, dtype)` and the call
+    signature of JambaForCausalLM (`apply(params, ids, attention_mask=, cache=, last_logits_only=)`
+    -> output with .logits, .cache), e.g. an auxiliary-tuned LM; `cache` continues from a cache
+    already holding something (the auxiliary model's keyword segment) instead of a fresh one (it is
+    copied, not consumed). prefill_chunk: tokens per step (default: `default_prefill_chunk`).
     """
     input_ids = jnp.asarray(input_ids, jnp.int32)
     b, p = input_ids.shape
     mask = jnp.ones((b, p), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
     if cache is None:
         cache = model.init_cache(b, max_length or p, cache_dtype)
-    chunk = prefill_chunk or p
+    else:  # the chunks consume (donate) the cache they are given
+        cache = jax.tree.map(jnp.copy, cache)
+    chunk = prefill_chunk or default_prefill_chunk(model.cfg, b, p)
     logits = None
-    for start in range(0, p, chunk):
-        logits, cache = _prefill_chunk(model, params, cache, input_ids[:, start:start + chunk],
-                                       mask[:, start:start + chunk])
+    with tqdm(total=p, desc="prefill", unit="tok", unit_scale=True, disable=p < PROGRESS_MIN_TOKENS,
+              leave=False) as bar:
+        for start in range(0, p, chunk):
+            logits, cache = _prefill_chunk(model, params, cache, input_ids[:, start:start + chunk],
+                                           mask[:, start:start + chunk])
+            bar.update(min(chunk, p - start))
     return logits, cache
 
 

@@ -198,22 +198,24 @@ def test_generate_cli_streams_text_from_a_training_checkpoint(tmp_path, capsys):
 
 
 def test_long_context_attention_path_matches(model_and_params, monkeypatch):
-    """With a 2-key block, the forward pass and cached prefill/decoding take the blockwise path
-    (skipping blocks past the current position) and give the dense path's logits and tokens."""
-    import jamba_jax.layers as layers
+    """With 2-query x 2-key blocks, the forward pass and cached prefill/decoding walk many blocks
+    (skipping those past the current position or before the left padding) and give the one-block
+    path's logits and tokens."""
+    import common.attention as attention
 
     _, model, params = model_and_params
     ids, mask = padded_prompts(model.cfg.vocab_size)
-    dense_logits = model.apply({"params": params}, ids, attention_mask=mask).logits
-    dense_tokens = jamba_jax.generate(model, params, ids, attention_mask=mask, max_new_tokens=8, prefill_chunk=4)
-    monkeypatch.setattr(layers, "ATTN_BLOCK", 2)
+    one_block_logits = model.apply({"params": params}, ids, attention_mask=mask).logits
+    one_block_tokens = jamba_jax.generate(model, params, ids, attention_mask=mask, max_new_tokens=8, prefill_chunk=4)
+    monkeypatch.setattr(attention, "BLOCK_Q", 2)
+    monkeypatch.setattr(attention, "BLOCK_K", 2)
     jax.clear_caches()
     block_logits = model.apply({"params": params}, ids, attention_mask=mask).logits
     real = mask.astype(bool)
-    np.testing.assert_allclose(np.asarray(block_logits)[real], np.asarray(dense_logits)[real], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.asarray(block_logits)[real], np.asarray(one_block_logits)[real], atol=1e-4, rtol=0)
     block_tokens = jamba_jax.generate(model, params, ids, attention_mask=mask, max_new_tokens=8, prefill_chunk=4)
     jax.clear_caches()
-    np.testing.assert_array_equal(block_tokens, dense_tokens)
+    np.testing.assert_array_equal(block_tokens, one_block_tokens)
 
 
 def test_several_eos_ids(model_and_params):
@@ -224,3 +226,45 @@ def test_several_eos_ids(model_and_params):
     out = jamba_jax.generate(model, params, ids, max_new_tokens=10, eos_token_id=eos, pad_token_id=0)
     np.testing.assert_array_equal(out[0, :3], free[0, :3])
     assert (out[0, 3:] == 0).all()
+
+
+def test_default_prefill_chunk_fits_the_budget():
+    """A power of two within [MIN, MAX] whose activations fit the budget; the whole prompt if shorter."""
+    from jamba_jax.generation import MAX_PREFILL_CHUNK, MIN_PREFILL_CHUNK, default_prefill_chunk
+    from jamba_jax.params import forward_bytes_per_token
+
+    cfg = jamba_jax.JambaConfig(vocab_size=2048, hidden_size=128, intermediate_size=256, num_hidden_layers=8,
+                                num_attention_heads=4, num_key_value_heads=2, num_experts=4)
+    per_token = forward_bytes_per_token(cfg)
+    assert per_token > 0
+    for batch in (1, 4, 64):
+        chunk = default_prefill_chunk(cfg, batch, 1 << 20, budget_bytes=64 * 2**20)
+        assert chunk & (chunk - 1) == 0 and MIN_PREFILL_CHUNK <= chunk <= MAX_PREFILL_CHUNK
+        assert chunk * batch * per_token <= 64 * 2**20 or chunk == MIN_PREFILL_CHUNK
+        assert chunk == MAX_PREFILL_CHUNK or 2 * chunk * batch * per_token > 64 * 2**20
+    assert default_prefill_chunk(cfg, 1, 100) == 100
+
+
+def test_a_64k_prompt_prefills_in_memory_independent_of_its_length():
+    """XLA's buffer accounting for one prefill chunk (the default chunk) of the tiny Jamba into a
+    65536-slot cache: its temporaries stay within the activation budget and are those of a
+    32768-slot cache to within the chunk's own scores, so a prompt's memory is the cache plus a
+    constant (no [length, length] array, no activations for the whole prompt)."""
+    import configs.jamba_tiny as tiny
+    from jamba_jax.generation import PREFILL_BUDGET_BYTES, _prefill_chunk, default_prefill_chunk
+
+    cfg = jamba_jax.JambaConfig(**tiny.get_config().model.to_dict())
+    model = jamba_jax.JambaForCausalLM(cfg)
+    params = jax.eval_shape(lambda: jamba_jax.init_params(cfg, jax.random.PRNGKey(0)))
+    chunk = default_prefill_chunk(cfg, 1, 65536)
+    ids = jax.ShapeDtypeStruct((1, chunk), jnp.int32)
+    mask = jax.ShapeDtypeStruct((1, chunk), jnp.bool_)
+    temp = {}
+    for slots in (32768, 65536):
+        cache = jax.eval_shape(lambda s=slots: model.init_cache(1, s))
+        stats = _prefill_chunk.lower(model, params, cache, ids, mask).compile().memory_analysis()
+        if stats is None:
+            pytest.skip("this backend reports no memory analysis")
+        temp[slots] = stats.temp_size_in_bytes
+    assert temp[65536] <= PREFILL_BUDGET_BYTES, temp
+    assert temp[65536] - temp[32768] < 0.25 * PREFILL_BUDGET_BYTES, temp
