@@ -37,6 +37,22 @@ def test_importance_weights_estimate_every_class_frequency_without_bias(skewed):
     assert float(pool.max_weight) <= 1 / 0.1 + 1e-3  # the defensive mixture caps every weight
 
 
+def test_the_search_draws_follow_the_proposal(skewed):
+    """The search's inverse-CDF draws land on each pool point with the proposal's probability
+    (200,000 draws; every point's count within 5 standard errors, and the pooled chi-square small)."""
+    from active_learning.strategies import draw
+
+    _, pool = skewed
+    p = np.asarray(pool.p[2], np.float64)
+    n_draws = 200_000
+    s = np.asarray(jax.vmap(lambda k: draw(jnp.cumsum(pool.p[2]), k))(jax.random.split(jax.random.PRNGKey(5), n_draws)))
+    counts = np.bincount(s, minlength=len(p))
+    expected = n_draws * p
+    assert np.all(np.abs(counts - expected) <= 5 * np.sqrt(expected * (1 - p)) + 1)
+    chi2 = np.sum((counts - expected) ** 2 / expected)
+    assert chi2 < len(p) + 6 * np.sqrt(2 * len(p)), chi2  # mean N - 1, sd sqrt(2 (N - 1))
+
+
 def test_bernstein_bounds_cover_the_mean_at_least_1_minus_delta():
     """Bounded draws (importance weights / their maximum): the true mean falls outside the bounds in
     at most delta of 2,000 repetitions (to 3 binomial standard errors); so a common class is dropped
