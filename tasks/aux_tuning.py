@@ -117,7 +117,19 @@ def load_frozen_lm(path: str, quantize: str = "") -> tuple[JambaConfig, dict, st
 
 
 # --- the task ------------------------------------------------------------------------------------------------
-class AuxTuningTask:
+class KeywordData:
+    """The data half of both keyword tasks (this one and tasks/keyword_lm.py): batches of
+    `self.example(document, rng)` over `self.documents(split)`."""
+
+    def train_dataset(self, process_index, process_count):
+        return keyword_batches(self.documents("train"), self.example, self.config, True, process_index, process_count)
+
+    def eval_dataset(self, process_index, process_count):
+        return keyword_batches(self.documents("validation"), self.example, self.config, False, process_index,
+                               process_count)
+
+
+class AuxTuningTask(KeywordData):
     name = "aux_tuning"
 
     def __init__(self, config):
@@ -180,20 +192,6 @@ class AuxTuningTask:
             raise AuxTuningError(f"no {split} document has a content word to use as a keyword")
         return docs
 
-    def _dataset(self, split, train, pidx, pcount):
-        c = self.config
-        ds = document_stream(self.documents(split), c.batch_size, c.seed, train, pcount)
-        ds = ds.random_map(self.example, seed=c.seed)
-        ds = ds.map(lambda ex: {k: v for k, v in ex.items() if k != "keyword_text"})
-        ds = ds.batch(c.batch_size, drop_remainder=train)
-        return ds.map(lambda b: process_rows(b, c.batch_size, pidx, pcount)).to_iter_dataset()
-
-    def train_dataset(self, process_index, process_count):
-        return self._dataset("train", True, process_index, process_count)
-
-    def eval_dataset(self, process_index, process_count):
-        return self._dataset("validation", False, process_index, process_count)
-
     # --- loss -----------------------------------------------------------------------------------------------------
     def _nll(self, params, batch, frozen):
         out = self.model.apply({"params": {"lm": frozen, "aux": params}}, batch["inputs"],
@@ -247,3 +245,13 @@ class AuxTuningTask:
 
 
 Task = AuxTuningTask
+
+
+def keyword_batches(documents, example, config, train: bool, process_index: int, process_count: int):
+    """This process's batches of `example(document, rng)` dicts (their keyword text dropped), the
+    documents shuffled per epoch when training: the data of both keyword tasks."""
+    ds = document_stream(documents, config.batch_size, config.seed, train, process_count)
+    ds = ds.random_map(example, seed=config.seed)
+    ds = ds.map(lambda ex: {k: v for k, v in ex.items() if k != "keyword_text"})
+    ds = ds.batch(config.batch_size, drop_remainder=train)
+    return ds.map(lambda b: process_rows(b, config.batch_size, process_index, process_count)).to_iter_dataset()

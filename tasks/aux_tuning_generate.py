@@ -18,6 +18,7 @@ import numpy as np
 from aux_tuning import AuxTunedLM, AuxTuningError, keyword_block
 from jamba_jax import JambaConfig, generate
 from tasks.aux_tuning import keyword_tokens, load_frozen_lm
+from tasks.generate import text_streamer
 from training.checkpoint import restore_run_params
 from training.data import load_tokenizer
 
@@ -53,14 +54,7 @@ def run(config, workdir: str) -> np.ndarray:
     cache = model.start_cache(variables, kw_ids, kw_mask, len(prompt) + config.max_new_tokens)
     sys.stdout.write(f"[{', '.join(keywords)}] {config.prompt}")
     sys.stdout.flush()
-    emitted: list[int] = []
-
-    def stream(step, tokens):
-        before = tok.decode(emitted)
-        if tokens[0] != tok.eos_id:
-            emitted.append(int(tokens[0]))
-        sys.stdout.write(tok.decode(emitted)[len(before):])
-        sys.stdout.flush()
+    stream = text_streamer(tok)
 
     out = generate(model, variables, jnp.asarray([prompt], jnp.int32), max_new_tokens=config.max_new_tokens,
                    temperature=config.temperature, top_k=config.top_k or None, eos_token_id=tok.eos_id,

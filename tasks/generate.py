@@ -49,6 +49,20 @@ def load_checkpoint(path: str, step: int | None = None, quantize: str | None = N
     return cfg, params
 
 
+def text_streamer(tokenizer):
+    """A `generate` callback that prints the text each new token of row 0 adds (EOS prints nothing)."""
+    emitted: list[int] = []
+
+    def stream(step, tokens):
+        before = tokenizer.decode(emitted)
+        if tokens[0] != tokenizer.eos_id:
+            emitted.append(int(tokens[0]))
+        sys.stdout.write(tokenizer.decode(emitted)[len(before):])
+        sys.stdout.flush()
+
+    return stream
+
+
 def run(config, workdir: str) -> np.ndarray:
     del workdir
     if not config.checkpoint:
@@ -59,14 +73,7 @@ def run(config, workdir: str) -> np.ndarray:
     model = JambaForCausalLM(cfg)
     sys.stdout.write(config.prompt)
     sys.stdout.flush()
-    emitted: list[int] = []
-
-    def stream(step, tokens):  # print the text each new token adds
-        before = tokenizer.decode(emitted)
-        if tokens[0] != tokenizer.eos_id:
-            emitted.append(int(tokens[0]))
-        sys.stdout.write(tokenizer.decode(emitted)[len(before):])
-        sys.stdout.flush()
+    stream = text_streamer(tokenizer)
 
     out = generate(model, params, jnp.asarray([ids], jnp.int32), max_new_tokens=config.max_new_tokens,
                    temperature=config.temperature, top_k=config.top_k or None, top_p=config.top_p or None,

@@ -22,12 +22,12 @@ import numpy as np
 from jamba_jax import ConfigError, JambaConfig, JambaForCausalLM, generate, init_params
 from jamba_jax.losses import next_token_nll
 from jamba_jax.params import activation_bytes, param_logical_specs
-from tasks.aux_tuning import contains_keywords, content_words, keyword_tokens, sample_keywords
+from tasks.aux_tuning import KeywordData, contains_keywords, content_words, keyword_tokens, sample_keywords
 from tasks.generate import load_checkpoint
-from training.data import document_stream, load_tokenizer, process_rows, text_source
+from training.data import load_tokenizer, text_source
 
 
-class KeywordLMTask:
+class KeywordLMTask(KeywordData):
     name = "keyword_lm"
 
     def __init__(self, config):
@@ -80,20 +80,6 @@ class KeywordLMTask:
     def documents(self, split: str) -> list[str]:
         skip = self.config.aux.skip_words
         return [d for d in text_source(self.config.data, split) if content_words(d, skip)]
-
-    def _dataset(self, split, train, pidx, pcount):
-        c = self.config
-        ds = document_stream(self.documents(split), c.batch_size, c.seed, train, pcount)
-        ds = ds.random_map(self.example, seed=c.seed)
-        ds = ds.map(lambda ex: {k: v for k, v in ex.items() if k != "keyword_text"})
-        ds = ds.batch(c.batch_size, drop_remainder=train)
-        return ds.map(lambda b: process_rows(b, c.batch_size, pidx, pcount)).to_iter_dataset()
-
-    def train_dataset(self, process_index, process_count):
-        return self._dataset("train", True, process_index, process_count)
-
-    def eval_dataset(self, process_index, process_count):
-        return self._dataset("validation", False, process_index, process_count)
 
     # --- loss ---------------------------------------------------------------------------------------------------------
     def _nll(self, params, batch):
