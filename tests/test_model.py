@@ -135,3 +135,29 @@ def test_capacity_factor_without_expert_parallelism_drops_overflow_pairs():
     want = np.asarray(Experts(cfg.replace(moe_capacity_factor=0.0)).apply(params, x, idx, w * kept))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert 0 < (~kept).sum() and not np.allclose(got, dropless)  # something was dropped
+
+
+def test_training_loss_and_gradients_do_not_depend_on_the_attention_blocks(params, monkeypatch):
+    """A packed training batch's loss and parameter gradients with 4-query x 4-key attention blocks
+    (many blocks, causal and segment skipping, the recomputing backward) equal those of one block."""
+    import common.attention as attention
+    from jamba_jax.losses import next_token_loss
+
+    model = jamba_jax.JambaForCausalLM(CFG)
+    r = np.random.RandomState(3)
+    ids = jnp.asarray(r.randint(3, CFG.vocab_size, (2, 24)))
+    seg = jnp.asarray(np.array([[1] * 9 + [2] * 11 + [0] * 4, [1] * 24]))
+
+    def loss(p):
+        logits = model.apply({"params": p}, ids, segment_ids=seg).logits
+        return next_token_loss(logits, ids, (seg != 0).astype(jnp.float32), seg)[0]
+
+    one_block = jax.value_and_grad(loss)(params)
+    monkeypatch.setattr(attention, "BLOCK_Q", 4)
+    monkeypatch.setattr(attention, "BLOCK_K", 4)
+    jax.clear_caches()
+    many_blocks = jax.value_and_grad(loss)(params)
+    jax.clear_caches()
+    np.testing.assert_allclose(float(many_blocks[0]), float(one_block[0]), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(many_blocks[1]), jax.tree.leaves(one_block[1]), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)
