@@ -122,6 +122,8 @@ def report(prefills: list[dict], decode: dict | None, args) -> str:
         a, b = prefills[-2], prefills[-1]
         lines += ["", f"time({b['length']}) / time({a['length']}) = {b['seconds'] / a['seconds']:.2f} "
                   f"(tokens x{b['length'] / a['length']:.0f}; useful FLOPs x{b['flops'] / a['flops']:.2f})."]
+    lines += ["", "(The `generation` section's prefill rows were measured before this attention path, with "
+              "`prefill_chunk=2048` passed by hand and the tiny config.)"]
     if decode:
         bound = decode["bytes_per_step"] / decode["bandwidth"]
         lines += ["", f"Decode: {DECODE_TOKENS} greedy tokens after a {decode['length']}-token prompt, one compiled "
