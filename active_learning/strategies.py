@@ -114,9 +114,11 @@ def _random_unlabeled(state: State, key, within=None):
 
 
 def _best_unlabeled(state: State, scores, key):
-    """argmax of scores over the unlabelled points (ties broken at random)."""
-    noise = jax.random.uniform(key, scores.shape, maxval=1e-6)
-    return jnp.argmax(jnp.where(state.labeled, _NEG, scores + noise))
+    """argmax of scores over the unlabelled points, exact ties broken uniformly at random (a flat
+    model's scores all tie: the pick must be random, not the lowest index; a small additive noise
+    is no tie-break, float32 rounds most of it away)."""
+    scores = jnp.where(state.labeled, _NEG, scores)
+    return jax.random.categorical(key, jnp.where(scores == jnp.max(scores), 0.0, _NEG))
 
 
 def found(state: State, pool: Pool):

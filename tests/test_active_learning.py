@@ -124,6 +124,20 @@ def test_runs_are_deterministic_for_a_seed(skewed):
 
 
 # --- the defects of the authors' code, one test each ----------------------------------------------------------
+def test_a_flat_model_picks_uniformly_not_the_lowest_index(skewed):
+    """Before two classes are labelled the classifier is flat and every uncertainty ties: least
+    confidence and entropy must then pick at random over the whole pool (pools are often sorted by
+    class; a lowest-index pick never leaves the first class)."""
+    (_, y, *_), pool = skewed
+    state = init_state(pool, SETTINGS, jax.random.PRNGKey(0))
+    flat = jnp.full((len(y), pool.p.shape[0]), 1.0 / pool.p.shape[0])
+    state = state._replace(n_labeled=jnp.asarray(1, jnp.int32))  # past the first (random) label
+    picks = np.asarray([int(al_label(state._replace(key=k), pool, flat, SETTINGS, "least_confidence").order[1])
+                        for k in jax.random.split(jax.random.PRNGKey(4), 200)])
+    assert len(set(picks.tolist())) > 150  # 200 draws over 1500 points: nearly all distinct
+    assert abs(np.median(picks) - len(y) / 2) < 0.15 * len(y)
+
+
 def test_greedy_search_takes_the_nearest_unlabelled_point_not_the_farthest(skewed):
     (x, *_), pool = skewed
     state = init_state(pool, Settings(epsilon=0.0), jax.random.PRNGKey(0))
