@@ -144,6 +144,7 @@ def main(argv=None):
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--decode", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--no_write", action="store_true", help="print the section instead of writing BENCHMARKS.md")
+    ap.add_argument("--note", default="", help="a line added to the section (how the run was made)")
     args = ap.parse_args(argv)
     if args.child:
         print(json.dumps(_child(args.child, args.decode)))
@@ -155,7 +156,7 @@ def main(argv=None):
     decode = run_child(args.decode_context, True) if args.decode_context else None
     if decode:
         print(json.dumps(decode), flush=True)
-    text = report(prefills, decode, args)
+    text = report(prefills, decode, args) + (f"\n\n{args.note}" if args.note else "")
     print(text)
     if not args.no_write:
         write_section("long_context", text)
