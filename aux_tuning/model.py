@@ -38,7 +38,7 @@ import numpy as np
 
 from common.errors import UserError
 from common.layers import Dense, normal_init
-from jamba_jax import JambaConfig, JambaForCausalLM
+from jamba_jax import JambaConfig, JambaForCausalLM, init_params
 from jamba_jax.layout import layer_output
 
 _F32 = jnp.float32
@@ -104,8 +104,7 @@ class AuxTunedLM:
         """The trainable parameters {"model": the auxiliary Jamba (its output projection zero),
         "projection": the feature projections, when any}, plain (unboxed) arrays."""
         k_aux, k_proj = jax.random.split(rng)
-        ids = jnp.zeros((1, 1), jnp.int32)
-        aux = nn.unbox(jax.jit(self.aux.init)(k_aux, ids)["params"])
+        aux = init_params(self.aux_cfg, k_aux)
         if self.aux_cfg.tie_word_embeddings:  # logits = (scale * norm(h)) E^T: zero scale, zero projection
             body = dict(aux["model"])
             body["final_layernorm"] = {"scale": jnp.zeros_like(body["final_layernorm"]["scale"])}

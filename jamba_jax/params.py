@@ -53,8 +53,15 @@ def param_logical_specs(cfg: JambaConfig, params=None) -> dict[str, Any]:
 
 def init_params(cfg: JambaConfig, rng: jax.Array) -> dict[str, Any]:
     """Randomly initialised, unboxed parameters (on the default device)."""
+    return _jitted_init(cfg)(rng)
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_init(cfg: JambaConfig):
+    """One compiled initialiser per config: `jax.jit(JambaForCausalLM(cfg).init)` made afresh is a new
+    function to jit's cache, and compiling the initialiser costs seconds even for a tiny model."""
     model = JambaForCausalLM(cfg)
-    return nn.unbox(jax.jit(model.init)(rng, jnp.zeros((1, 1), jnp.int32))["params"])
+    return jax.jit(lambda rng: nn.unbox(model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]))
 
 
 def _kind(path: tuple[str, ...]) -> str:

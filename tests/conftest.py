@@ -1,9 +1,17 @@
 """Shared fixtures: small random transformers Jamba checkpoints saved with `save_pretrained`."""
 
 import os
+import tempfile
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One persistent XLA compilation cache for the run, shared by both pytest-xdist workers and every
+# subprocess a test starts (they inherit the environment): the suite compiles the same small training
+# and generation programs many times over, and XLA's CPU compiles dominate its time. Size-capped,
+# which also makes jax lock the directory between processes.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"jamba-jax-tests-xla-cache-{os.getuid()}"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 * 2**30))
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

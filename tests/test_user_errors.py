@@ -68,9 +68,11 @@ def test_verbose_shows_the_traceback(tmp_path):
 
 
 def test_memory_preflight_refuses_jamba_mini_on_one_cpu_device_quickly_without_allocating(tmp_path):
-    probe = ("import atexit, resource, runpy, sys; "
-             "atexit.register(lambda: print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
-             "file=sys.stderr)); "
+    # the peak RSS of this process's own address space (VmHWM): getrusage's ru_maxrss would also count the
+    # pytest worker's peak, which Linux carries into a child across fork + exec
+    probe = ("import atexit, runpy, sys; "
+             "atexit.register(lambda: print('MAXRSS_KB', [l.split()[1] for l in open('/proc/self/status') "
+             "if l.startswith('VmHWM:')][0], file=sys.stderr)); "
              f"sys.argv = [{MAIN!r}] + sys.argv[1:]; runpy.run_path({MAIN!r}, run_name='__main__')")
     out, seconds = run("-c", probe, f"--config={ROOT}/configs/jamba_mini.py", "--config.mesh.expert=1",
                        f"--workdir={tmp_path / 'w'}")
@@ -79,7 +81,7 @@ def test_memory_preflight_refuses_jamba_mini_on_one_cpu_device_quickly_without_a
     out.stderr = "\n".join(err_lines[:-1])
     assert_one_line_error(out, "GiB per device", "params 192.1", "optimizer state 384.2", "at least",
                           "--config.dry_run=True")
-    assert seconds < 10, seconds
+    assert seconds < 30, seconds  # jax's import and an abstract trace; the other pytest worker shares the 2 cores
     assert rss_kb < 2 * 2**20, rss_kb  # under 2 GiB: the 192 GiB of parameters were never allocated
     assert not os.path.exists(tmp_path / "w" / "checkpoints")
 
