@@ -186,6 +186,7 @@ def test_training_keeps_the_lm_frozen_and_out_of_the_checkpoints(frozen_lm, full
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow  # exact resume is checked by default in test_training and test_faults
 def test_resume_reproduces_the_uninterrupted_run(frozen_lm, full_run, stopped_run, tmp_path):
     resumed = str(tmp_path / "resumed")
     shutil.copytree(stopped_run, resumed)
@@ -194,6 +195,7 @@ def test_resume_reproduces_the_uninterrupted_run(frozen_lm, full_run, stopped_ru
     assert train_losses(resumed) == train_losses(full_run[0])
 
 
+@pytest.mark.slow  # trains a second LM (about 40 s)
 def test_a_resume_against_another_frozen_lm_is_refused(frozen_lm, stopped_run, tmp_path):
     other = str(tmp_path / "other_lm")
     shutil.copytree(frozen_lm, other)
@@ -206,6 +208,7 @@ def test_a_resume_against_another_frozen_lm_is_refused(frozen_lm, stopped_run, t
         train.run(AuxTuningTask(config), config, workdir)
 
 
+@pytest.mark.slow  # 300 training steps and 128 samples (3-4 min): an outcome, like BENCHMARKS' aux_tuning figures
 def test_a_short_run_raises_the_keyword_rate_above_the_frozen_lms(frozen_lm, tmp_path):
     config = aux_config(frozen_lm, num_train_steps=300, eval_every_steps=300, save_every_steps=300, batch_size=16,
                         learning_rate=1e-2, **{"aux.min_keywords": 1, "aux.max_keywords": 1, "aux.eval_samples": 128,

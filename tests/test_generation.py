@@ -197,6 +197,7 @@ def test_generate_cli_streams_text_from_a_training_checkpoint(tmp_path, capsys):
         tasks.run(config, str(tmp_path))
 
 
+@pytest.mark.slow  # about 70 s; test_attention covers the blockwise path by default
 def test_long_context_attention_path_matches(model_and_params, monkeypatch):
     """With 2-query x 2-key blocks, the forward pass and cached prefill/decoding walk many blocks
     (skipping those past the current position or before the left padding) and give the one-block

@@ -47,6 +47,7 @@ def test_packed_documents_do_not_see_each_other(params):
     np.testing.assert_allclose(np.asarray(out[0, 17:22]), np.asarray(alone[0]), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow  # about 90 s of compiles
 def test_remat_changes_nothing(params):
     ids = np.random.RandomState(1).randint(3, CFG.vocab_size, (2, 9))
 
@@ -60,6 +61,7 @@ def test_remat_changes_nothing(params):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)  # fusion order: float32 rounding, not maths
 
 
+@pytest.mark.slow  # about 45 s of compiles
 def test_bfloat16_compute_is_close_to_float32(params):
     ids = np.random.RandomState(2).randint(3, CFG.vocab_size, (2, 16))
     ref = jamba_jax.JambaForCausalLM(CFG).apply({"params": params}, ids).logits
@@ -137,6 +139,7 @@ def test_capacity_factor_without_expert_parallelism_drops_overflow_pairs():
     assert 0 < (~kept).sum() and not np.allclose(got, dropless)  # something was dropped
 
 
+@pytest.mark.slow  # about 2 min; test_attention checks the blockwise values and gradients by default
 def test_training_loss_and_gradients_do_not_depend_on_the_attention_blocks(params, monkeypatch):
     """A packed training batch's loss and parameter gradients with 4-query x 4-key attention blocks
     (many blocks, causal and segment skipping, the recomputing backward) equal those of one block."""

@@ -76,6 +76,7 @@ def test_logits_router_logits_and_aux_loss_match_transformers(tmp_path, name, la
         np.testing.assert_allclose(float(out.aux_loss), float(ref.aux_loss), rtol=1e-5)
 
 
+@pytest.mark.slow  # about 80 s; test_generation checks left-padded batches by default
 def test_left_padding_does_not_change_real_token_logits(tmp_path):
     _, path = make_hf_model(tmp_path)
     cfg, params = jamba_jax.load_hf_checkpoint(path)
@@ -108,7 +109,7 @@ GRAD_PARAMS = [
 ]
 
 
-@pytest.mark.parametrize("layout", ["unrolled", "scanned"])
+@pytest.mark.parametrize("layout", ["unrolled", pytest.param("scanned", marks=pytest.mark.slow)])  # scanned: 45 s
 def test_gradients_match_torch_autograd(tmp_path, layout):
     hf_model, path = make_hf_model(tmp_path, seed=3)
     cfg, params = load(path, layout)

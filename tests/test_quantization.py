@@ -57,6 +57,7 @@ def test_quantised_logits_stay_close_and_keep_the_argmax(peaky):
     assert (out.argmax(-1) == ref.argmax(-1)).mean() >= 0.95
 
 
+@pytest.mark.slow  # about 45 s; scanned layouts are checked against unrolled ones in test_parity by default
 def test_quantisation_in_the_scanned_layout_equals_the_unrolled_one(peaky):
     """Stacked [repeats, experts, ...] weights quantise per (repeat, expert, channel): the same
     int8 values and scales as layer by layer, the same logits, also when quantised while loading."""

@@ -173,6 +173,7 @@ def test_checkpoint_round_trip_and_predict_cli(pretrained, capsys):
     assert out.startswith("The dogs[") and "garden[" in out and "the garden" in out
 
 
+@pytest.mark.slow  # an outcome (about 70 s of fine-tuning)
 def test_tagging_after_pretraining_beats_the_most_frequent_supersense(pretrained, tmp_path):
     _, pre_dir = pretrained
     c = _small(sensebert_tagging.get_config(), num_train_steps=250, warmup_steps=10, learning_rate=2e-3,

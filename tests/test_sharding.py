@@ -104,10 +104,12 @@ def _assert_same_run(run, reference):
 
 
 # fsdp=4 x data=2 runs steps 1-3 in test_checkpoint_restores_onto_another_mesh
-MESHES = [{"data": 8}, {"expert": 4, "data": 2}, {"tensor": 2, "expert": 2, "data": 2}]
+# the expert meshes are slow (about 70 s each); the checkpoint test below resumes on tensor2 x expert2 x data2
+MESHES = [{"data": 8}, pytest.param({"expert": 4, "data": 2}, marks=pytest.mark.slow),
+          pytest.param({"tensor": 2, "expert": 2, "data": 2}, marks=pytest.mark.slow)]
 
 
-@pytest.mark.parametrize("mesh", MESHES, ids=lambda m: "x".join(f"{k}{v}" for k, v in m.items()))
+@pytest.mark.parametrize("mesh", MESHES, ids=["data8", "expert4xdata2", "tensor2xexpert2xdata2"])
 def test_five_steps_on_a_mesh_equal_one_device(mesh, one_device, tmp_path):
     extra = ("--sample",) if "expert" in mesh else ()
     run = _run(tmp_path, 8, mesh, *extra)
@@ -123,6 +125,7 @@ def test_checkpoint_restores_onto_another_mesh(one_device, tmp_path):
     _assert_same_run(_run(tmp_path, 8, {"tensor": 2, "expert": 2, "data": 2}), one_device)
 
 
+@pytest.mark.slow  # two processes compiling the same program (about 90 s)
 def test_two_processes_equal_one(one_device, tmp_path):
     _assert_same_run(_run(tmp_path, 4, {"expert": 2, "fsdp": 2, "data": 2}, processes=2), one_device)
 
@@ -198,6 +201,7 @@ print("OK")
 '''
 
 
+@pytest.mark.slow  # about 2 min of compiles on 8 host devices
 def test_tensor_parallel_scan_no_communication_int8_experts_and_scanned_layers_on_meshes():
     out = subprocess.run([sys.executable, "-c", _IN_MESH], capture_output=True, text=True, timeout=600,
                          env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"})

@@ -85,6 +85,7 @@ def test_an_interrupted_checkpoint_write_leaves_the_previous_one_usable(tmp_path
     assert sorted(s for s in train_losses(workdir)) == list(range(1, 21))
 
 
+@pytest.mark.slow  # about 75 s: two runs
 def test_gradient_accumulation_equals_the_larger_batch():
     # The Switch aux loss is a product of per-batch means, so micro-batches change it by design;
     # with it off, accumulation must reproduce the big batch up to float32 summation order.
