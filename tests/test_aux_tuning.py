@@ -117,12 +117,24 @@ def test_keywords_are_content_words_matched_by_lemma():
 
 
 # --- on the shared loop, over a small trained LM ---------------------------------------------------------
+LM_STEPS = 20  # the frozen LM of the mechanics tests: trained only far enough to be a real checkpoint
+
+
+def train_lm(workdir, steps):
+    tasks.run(small_config(num_train_steps=steps, eval_every_steps=steps, save_every_steps=steps, batch_size=16,
+                           seq_len=64), workdir)
+    return workdir
+
+
 @pytest.fixture(scope="module")
 def frozen_lm(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("lm"))
-    tasks.run(small_config(num_train_steps=200, eval_every_steps=200, save_every_steps=200, batch_size=16, seq_len=64),
-              workdir)
-    return workdir
+    return train_lm(str(tmp_path_factory.mktemp("lm")), LM_STEPS)
+
+
+@pytest.fixture(scope="module")
+def trained_lm(tmp_path_factory):
+    """An LM trained long enough (200 steps) that its samples are fluent: the keyword-rate outcome needs it."""
+    return train_lm(str(tmp_path_factory.mktemp("trained_lm")), 200)
 
 
 def aux_config(frozen_lm, **overrides):
@@ -195,12 +207,8 @@ def test_resume_reproduces_the_uninterrupted_run(frozen_lm, full_run, stopped_ru
     assert train_losses(resumed) == train_losses(full_run[0])
 
 
-@pytest.mark.slow  # trains a second LM (about 40 s)
 def test_a_resume_against_another_frozen_lm_is_refused(frozen_lm, stopped_run, tmp_path):
-    other = str(tmp_path / "other_lm")
-    shutil.copytree(frozen_lm, other)
-    tasks.run(small_config(num_train_steps=202, eval_every_steps=202, save_every_steps=202, batch_size=16, seq_len=64),
-              other)  # two steps more
+    other = train_lm(shutil.copytree(frozen_lm, str(tmp_path / "other_lm")), LM_STEPS + 2)  # two steps more
     workdir = str(tmp_path / "aux")
     shutil.copytree(stopped_run, workdir)
     config = aux_config(other, **{"aux.feature_layers": (1,)})
@@ -208,9 +216,9 @@ def test_a_resume_against_another_frozen_lm_is_refused(frozen_lm, stopped_run, t
         train.run(AuxTuningTask(config), config, workdir)
 
 
-@pytest.mark.slow  # 300 training steps and 128 samples (3-4 min): an outcome, like BENCHMARKS' aux_tuning figures
-def test_a_short_run_raises_the_keyword_rate_above_the_frozen_lms(frozen_lm, tmp_path):
-    config = aux_config(frozen_lm, num_train_steps=300, eval_every_steps=300, save_every_steps=300, batch_size=16,
+@pytest.mark.slow  # 200 LM steps, 300 training steps and 128 samples (5-6 min): an outcome, like BENCHMARKS' figures
+def test_a_short_run_raises_the_keyword_rate_above_the_frozen_lms(trained_lm, tmp_path):
+    config = aux_config(trained_lm, num_train_steps=300, eval_every_steps=300, save_every_steps=300, batch_size=16,
                         learning_rate=1e-2, **{"aux.min_keywords": 1, "aux.max_keywords": 1, "aux.eval_samples": 128,
                                                "aux.sample_tokens": 24})
     task = AuxTuningTask(config)
