@@ -13,7 +13,9 @@ efficient attention, Rabe & Staats 2021):
 - backward (custom VJP): for each key block, the query blocks that can see it, recomputing the
   probabilities from the saved log-sum-exp (FlashAttention-2's backward); nothing O(L x S) is saved.
 
-`attention` picks the implementation (today the blockwise path on every platform, through XLA).
+`attention` picks the implementation: this blockwise path through XLA on CPU, the Pallas forward
+kernel of `kernels.flash_attention` on GPU and TPU (differentiated through the same blockwise
+backward).
 `reference_attention` materialises the mask and the scores: it is the tests' reference, never a model's path.
 """
 
@@ -24,6 +26,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from kernels import flash_attention
+from kernels.platform import current_platform, interpret_mode, log_once
 
 _F32 = jnp.float32
 _LOWEST = float(jnp.finfo(_F32).min)  # a finite minimum (not -inf) keeps fully masked rows free of NaN
@@ -40,7 +45,8 @@ class AttentionMask(NamedTuple):
     """
 
     k_valid: jax.Array  # [B, S] bool: real keys (left padding and unwritten cache slots are not)
-    q_pos: jax.Array | None = None  # [L] int32, nondecreasing: causal; None: bidirectional (BERT)
+    q_pos: jax.Array | None = None  # [L] int32, q_pos[0] + arange(L) (the kernels assume it): causal;
+    # None: bidirectional (BERT)
     q_segment: jax.Array | None = None  # [B, L] document ids of packed rows
     k_segment: jax.Array | None = None  # [B, S]
 
@@ -250,9 +256,13 @@ def _blockwise_fwd(q, k, v, mask, block_q, block_k):
 
 
 def _blockwise_bwd(block_q, block_k, residuals, dout):
+    return _gradients(residuals, dout, _plan(dout.shape[1], residuals[1].shape[1], block_q, block_k))
+
+
+def _gradients(residuals, dout, p: _Plan):
+    """(dq, dk, dv, None) from the forward's residuals (rows layout of plan p): FlashAttention-2's backward."""
     q_rows, k, v, pmask, out_rows, lse = residuals
     length, g, d = dout.shape[1], dout.shape[3], dout.shape[4]
-    p = _plan(length, k.shape[1], block_q, block_k)
     dq_rows, dk, dv = _backward(q_rows, _pad_keys(k, p), _pad_keys(v, p), pmask, out_rows, lse,
                                 _rows(dout.astype(_F32), p), p, g)
     dq = _unrows(dq_rows, length, g) * (d ** -0.5)
@@ -274,15 +284,103 @@ def blockwise_attention(q_BxLxVxGxD, k_BxSxVxD, v_BxSxVxD, mask: AttentionMask, 
     return _blockwise(q_BxLxVxGxD, k_BxSxVxD, v_BxSxVxD, mask, block_q or BLOCK_Q, block_k or BLOCK_K)
 
 
-ATTENTION_IMPLS = ("auto", "blockwise")
+# ------------------------------------------------------------------------------------------------------------------
+# The kernel path (Pallas: TPU and GPU; interpreted on a CPU)
+
+
+def _kernel_plan(family: str, q, k) -> _Plan:
+    fp = flash_attention.plan(family, q.shape[1], k.shape[1], q.shape[3])
+    return _Plan(fp.bq, fp.bk, fp.nq, fp.nk)
+
+
+def _kernel_forward(q, k, v, mask: AttentionMask, family: str, interpret: bool, with_lse: bool):
+    """The Pallas forward in the kernels' layout: (out [B, V, Lq * G, D], lse [B, V, Lq * G] or None, plan, mask)."""
+    b, length, nkv, g, d = q.shape
+    p = _kernel_plan(family, q, k)
+    pmask = _padded_mask(mask, p)
+    lq = p.nq * p.bq
+    q_rows = jnp.pad(q * jnp.asarray(d ** -0.5, q.dtype), [(0, 0), (0, lq - length), (0, 0), (0, 0), (0, 0)])
+    q_rows = q_rows.transpose(0, 2, 1, 3, 4).reshape(b, nkv, lq * g, d)
+    kt, vt = (_pad_keys(x, p).transpose(0, 2, 1, 3) for x in (k, v))
+    first, last = _key_block_range(pmask, p)
+    causal = mask.q_pos is not None
+    q_segment_rows = None if mask.q_segment is None else jnp.repeat(pmask.q_segment, g, axis=1)
+    out, lse = flash_attention.flash_attention_rows(
+        family, q_rows, kt, vt, pmask.k_valid, mask.q_pos[0] if causal else 0, first, last,
+        flash_attention.Plan(p.bq, p.bk, p.nq, p.nk, g), causal=causal, q_segment_rows=q_segment_rows,
+        k_segment=pmask.k_segment, with_lse=with_lse, out_dtype=_F32 if with_lse else q.dtype, interpret=interpret)
+    return out, lse, q_rows, p, pmask
+
+
+def _from_kernel_rows(x_BxVxRxD, p: _Plan):
+    """[B, V, nq * R, ...] (the kernels' rows) -> [nq, B, V, R, ...] (the blockwise path's)."""
+    b, nkv = x_BxVxRxD.shape[:2]
+    x = x_BxVxRxD.reshape(b, nkv, p.nq, -1, *x_BxVxRxD.shape[3:])
+    return jnp.moveaxis(x, 2, 0)
+
+
+def _kernel_out(out, q):
+    b, length, nkv, g, d = q.shape
+    return out.reshape(b, nkv, -1, g, d).transpose(0, 2, 1, 3, 4)[:, :length].astype(q.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _flash(q, k, v, mask, family, interpret):
+    return _kernel_out(_kernel_forward(q, k, v, mask, family, interpret, with_lse=False)[0], q)
+
+
+def _flash_fwd(q, k, v, mask, family, interpret):
+    out, lse, q_rows, p, pmask = _kernel_forward(q, k, v, mask, family, interpret, with_lse=True)
+    out_rows = _from_kernel_rows(out, p)
+    return _kernel_out(out, q), (_from_kernel_rows(q_rows, p), k, v, pmask, out_rows, _from_kernel_rows(lse, p))
+
+
+def _flash_bwd(family, interpret, residuals, dout):
+    fp = flash_attention.plan(family, dout.shape[1], residuals[1].shape[1], dout.shape[3])
+    return _gradients(residuals, dout, _Plan(fp.bq, fp.bk, fp.nq, fp.nk))
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def pallas_attention(q_BxLxVxGxD, k_BxSxVxD, v_BxSxVxD, mask: AttentionMask, family: str | None = None):
+    """Attention by the Pallas forward kernel of `family` ("tpu" or "gpu"; default: the platform traced
+    for, the GPU body interpreted on a CPU), differentiable through the blockwise backward."""
+    family = family or ("tpu" if current_platform() == "tpu" else "gpu")
+    why = flash_attention.unsupported(family, q_BxLxVxGxD.shape[3], q_BxLxVxGxD.shape[4])
+    if why:
+        raise ValueError(f"attention impl='pallas' ({family} kernel): {why}; use impl='blockwise'")
+    return _flash(q_BxLxVxGxD, k_BxSxVxD, v_BxSxVxD, mask, family, interpret_mode())
+
+
+ATTENTION_IMPLS = ("auto", "blockwise", "pallas")
+
+
+def resolve_attention_impl(impl: str, g: int, d: int) -> str:
+    """'auto' -> 'blockwise' on CPU; 'pallas' on GPU and TPU where the kernel takes the heads' shape,
+    else 'blockwise' with a warning logged once."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention impl={impl!r}: expected one of {ATTENTION_IMPLS}")
+    if impl != "auto":
+        return impl
+    platform = current_platform()
+    if platform == "cpu":
+        return "blockwise"
+    why = flash_attention.unsupported(platform, g, d) if platform in flash_attention.FAMILIES else "no kernel"
+    if why:
+        log_once("attention", f"attention on {platform}: {why}; impl='auto' runs the blockwise XLA path")
+        return "blockwise"
+    return "pallas"
 
 
 def attention(q_BxLxVxGxD, k_BxSxVxD, v_BxSxVxD, mask: AttentionMask, impl: str = "auto"):
     """Softmax attention of q over k, v under `mask`, by implementation `impl`:
 
     - "blockwise": `blockwise_attention` (XLA; every platform);
-    - "auto": the blockwise path.
+    - "pallas": `pallas_attention` (the platform's Pallas forward kernel, `kernels.flash_attention`);
+    - "auto": the blockwise path on CPU, the Pallas kernel on GPU and TPU (`resolve_attention_impl`).
     """
-    if impl not in ATTENTION_IMPLS:
-        raise ValueError(f"attention impl={impl!r}: expected one of {ATTENTION_IMPLS}")
+    impl = resolve_attention_impl(impl, q_BxLxVxGxD.shape[3], q_BxLxVxGxD.shape[4])
+    if impl == "pallas":
+        return pallas_attention(q_BxLxVxGxD, k_BxSxVxD, v_BxSxVxD, mask)
     return blockwise_attention(q_BxLxVxGxD, k_BxSxVxD, v_BxSxVxD, mask)

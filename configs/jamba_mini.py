@@ -41,7 +41,7 @@ def get_config():
     model.dtype = "bfloat16"  # compute dtype on accelerators
     model.param_dtype = "float32"  # master weights
     model.scan_impl = "auto"  # the Pallas kernel on GPU/TPU, the fused lax.scan on CPU
-    model.attention_impl = "auto"  # blockwise flash attention through XLA (common.attention)
+    model.attention_impl = "auto"  # CPU: blockwise flash attention (XLA); GPU/TPU: the Pallas kernel (common.attention)
     model.remat = True  # rematerialise each layer
     model.scan_layers = True  # one nn.scan over the repeats of the 8-layer cycle: compile time flat in depth
     config.model = model

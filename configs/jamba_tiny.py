@@ -39,7 +39,7 @@ def get_config():
     model.dtype = "float32"  # compute dtype
     model.param_dtype = "float32"  # parameter dtype
     model.scan_impl = "auto"  # selective scan implementation
-    model.attention_impl = "auto"  # blockwise flash attention through XLA (common.attention)
+    model.attention_impl = "auto"  # CPU: blockwise flash attention (XLA); GPU/TPU: the Pallas kernel (common.attention)
     model.remat = False  # rematerialise decoder layers
     config.model = model
     return config

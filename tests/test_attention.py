@@ -6,16 +6,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from common.attention import AttentionMask, attention, blockwise_attention, reference_attention
+from common.attention import AttentionMask, attention, blockwise_attention, pallas_attention, reference_attention
+from kernels import flash_attention
 
 B, V, G, D = 2, 2, 3, 8  # two kv heads, three query heads each
 
 
-def qkv(length, keys, seed=0, dtype=jnp.float32):
+def qkv(length, keys, seed=0, dtype=jnp.float32, g=G, d=D):
     r = np.random.RandomState(seed)
-    q = jnp.asarray(r.randn(B, length, V, G, D), dtype)
-    k = jnp.asarray(r.randn(B, keys, V, D), dtype)
-    v = jnp.asarray(r.randn(B, keys, V, D), dtype)
+    q = jnp.asarray(r.randn(B, length, V, g, d), dtype)
+    k = jnp.asarray(r.randn(B, keys, V, d), dtype)
+    v = jnp.asarray(r.randn(B, keys, V, d), dtype)
     return q, k, v
 
 
@@ -65,6 +66,54 @@ def test_blockwise_matches_reference_values_and_gradients(kind, blocks):
     # gradients accumulate over every key / query block in float32: a few more ulps than the values
     for name, a, b in zip("qkv", g_got, g_want, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-5, rtol=5e-5, err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize("family", ["tpu", "gpu"])
+@pytest.mark.parametrize("kind", ["causal", "packed", "bidirectional", "cached"])
+def test_pallas_kernels_match_reference_values_and_gradients(family, kind, monkeypatch):
+    """The flash-attention forward kernels that compile for TPU and GPU (kernels.flash_attention), run
+    in Pallas's interpreters (the TPU one under pltpu.InterpretParams), against the reference: values
+    and, through the blockwise backward fed by the kernel's lse, gradients. Blocks shrunk to the
+    platform's minimum so 150 queries and keys span several blocks of each (and key blocks are skipped)."""
+    monkeypatch.setattr(flash_attention, "TPU_ROWS", 64)  # 32 queries x 2 heads; keys: 128 (Mosaic's minimum)
+    monkeypatch.setattr(flash_attention, "TPU_KEYS", 128)
+    monkeypatch.setattr(flash_attention, "GPU_ROWS", 16)
+    monkeypatch.setattr(flash_attention, "GPU_KEYS", 16)
+    mask, length, keys, rows = masks(150)[kind]
+    q, k, v = qkv(length, keys, seed=len(kind), g=2, d=16)
+    p = flash_attention.plan(family, length, keys, 2)
+    assert p.nk > 1 and (p.nq > 1 or kind == "cached")
+    cot = jnp.asarray(np.random.RandomState(1).randn(*q.shape) * rows[:, :, None, None, None], jnp.float32)
+    kernel = lambda q, k, v: pallas_attention(q, k, v, mask, family)  # noqa: E731
+    reference = lambda q, k, v: reference_attention(q, k, v, mask)  # noqa: E731
+    # float32 in another summation order (online softmax over key blocks): a few ulps, as the blockwise path
+    np.testing.assert_allclose(np.asarray(kernel(q, k, v))[rows], np.asarray(reference(q, k, v))[rows], atol=2e-5,
+                               rtol=2e-5)
+    g_got = jax.grad(lambda q, k, v: jnp.sum(kernel(q, k, v) * cot), argnums=(0, 1, 2))(q, k, v)
+    g_want = jax.grad(lambda q, k, v: jnp.sum(reference(q, k, v) * cot), argnums=(0, 1, 2))(q, k, v)
+    for name, a, b in zip("qkv", g_got, g_want, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-5, rtol=5e-5, err_msg=f"d{name}")
+
+
+def test_pallas_kernel_in_bfloat16_and_through_the_model(monkeypatch):
+    """bfloat16 inputs through the GPU kernel's body stay within bfloat16's resolution of the float32
+    reference; and a Jamba forward with attention_impl='pallas' gives the blockwise path's logits."""
+    import jamba_jax
+
+    mask, length, keys, rows = masks(40)["causal"]
+    q, k, v = qkv(length, keys, seed=3, g=2, d=16)
+    got = pallas_attention(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), mask, "gpu")
+    assert got.dtype == jnp.bfloat16
+    err = np.abs(np.asarray(got, np.float32) - np.asarray(reference_attention(q, k, v, mask)))[rows]
+    assert err.max() < 3e-2, err.max()  # as the blockwise path's bf16 test
+    cfg = jamba_jax.JambaConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, num_experts=1, num_experts_per_tok=1,
+                                attn_layer_period=2, attn_layer_offset=1, mamba_d_state=4, mamba_dt_rank=4)
+    params = jamba_jax.init_params(cfg, jax.random.PRNGKey(0))
+    ids = jax.random.randint(jax.random.PRNGKey(1), (2, 21), 0, 64)
+    logits = {impl: jamba_jax.JambaForCausalLM(cfg.replace(attention_impl=impl)).apply({"params": params}, ids).logits
+              for impl in ("blockwise", "pallas")}
+    np.testing.assert_allclose(np.asarray(logits["pallas"]), np.asarray(logits["blockwise"]), atol=1e-5)
 
 
 def test_fully_masked_rows_are_finite():

@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from kernels import KERNEL_PLATFORMS, resolve_impl, selective_scan, target_platform
+from common.attention import AttentionMask, attention, pallas_attention, resolve_attention_impl
+from kernels import KERNEL_PLATFORMS, flash_attention, resolve_impl, selective_scan, target_platform
 from kernels import platform as kernel_platform
 from kernels.int8_matmul import int8_matmul, tpu_blocks, tpu_vmem_bytes
 from kernels.ssm_pallas import default_family
@@ -79,10 +80,73 @@ def test_int8_matmul_lowers_to_the_platform_kernel(platform, shape):
     assert kernel_calls(platform, lambda x, w, s: int8_matmul(x, w, s), *args) == 1
 
 
+# flash attention at Jamba-1.5-Mini's heads per device (32 query heads over 8 kv heads, head dim 128):
+# a packed 4K training row (forward kernel under the gradient), a 2K prefill chunk into a 256K cache,
+# one decoded token for 64 rows of a 256K cache; and an odd float32 shape (nothing divides anything)
+def _attention_train(q, k, v, valid, segments):
+    loss = lambda q, k, v: jnp.sum(attention(q, k, v, AttentionMask.causal(valid, segments)).astype(jnp.float32))  # noqa: E731
+    return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+
+def _attention_cached(q, k, v, valid, index):
+    return attention(q, k, v, AttentionMask.cached(valid, index, q.shape[1]))
+
+
+def _qkv(b, length, keys, nkv, g, d, dtype):
+    return sd((b, length, nkv, g, d), dtype), sd((b, keys, nkv, d), dtype), sd((b, keys, nkv, d), dtype)
+
+
+ATTENTION_CASES = {
+    "mini_train_4k": (_attention_train, (*_qkv(1, 4096, 4096, 8, 4, 128, jnp.bfloat16), sd((1, 4096), bool),
+                                         sd((1, 4096), jnp.int32))),
+    "mini_prefill_2k_of_256k": (_attention_cached, (*_qkv(1, 2048, 262144, 8, 4, 128, jnp.bfloat16),
+                                                    sd((1, 262144), bool), sd((), jnp.int32))),
+    "mini_decode_b64_256k": (_attention_cached, (*_qkv(64, 1, 262144, 8, 4, 128, jnp.bfloat16),
+                                                 sd((64, 262144), bool), sd((), jnp.int32))),
+    "odd": (_attention_train, (*_qkv(3, 100, 100, 2, 2, 64, jnp.float32), sd((3, 100), bool), sd((3, 100), jnp.int32))),
+}
+
+
+@pytest.mark.parametrize("platform", ["tpu", "gpu"])
+@pytest.mark.parametrize("case", sorted(ATTENTION_CASES))
+def test_attention_lowers_to_the_platform_kernel(platform, case):
+    fn, args = ATTENTION_CASES[case]
+    assert kernel_calls(platform, fn, *args) == 1  # the forward kernel (the backward is the XLA blockwise one)
+
+
+@pytest.mark.parametrize("g", [4, 8])  # Mini (32 / 8 heads) and Large (64 / 8)
+def test_tpu_flash_attention_fits_vmem(g):
+    for q_len, keys in ((4096, 4096), (1, 262144), (2048, 262144)):
+        p = flash_attention.plan("tpu", q_len, keys, g)
+        assert p.rows % 8 == 0 and p.bk % 128 == 0
+        assert flash_attention.tpu_vmem_bytes(p, 128, 2, segments=True) < VMEM_BUDGET
+
+
+def test_attention_auto_picks_the_kernel_on_accelerators_and_says_when_it_cannot(monkeypatch, caplog):
+    assert resolve_attention_impl("auto", 4, 128) == "blockwise"  # this CPU
+    monkeypatch.setattr(kernel_platform, "_logged", set())
+    with caplog.at_level(logging.WARNING, logger="kernels"):
+        for name in ("tpu", "gpu"):
+            with target_platform(name):
+                assert resolve_attention_impl("auto", 4, 128) == "pallas"
+                assert resolve_attention_impl("auto", 3, 128) == "blockwise"  # 3 heads per kv head: no kernel
+                assert resolve_attention_impl("auto", 3, 128) == "blockwise"
+    warnings = [r.getMessage() for r in caplog.records if "not a power of two" in r.getMessage()]
+    assert len(warnings) == 2, warnings  # once per platform
+    fn, args = ATTENTION_CASES["odd"]
+    odd = (sd((3, 100, 2, 3, 64), jnp.float32), *args[1:])
+    assert kernel_calls("gpu", fn, *odd) == 0
+    with pytest.raises(ValueError, match="power of two"):
+        with target_platform("gpu"):
+            jax.eval_shape(lambda q, k, v, m: pallas_attention(q, k, v, m), *odd[:3],
+                           AttentionMask.causal(jnp.ones((3, 100), bool)))
+
+
 @pytest.mark.parametrize("platform", PLATFORMS)
-def test_bf16_jamba_train_step_lowers_with_the_scan_kernels(platform):
+def test_bf16_jamba_train_step_lowers_with_the_scan_and_attention_kernels(platform):
     """The tiny config's whole training step (forward, loss, backward, AdamW) in bfloat16 with
-    scan_impl="auto": every Mamba layer runs the forward and backward kernels."""
+    scan_impl="auto" and attention_impl="auto": every Mamba layer runs the scan's forward and
+    backward kernels, every attention layer the flash-attention forward kernel."""
     from configs import jamba_tiny
     from tasks.jamba_lm import JambaLMTask
     from training.optim import make_optimizer
@@ -95,8 +159,11 @@ def test_bf16_jamba_train_step_lowers_with_the_scan_kernels(platform):
     optimizer = make_optimizer(config)
     state = jax.eval_shape(lambda r: init_state(task, optimizer, r), jax.random.PRNGKey(0))
     batch = {"inputs": sd((2, 256), jnp.int32), "segment_ids": sd((2, 256), jnp.int32)}
-    mamba_layers = sum(not task.cfg.is_attention_layer(i) for i in range(task.cfg.num_hidden_layers))
-    assert kernel_calls(platform, make_train_step(task, optimizer, 1), state, batch) == 2 * mamba_layers
+    attention_layers = sum(task.cfg.is_attention_layer(i) for i in range(task.cfg.num_hidden_layers))
+    mamba_layers = task.cfg.num_hidden_layers - attention_layers
+    assert attention_layers and mamba_layers
+    calls = kernel_calls(platform, make_train_step(task, optimizer, 1), state, batch)
+    assert calls == 2 * mamba_layers + attention_layers
 
 
 @pytest.mark.parametrize("d_inner", [8192, 16384, 4096])  # Mini, Large (tensor=1), Large over tensor=4
