@@ -20,12 +20,19 @@ from jamba_jax.config import JambaConfig
 from jamba_jax.model import JambaForCausalLM
 
 
+@functools.lru_cache(maxsize=16)
+def _boxed_init(cfg: JambaConfig):
+    """The model's initialiser as one jitted function of the rng, boxed (logically partitioned) params
+    out. Its trace is cached by jit, so the abstract tree, the pre-flight's abstract state and the
+    real initialiser trace the model once between them (seconds for Jamba-1.5-Mini)."""
+    model = JambaForCausalLM(cfg)
+    return jax.jit(lambda rng: model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"])
+
+
 @functools.lru_cache(maxsize=32)
 def abstract_variables(cfg: JambaConfig) -> dict[str, Any]:
     """The boxed (logically partitioned) parameter tree as ShapeDtypeStructs."""
-    model = JambaForCausalLM(cfg)
-    ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-    return jax.eval_shape(model.init, jax.random.PRNGKey(0), ids)["params"]
+    return jax.eval_shape(_boxed_init(cfg), jax.random.PRNGKey(0))
 
 
 def abstract_params(cfg: JambaConfig) -> dict[str, Any]:
@@ -60,8 +67,8 @@ def init_params(cfg: JambaConfig, rng: jax.Array) -> dict[str, Any]:
 def _jitted_init(cfg: JambaConfig):
     """One compiled initialiser per config: `jax.jit(JambaForCausalLM(cfg).init)` made afresh is a new
     function to jit's cache, and compiling the initialiser costs seconds even for a tiny model."""
-    model = JambaForCausalLM(cfg)
-    return jax.jit(lambda rng: nn.unbox(model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]))
+    boxed = _boxed_init(cfg)
+    return jax.jit(lambda rng: nn.unbox(boxed(rng)))
 
 
 def _kind(path: tuple[str, ...]) -> str:
