@@ -113,7 +113,6 @@ def logged_steps(workdir) -> int:
         return sum('"loss"' in line for line in f)
 
 
-@pytest.mark.slow  # 12 processes started, 10 killed (about 5 min); the damaged-checkpoint cases run by default
 def test_repeated_sigkills_reproduce_the_uninterrupted_run(tmp_path):
     """Kills land in training: each waits until the run has logged 1-2 more steps, then a random
     fraction of a step (checkpoints are written every step, so most land in or between saves)."""
