@@ -294,7 +294,8 @@ def _kernel_plan(family: str, q, k) -> _Plan:
 
 
 def _kernel_forward(q, k, v, mask: AttentionMask, family: str, interpret: bool, with_lse: bool):
-    """The Pallas forward in the kernels' layout: (out [B, V, Lq * G, D], lse [B, V, Lq * G] or None, plan, mask)."""
+    """The Pallas forward in the kernels' rows layout: (out [B, V, Lq * G, D], lse [B, V, Lq * G] or None, the
+    scaled q rows, the plan, the padded mask)."""
     b, length, nkv, g, d = q.shape
     p = _kernel_plan(family, q, k)
     pmask = _padded_mask(mask, p)
