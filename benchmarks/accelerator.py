@@ -34,7 +34,6 @@ import functools
 import json
 import os
 import platform as py_platform
-import statistics
 import sys
 import time
 import traceback
@@ -45,8 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import jamba_jax
-from benchmarks.common import write_section
-from common.attention import AttentionMask, attention, reference_attention
+from benchmarks.accelerator_attention import attention_report, attention_speed, check_attention
+from benchmarks.common import time_fn, write_section
 from jamba_jax.losses import next_token_nll, target_weights
 from kernels import current_platform, int8_matmul, selective_scan
 from kernels.int8_matmul import int8_matmul_reference
@@ -58,14 +57,7 @@ GIB = 2**30
 
 def timed(fn, *args, repeats=5, warmup=1):
     """Median seconds of fn(*args) (blocked until ready) after `warmup` calls."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return time_fn(lambda: jax.block_until_ready(fn(*args)), warmup=warmup, repeats=repeats)
 
 
 def nbytes(*arrays) -> int:
@@ -162,59 +154,6 @@ def check_int8(small: bool) -> list[dict]:
         err = float(np.abs(got - want).max() / np.abs(want).max())
         rows.append(dict(kernel="int8_matmul pallas", shape=f"{m}x{k}x{n}", dtype="bfloat16", reset=False,
                          output="y", rel_err=err, ok=err <= 2e-2))
-    return rows
-
-
-def _attention_inputs(b, length, keys, nkv, g, d, dtype, seed=0):
-    r = np.random.RandomState(seed)
-    return (jnp.asarray(r.randn(b, length, nkv, g, d), dtype), jnp.asarray(r.randn(b, keys, nkv, d), dtype),
-            jnp.asarray(r.randn(b, keys, nkv, d), dtype))
-
-
-def check_attention(small: bool) -> list[dict]:
-    """Compiled (interpreted on CPU) flash-attention forward kernel vs the materialised reference: output and,
-    through the blockwise backward it feeds, dq / dk / dv; causal with left padding, packed, cached."""
-    rows = []
-    length = 70 if small else 1000
-    for dtype in (jnp.float32, jnp.bfloat16):
-        q, k, v = _attention_inputs(2, length, length, 2, 4, 64, dtype, seed=2)
-        valid = jnp.ones((2, length), bool).at[1, :17].set(False)
-        segments = jnp.where(jnp.arange(length) < length // 3, 1, 2)[None].repeat(2, 0).astype(jnp.int32)
-        masks = {"causal": AttentionMask.causal(valid), "packed": AttentionMask.causal(jnp.ones((2, length), bool),
-                                                                                        segments)}
-        for name, mask in masks.items():
-            defined = np.asarray(jnp.any(mask.dense(length), axis=-1))  # rows with a visible key
-            outs = {}
-            for impl in ("pallas", "reference"):
-                fn = (lambda q, k, v, m: attention(q, k, v, m, "pallas")) if impl == "pallas" else reference_attention
-                out = jax.jit(fn)(q, k, v, mask)
-                weight = jnp.asarray(defined, jnp.float32)[:, :, None, None, None]
-                grads = jax.jit(jax.grad(lambda q, k, v, m, fn=fn, w=weight: jnp.sum(
-                    fn(q, k, v, m).astype(jnp.float32) * w), argnums=(0, 1, 2)))(q, k, v, mask)
-                outs[impl] = [np.asarray(out, np.float32)[defined]] + [np.asarray(x, np.float32) for x in grads]
-            tol = 1e-4 if dtype == jnp.float32 else 2e-2
-            for label, got, want in zip(("y", "dq", "dk", "dv"), outs["pallas"], outs["reference"], strict=True):
-                err = float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
-                rows.append(dict(kernel=f"flash_attention {name}", shape=f"2x{length}x2x4x64",
-                                 dtype=jnp.dtype(dtype).name, reset=False, output=label, rel_err=err, ok=err <= tol))
-    return rows
-
-
-def attention_speed(small: bool, peak: float) -> list[dict]:
-    """A prefill chunk into a long cache (Jamba-1.5-Mini's heads: 8 kv x 4, head dim 128, bf16): the Pallas
-    kernel vs the blockwise XLA path; TFLOP/s counts the visible (causal) half of q k^T and p v."""
-    chunk, caches = (64, (256,)) if small else (2048, (32768, 131072))
-    rows = []
-    for keys in caches:
-        q, k, v = _attention_inputs(1, chunk, keys, 8, 4, 128, jnp.bfloat16)
-        mask = AttentionMask.cached(jnp.ones((1, keys), bool), jnp.int32(keys - chunk), chunk)
-        flops = 4 * chunk * 32 * 128 * (keys - chunk / 2)
-        for impl in ("pallas", "blockwise"):
-            fn = jax.jit(lambda q, k, v, m, impl=impl: attention(q, k, v, m, impl))
-            t = timed(fn, q, k, v, mask, repeats=3)
-            rows.append(dict(keys=keys, chunk=chunk, impl=impl, seconds=t, tflops=flops / t / 1e12,
-                             frac_peak=flops / t / peak))
-            print(f"  attention {impl:9s} {chunk} of {keys}: {t * 1e3:9.2f} ms", flush=True)
     return rows
 
 
@@ -390,13 +329,7 @@ def report(res: dict) -> str:
         lines += [f"| {r['tile']} | {r['group']} | {r['warps']} | {r['fwd_s'] * 1e3:.2f} | {r['fwd_bwd_s'] * 1e3:.2f} |"
                   for r in res["tune"]]
         lines.append("")
-    if res.get("attention"):
-        lines += ["Flash attention, one prefill chunk into a cache (Jamba-1.5-Mini's heads: 8 kv heads x 4, head dim "
-                  "128, bf16); FLOPs: the visible (causal) part of q k^T and p v.", "",
-                  "| chunk | cache | impl | ms | TFLOP/s | of matmul peak |", "| ---: | ---: | --- | ---: | ---: | ---: |"]
-        lines += [f"| {r['chunk']} | {r['keys']} | {r['impl']} | {r['seconds'] * 1e3:.2f} | {r['tflops']:.1f} | "
-                  f"{r['frac_peak']:.1%} |" for r in res["attention"]]
-        lines.append("")
+    lines += attention_report(res.get("attention"))
     if res.get("int8"):
         lines += ["int8_matmul (bf16 activations, int8 weights, per-column scales) vs a bf16 matmul of the same "
                   "shape (M x K x N).", "", "| shape | impl | ms | TFLOP/s | weight GB/s |",

@@ -259,7 +259,7 @@ def _blockwise_bwd(block_q, block_k, residuals, dout):
     return _gradients(residuals, dout, _plan(dout.shape[1], residuals[1].shape[1], block_q, block_k))
 
 
-def _gradients(residuals, dout, p: _Plan):
+def _gradients(residuals, dout, p: _Plan | flash_attention.Plan):
     """(dq, dk, dv, None) from the forward's residuals (rows layout of plan p): FlashAttention-2's backward."""
     q_rows, k, v, pmask, out_rows, lse = residuals
     length, g, d = dout.shape[1], dout.shape[3], dout.shape[4]
@@ -288,16 +288,11 @@ def blockwise_attention(q_BxLxVxGxD, k_BxSxVxD, v_BxSxVxD, mask: AttentionMask, 
 # The kernel path (Pallas: TPU and GPU; interpreted on a CPU)
 
 
-def _kernel_plan(family: str, q, k) -> _Plan:
-    fp = flash_attention.plan(family, q.shape[1], k.shape[1], q.shape[3])
-    return _Plan(fp.bq, fp.bk, fp.nq, fp.nk)
-
-
 def _kernel_forward(q, k, v, mask: AttentionMask, family: str, interpret: bool, with_lse: bool):
     """The Pallas forward in the kernels' rows layout: (out [B, V, Lq * G, D], lse [B, V, Lq * G] or None, the
     scaled q rows, the plan, the padded mask)."""
     b, length, nkv, g, d = q.shape
-    p = _kernel_plan(family, q, k)
+    p = flash_attention.plan(family, length, k.shape[1], g)  # has every field of _Plan the helpers read
     pmask = _padded_mask(mask, p)
     lq = p.nq * p.bq
     q_rows = jnp.pad(q * jnp.asarray(d ** -0.5, q.dtype), [(0, 0), (0, lq - length), (0, 0), (0, 0), (0, 0)])
@@ -307,13 +302,13 @@ def _kernel_forward(q, k, v, mask: AttentionMask, family: str, interpret: bool, 
     causal = mask.q_pos is not None
     q_segment_rows = None if mask.q_segment is None else jnp.repeat(pmask.q_segment, g, axis=1)
     out, lse = flash_attention.flash_attention_rows(
-        family, q_rows, kt, vt, pmask.k_valid, mask.q_pos[0] if causal else 0, first, last,
-        flash_attention.Plan(p.bq, p.bk, p.nq, p.nk, g), causal=causal, q_segment_rows=q_segment_rows,
-        k_segment=pmask.k_segment, with_lse=with_lse, out_dtype=_F32 if with_lse else q.dtype, interpret=interpret)
+        family, q_rows, kt, vt, pmask.k_valid, mask.q_pos[0] if causal else 0, first, last, p, causal=causal,
+        q_segment_rows=q_segment_rows, k_segment=pmask.k_segment, with_lse=with_lse,
+        out_dtype=_F32 if with_lse else q.dtype, interpret=interpret)
     return out, lse, q_rows, p, pmask
 
 
-def _from_kernel_rows(x_BxVxRxD, p: _Plan):
+def _from_kernel_rows(x_BxVxRxD, p: flash_attention.Plan):
     """[B, V, nq * R, ...] (the kernels' rows) -> [nq, B, V, R, ...] (the blockwise path's)."""
     b, nkv = x_BxVxRxD.shape[:2]
     x = x_BxVxRxD.reshape(b, nkv, p.nq, -1, *x_BxVxRxD.shape[3:])
@@ -337,8 +332,8 @@ def _flash_fwd(q, k, v, mask, family, interpret):
 
 
 def _flash_bwd(family, interpret, residuals, dout):
-    fp = flash_attention.plan(family, dout.shape[1], residuals[1].shape[1], dout.shape[3])
-    return _gradients(residuals, dout, _Plan(fp.bq, fp.bk, fp.nq, fp.nk))
+    p = flash_attention.plan(family, dout.shape[1], residuals[1].shape[1], dout.shape[3])
+    return _gradients(residuals, dout, p)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

@@ -23,8 +23,10 @@ from jamba_jax.model import JambaForCausalLM
 @functools.lru_cache(maxsize=16)
 def _boxed_init(cfg: JambaConfig):
     """The model's initialiser as one jitted function of the rng, boxed (logically partitioned) params
-    out. Its trace is cached by jit, so the abstract tree, the pre-flight's abstract state and the
-    real initialiser trace the model once between them (seconds for Jamba-1.5-Mini)."""
+    out, one per config: a fresh `jax.jit(model.init)` is a new function to jit's caches and compiles
+    again (12 s for the tiny test model). Its trace is cached too, so the abstract tree, the
+    pre-flight's abstract state and the real initialiser trace the model once between them (seconds
+    for Jamba-1.5-Mini)."""
     model = JambaForCausalLM(cfg)
     return jax.jit(lambda rng: model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"])
 
@@ -60,15 +62,7 @@ def param_logical_specs(cfg: JambaConfig, params=None) -> dict[str, Any]:
 
 def init_params(cfg: JambaConfig, rng: jax.Array) -> dict[str, Any]:
     """Randomly initialised, unboxed parameters (on the default device)."""
-    return _jitted_init(cfg)(rng)
-
-
-@functools.lru_cache(maxsize=16)
-def _jitted_init(cfg: JambaConfig):
-    """One compiled initialiser per config: `jax.jit(JambaForCausalLM(cfg).init)` made afresh is a new
-    function to jit's cache, and compiling the initialiser costs seconds even for a tiny model."""
-    boxed = _boxed_init(cfg)
-    return jax.jit(lambda rng: nn.unbox(boxed(rng)))
+    return nn.unbox(_boxed_init(cfg)(rng))
 
 
 def _kind(path: tuple[str, ...]) -> str:

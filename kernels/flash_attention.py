@@ -41,6 +41,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plt
 
+from kernels.blocks import pow2, precision, round_up
+
 _F32 = jnp.float32
 _LOWEST = float(jnp.finfo(_F32).min)
 LANES = 128
@@ -63,14 +65,6 @@ class Plan(NamedTuple):
         return self.bq * self.g
 
 
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
-def _pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
-
-
 def unsupported(family: str, g: int, d: int) -> str | None:
     """Why the `family` kernel cannot run heads of G rows and head dim D (None: it can)."""
     if g & (g - 1):
@@ -85,11 +79,11 @@ def unsupported(family: str, g: int, d: int) -> str | None:
 def plan(family: str, q_len: int, k_len: int, g: int) -> Plan:
     """Blocks inside the family's rules: TPU rows a multiple of 8 and keys of 128; GPU both powers of two >= 16."""
     if family == "tpu":
-        bq = min(max(TPU_ROWS // g, 8), _round_up(q_len, 8))
-        bk = min(TPU_KEYS, _round_up(k_len, LANES))
+        bq = min(max(TPU_ROWS // g, 8), round_up(q_len, 8))
+        bk = min(TPU_KEYS, round_up(k_len, LANES))
     else:
-        bq = min(max(GPU_ROWS // g, 1), max(_pow2(q_len), -(-16 // g)))
-        bk = min(GPU_KEYS, max(16, _pow2(k_len)))
+        bq = min(max(GPU_ROWS // g, 1), max(pow2(q_len), -(-16 // g)))
+        bk = min(GPU_KEYS, max(16, pow2(k_len)))
     return Plan(bq, bk, -(-q_len // bq), -(-k_len // bk), g)
 
 
@@ -112,10 +106,6 @@ def _visible(s_RxK, q_start, k_start, kvalid_1xK, qseg, kseg, p: Plan, causal: b
     if qseg is not None:
         ok = ok & (qseg == kseg)
     return jnp.where(ok, s_RxK, _LOWEST)
-
-
-def _precision(dtype):
-    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == _F32 else None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -151,7 +141,7 @@ def _tpu_kernel(sc_ref, q_ref, k_ref, v_ref, kvalid_ref, *rest, p: Plan, causal:
     def _():
         q, k, v = q_ref[...], k_ref[...], v_ref[...]
         s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=_F32,
-                                precision=_precision(q.dtype))
+                                precision=precision(q.dtype))
         qseg = jnp.tile(qseg_ref[...], (1, p.bk // LANES)) if segments else None
         s = _visible(s, i * p.bq, j * p.bk, kvalid_ref[...], qseg, kseg_ref[...] if segments else None, p, causal,
                      sc_ref[0])
@@ -161,7 +151,7 @@ def _tpu_kernel(sc_ref, q_ref, k_ref, v_ref, kvalid_ref, *rest, p: Plan, causal:
         alpha = jnp.exp(m_prev - m_next)
         l_ref[...] = alpha * l_prev + jnp.sum(pr, axis=1)[:, None]
         m_ref[...] = m_next
-        pv = jnp.dot(pr.astype(v.dtype), v, preferred_element_type=_F32, precision=_precision(v.dtype))
+        pv = jnp.dot(pr.astype(v.dtype), v, preferred_element_type=_F32, precision=precision(v.dtype))
         acc_ref[...] = acc_ref[...] * _lanes(alpha, acc_ref.shape[1]) + pv
 
     @pl.when(j == pl.num_programs(3) - 1)
@@ -246,13 +236,13 @@ def _gpu_kernel(sc_ref, q_ref, k_ref, v_ref, kvalid_ref, *rest, p: Plan, causal:
         keys = pl.ds(j * p.bk, p.bk)
         k, v = k_ref[keys, :], v_ref[keys, :]
         s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=_F32,
-                                precision=_precision(q.dtype))
+                                precision=precision(q.dtype))
         s = _visible(s, i * p.bq, j * p.bk, kvalid_ref[keys][None, :], qseg,
                      kseg_ref[keys][None, :] if segments else None, p, causal, offset)
         m_next = jnp.maximum(m, jnp.max(s, axis=1))
         pr = jnp.exp(s - m_next[:, None])
         alpha = jnp.exp(m - m_next)
-        pv = jnp.dot(pr.astype(v.dtype), v, preferred_element_type=_F32, precision=_precision(v.dtype))
+        pv = jnp.dot(pr.astype(v.dtype), v, preferred_element_type=_F32, precision=precision(v.dtype))
         return m_next, alpha * denom + jnp.sum(pr, axis=1), acc * alpha[:, None] + pv
 
     init = (jnp.full((r,), _LOWEST, _F32), jnp.zeros((r,), _F32), jnp.zeros((r, d), _F32))

@@ -28,6 +28,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plt
 
+from kernels.blocks import pow2, precision, round_up
 from kernels.platform import current_platform, interpret_mode
 
 _F32 = jnp.float32
@@ -46,19 +47,6 @@ def _xla(x_MxK, w_KxN, scale_N):
     return (acc * scale_N.astype(_F32)).astype(x_MxK.dtype)
 
 
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
-def _pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
-
-
-def _precision(dtype):
-    """Full float32 products for float32 activations (TPU and GPU default to bf16 / tf32 passes)."""
-    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == _F32 else None
-
-
 def _pad2(x, rows, cols):
     return jnp.pad(x, [(0, rows - x.shape[0]), (0, cols - x.shape[1])])
 
@@ -72,7 +60,7 @@ def _tpu_kernel(x_ref, w_ref, s_ref, o_ref, acc_ref):
         acc_ref[...] = jnp.zeros_like(acc_ref)
 
     acc_ref[...] += jnp.dot(x_ref[...], w_ref[...].astype(x_ref.dtype), preferred_element_type=_F32,
-                            precision=_precision(x_ref.dtype))
+                            precision=precision(x_ref.dtype))
 
     @pl.when(pl.program_id(2) == pl.num_programs(2) - 1)
     def _():
@@ -84,7 +72,7 @@ def tpu_blocks(m: int, k: int, n: int, dtype, blocks=TPU_BLOCKS):
     is the weight's row count), bn and bk multiples of 128."""
     bm, bn, bk = blocks
     rows = max(8 * (4 // jnp.dtype(dtype).itemsize), 8)
-    return min(bm, _round_up(m, rows)), min(bn, _round_up(n, 128)), min(bk, _round_up(k, 128))
+    return min(bm, round_up(m, rows)), min(bn, round_up(n, 128)), min(bk, round_up(k, 128))
 
 
 def tpu_vmem_bytes(bm: int, bn: int, bk: int, itemsize: int) -> int:
@@ -96,7 +84,7 @@ def pallas_tpu(x_MxK, w_KxN, scale_N, interpret, blocks=TPU_BLOCKS):
     m, k = x_MxK.shape
     n = w_KxN.shape[1]
     bm, bn, bk = tpu_blocks(m, k, n, x_MxK.dtype, blocks)
-    mp, np_, kp = _round_up(m, bm), _round_up(n, bn), _round_up(k, bk)
+    mp, np_, kp = round_up(m, bm), round_up(n, bn), round_up(k, bk)
     out = pl.pallas_call(
         _tpu_kernel,
         grid=(mp // bm, np_ // bn, kp // bk),
@@ -119,7 +107,7 @@ def _gpu_kernel(x_ref, w_ref, s_ref, o_ref, *, bk, n_k):
     def body(kk, acc):
         x = x_ref[:, pl.ds(kk * bk, bk)]
         w = w_ref[pl.ds(kk * bk, bk), :].astype(x.dtype)
-        return acc + jnp.dot(x, w, preferred_element_type=_F32, precision=_precision(x.dtype))
+        return acc + jnp.dot(x, w, preferred_element_type=_F32, precision=precision(x.dtype))
 
     acc = jax.lax.fori_loop(0, n_k, body, jnp.zeros(o_ref.shape, _F32))
     o_ref[...] = (acc * s_ref[...]).astype(o_ref.dtype)
@@ -127,14 +115,14 @@ def _gpu_kernel(x_ref, w_ref, s_ref, o_ref, *, bk, n_k):
 
 def gpu_blocks(m: int, k: int, n: int, blocks=GPU_BLOCKS):
     bm, bn, bk = blocks
-    return min(bm, max(16, _pow2(m))), min(bn, max(16, _pow2(n))), min(bk, max(16, _pow2(k)))
+    return min(bm, max(16, pow2(m))), min(bn, max(16, pow2(n))), min(bk, max(16, pow2(k)))
 
 
 def pallas_gpu(x_MxK, w_KxN, scale_N, interpret, blocks=GPU_BLOCKS):
     m, k = x_MxK.shape
     n = w_KxN.shape[1]
     bm, bn, bk = gpu_blocks(m, k, n, blocks)
-    mp, np_, kp = _round_up(m, bm), _round_up(n, bn), _round_up(k, bk)
+    mp, np_, kp = round_up(m, bm), round_up(n, bn), round_up(k, bk)
     out = pl.pallas_call(
         functools.partial(_gpu_kernel, bk=bk, n_k=kp // bk),
         grid=(mp // bm, np_ // bn),

@@ -24,14 +24,11 @@ import jax
 import jax.numpy as jnp
 
 from kernels import ssm_pallas_gpu, ssm_pallas_tpu
+from kernels.blocks import round_up
 from kernels.platform import current_platform, interpret_mode
 
 _F32 = jnp.float32
 FAMILIES = {"tpu": ssm_pallas_tpu, "gpu": ssm_pallas_gpu}
-
-
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
 
 
 def _layout(family, u, dt, A, B, C, keep, h0, chunk, tile):
@@ -40,7 +37,7 @@ def _layout(family, u, dt, A, B, C, keep, h0, chunk, tile):
     b, length, d = u.shape
     n = A.shape[1]
     t, fwd_tile, bwd_tile, n_pad = FAMILIES[family].plan(length, d, n, chunk, tile)
-    lp, dp = _round_up(length, t), _round_up(d, max(fwd_tile, bwd_tile))
+    lp, dp = round_up(length, t), round_up(d, max(fwd_tile, bwd_tile))
     dtype = _F32 if family == "tpu" else None  # Mosaic gets float32 rows; Triton converts on load
     cast = lambda x: x if dtype is None else x.astype(dtype)  # noqa: E731
 

@@ -36,6 +36,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from kernels import ssm_step
+from kernels.blocks import pow2, round_up
 
 _F32 = jnp.float32
 CHUNK = 64  # forward: how often the state is saved; backward: the recompute scratch's length
@@ -44,22 +45,14 @@ GROUP = 8  # steps whose rows are loaded together (U above)
 NUM_WARPS = 2
 
 
-def _pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
-
-
 def plan(length: int, d: int, n: int, chunk: int | None = None, tile: int | None = None):
     """(T, forward W, backward W, n padded to a power of two); T is a multiple of the step group."""
     tile = tile or TILE
     if tile & (tile - 1):
         raise ValueError(f"GPU scan: tile {tile} must be a power of two")
-    tile = min(tile, _pow2(d))
+    tile = min(tile, pow2(d))
     group = _group(chunk or CHUNK)
-    return min(_round_up(chunk or CHUNK, group), _round_up(length, group)), tile, tile, _pow2(n)
-
-
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
+    return min(round_up(chunk or CHUNK, group), round_up(length, group)), tile, tile, pow2(n)
 
 
 def _group(chunk: int) -> int:

@@ -32,6 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels import ssm_step
+from kernels.blocks import round_up
 
 _F32 = jnp.float32
 LANES, SUBLANES = 128, 8
@@ -41,18 +42,14 @@ UNROLL = 4  # time steps per loop iteration (lets the scheduler overlap a step's
 VMEM_BUDGET = 16 * 2**20  # the smallest default scoped VMEM limit among TPU generations
 
 
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
 def plan(length: int, d: int, n: int, chunk: int | None = None, tile: int | None = None):
     """(T, forward W, backward W, n padded) for this problem: T a multiple of 8, each W a multiple
     of 128 (the forward's a multiple of the backward's), n unpadded (it sits on sublanes)."""
     chunk, fwd_tile, bwd_tile = chunk or CHUNK, tile or FWD_TILE, tile or BWD_TILE
     if chunk % SUBLANES or fwd_tile % LANES:
         raise ValueError(f"TPU scan: chunk {chunk} must be a multiple of {SUBLANES} and tile {fwd_tile} of {LANES}")
-    fwd_tile = min(fwd_tile, _round_up(d, LANES))
-    return min(chunk, _round_up(length, SUBLANES)), fwd_tile, min(bwd_tile, fwd_tile), n
+    fwd_tile = min(fwd_tile, round_up(d, LANES))
+    return min(chunk, round_up(length, SUBLANES)), fwd_tile, min(bwd_tile, fwd_tile), n
 
 
 def _tile_bytes(shape) -> int:
@@ -61,12 +58,12 @@ def _tile_bytes(shape) -> int:
     count = 1
     for s in lead:
         count *= s
-    return count * _round_up(rows, SUBLANES) * _round_up(cols, LANES) * 4
+    return count * round_up(rows, SUBLANES) * round_up(cols, LANES) * 4
 
 
 def vmem_bytes(d: int, n: int, chunk: int, tile: int, backward: bool) -> int:
     """VMEM one program needs: double-buffered in/out blocks plus scratch (float32 throughout)."""
-    n_tiles = _round_up(d, tile) // tile
+    n_tiles = round_up(d, tile) // tile
     seq_d, seq_n, keep, a, state = (chunk, tile), (chunk, n), (chunk, 1), (n, tile), (n, tile)
     if not backward:
         blocks = [seq_d, seq_d, seq_n, seq_n, keep, a, state] + [seq_d, state, state]
