@@ -13,8 +13,8 @@ from common.attention import AttentionMask, attention, reference_attention
 
 def _attention_inputs(b, length, keys, nkv, g, d, dtype, seed=0):
     r = np.random.RandomState(seed)
-    return (jnp.asarray(r.randn(b, length, nkv, g, d), dtype), jnp.asarray(r.randn(b, keys, nkv, d), dtype),
-            jnp.asarray(r.randn(b, keys, nkv, d), dtype))
+    return (jnp.asarray(r.randn(b, length, nkv, g, d), dtype), jnp.asarray(r.randn(b, nkv, keys, d), dtype),
+            jnp.asarray(r.randn(b, nkv, keys, d), dtype))
 
 
 def check_attention(small: bool) -> list[dict]:

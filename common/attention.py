@@ -1,6 +1,7 @@
 """Softmax attention without a [queries, keys] array, on grouped-query layouts.
 
-q [B, L, V, G, D] (V kv heads, G query heads per kv head), k and v [B, S, V, D]. Which keys a
+q [B, L, V, G, D] (V kv heads, G query heads per kv head), k and v [B, V, S, D] (heads-major, as
+transformers' caches and the kernels keep them: a key block of one head is contiguous). Which keys a
 query sees is described by an `AttentionMask` (positions, the padding mask and segment ids); the
 attention loops build each [q block, k block] piece of the mask from it where they need it, so
 memory is O(L + S) whatever the lengths (FlashAttention's recurrence, Dao et al. 2022; memory-
@@ -85,14 +86,14 @@ class AttentionMask(NamedTuple):
         return jnp.broadcast_to(self.block(0, q_len, 0, s), (self.k_valid.shape[0], q_len, s))
 
 
-def reference_attention(q_BxLxVxGxD, k_BxSxVxD, v_BxSxVxD, mask: AttentionMask):
+def reference_attention(q_BxLxVxGxD, k_BxVxSxD, v_BxVxSxD, mask: AttentionMask):
     """softmax(q k^T / sqrt(d)) v in float32 with the scores and mask materialised: the reference
     the tests hold the blockwise and kernel paths to (fully masked rows: the mean of v)."""
     hd = q_BxLxVxGxD.shape[-1]
-    logits = jnp.einsum("bqkgd,bskd->bkgqs", q_BxLxVxGxD.astype(_F32), k_BxSxVxD.astype(_F32)) * (hd ** -0.5)
+    logits = jnp.einsum("bqkgd,bksd->bkgqs", q_BxLxVxGxD.astype(_F32), k_BxVxSxD.astype(_F32)) * (hd ** -0.5)
     logits = jnp.where(mask.dense(q_BxLxVxGxD.shape[1])[:, None, None], logits, _LOWEST)
     probs = jax.nn.softmax(logits, axis=-1)
-    return jnp.einsum("bkgqs,bskd->bqkgd", probs, v_BxSxVxD.astype(_F32)).astype(q_BxLxVxGxD.dtype)
+    return jnp.einsum("bkgqs,bksd->bqkgd", probs, v_BxVxSxD.astype(_F32)).astype(q_BxLxVxGxD.dtype)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -157,13 +158,16 @@ def _unrows(x_NxBxVxRxD, length: int, g: int):
     return x.reshape(b, nq * (r // g), nkv, g, d)[:, :length]
 
 
-def _pad_keys(x_BxSxVxD, p: _Plan):
-    return jnp.pad(x_BxSxVxD, [(0, 0), (0, p.nk * p.bk - x_BxSxVxD.shape[1]), (0, 0), (0, 0)])
+def _pad_keys(x_BxVxSxD, p: _Plan):
+    return jnp.pad(x_BxVxSxD, [(0, 0), (0, 0), (0, p.nk * p.bk - x_BxVxSxD.shape[2]), (0, 0)])
 
 
-def _block_mask_rows(mask: AttentionMask, i, j, p: _Plan, g: int):
-    """The (i, j) block's mask in the row layout: [B, 1, bq * G, bk]."""
-    m = mask.block(i * p.bq, p.bq, j * p.bk, p.bk)
+def _block_rows_mask(mask: AttentionMask, i, k_start, p: _Plan, g: int, k_from=None):
+    """The mask of query block i against the bk keys from `k_start`, in the row layout: [B, 1, bq * G, bk];
+    with `k_from`, keys before it are hidden too (a last block moved back to end at the last key)."""
+    m = mask.block(i * p.bq, p.bq, k_start, p.bk)
+    if k_from is not None:
+        m = m & (k_start + jnp.arange(p.bk, dtype=jnp.int32) >= k_from)[None, None, :]
     return jnp.broadcast_to(m[:, :, None, :], (m.shape[0], p.bq, g, p.bk)).reshape(m.shape[0], 1, p.bq * g, p.bk)
 
 
@@ -176,6 +180,8 @@ def _forward(q_rows, k, v, mask: AttentionMask, p: _Plan, g: int):
     k_first, k_last = _key_block_range(mask, p)
     q_max = _q_block_max_pos(mask, p) if mask.q_pos is not None else None
     _, b, nkv, r, d = q_rows.shape
+    s_len = k.shape[2]  # k and v are not padded to whole blocks (a copy of a whole cache at every decode step):
+    ragged = s_len % p.bk != 0  # the last block starts bk keys before the end and masks the keys it repeats
 
     def one_query_block(i):
         qb = q_rows[i]
@@ -185,14 +191,16 @@ def _forward(q_rows, k, v, mask: AttentionMask, p: _Plan, g: int):
 
         def body(j, carry):
             m, denom, acc = carry
-            kb = jax.lax.dynamic_slice_in_dim(k, j * p.bk, p.bk, axis=1)
-            vb = jax.lax.dynamic_slice_in_dim(v, j * p.bk, p.bk, axis=1)
-            s = jnp.where(_block_mask_rows(mask, i, j, p, g), _dot(qb, kb, "bvrd,bsvd->bvrs"), _LOWEST)
+            start = jnp.minimum(j * p.bk, s_len - p.bk) if ragged else j * p.bk
+            kb = jax.lax.dynamic_slice_in_dim(k, start, p.bk, axis=2)
+            vb = jax.lax.dynamic_slice_in_dim(v, start, p.bk, axis=2)
+            visible = _block_rows_mask(mask, i, start, p, g, k_from=j * p.bk if ragged else None)
+            s = jnp.where(visible, _dot(qb, kb, "bvrd,bvsd->bvrs"), _LOWEST)
             m_new = jnp.maximum(m, s.max(-1))
             pr = jnp.exp(s - m_new[..., None])
             corr = jnp.exp(m - m_new)
             denom = denom * corr + pr.sum(-1)
-            acc = acc * corr[..., None] + _dot(pr.astype(v.dtype), vb, "bvrs,bsvd->bvrd")
+            acc = acc * corr[..., None] + _dot(pr.astype(v.dtype), vb, "bvrs,bvsd->bvrd")
             return m_new, denom, acc
 
         init = (jnp.full((b, nkv, r), _LOWEST, _F32), jnp.zeros((b, nkv, r), _F32), jnp.zeros((b, nkv, r, d), _F32))
@@ -210,30 +218,30 @@ def _backward(q_rows, k, v, mask: AttentionMask, out_rows, lse, dout_rows, p: _P
     q_max = _q_block_max_pos(mask, p) if mask.q_pos is not None else None
     delta = jnp.sum(dout_rows * out_rows, axis=-1)  # [nq, B, V, R]
     dout_rows = dout_rows.astype(q_rows.dtype)
-    b, s_len, nkv, d = k.shape
+    b, nkv, s_len, d = k.shape
 
     def one_key_block(j, carry):
         dq, dk, dv = carry
-        kb = jax.lax.dynamic_slice_in_dim(k, j * p.bk, p.bk, axis=1)
-        vb = jax.lax.dynamic_slice_in_dim(v, j * p.bk, p.bk, axis=1)
+        kb = jax.lax.dynamic_slice_in_dim(k, j * p.bk, p.bk, axis=2)
+        vb = jax.lax.dynamic_slice_in_dim(v, j * p.bk, p.bk, axis=2)
         lo = 0 if q_max is None else jnp.sum(q_max < j * p.bk)
 
         def body(i, inner):
             dq, dkb, dvb = inner
             qb, dob = q_rows[i], dout_rows[i]
-            s = _dot(qb, kb, "bvrd,bsvd->bvrs")
-            pr = jnp.where(_block_mask_rows(mask, i, j, p, g), jnp.exp(s - lse[i][..., None]), 0.0)
-            dvb = dvb + _dot(pr.astype(dob.dtype), dob, "bvrs,bvrd->bsvd")
-            dp = _dot(dob, vb, "bvrd,bsvd->bvrs")
+            s = _dot(qb, kb, "bvrd,bvsd->bvrs")
+            pr = jnp.where(_block_rows_mask(mask, i, j * p.bk, p, g), jnp.exp(s - lse[i][..., None]), 0.0)
+            dvb = dvb + _dot(pr.astype(dob.dtype), dob, "bvrs,bvrd->bvsd")
+            dp = _dot(dob, vb, "bvrd,bvsd->bvrs")
             ds = (pr * (dp - delta[i][..., None])).astype(qb.dtype)
-            dkb = dkb + _dot(ds, qb, "bvrs,bvrd->bsvd")
-            dq = dq.at[i].add(_dot(ds, kb, "bvrs,bsvd->bvrd"))
+            dkb = dkb + _dot(ds, qb, "bvrs,bvrd->bvsd")
+            dq = dq.at[i].add(_dot(ds, kb, "bvrs,bvsd->bvrd"))
             return dq, dkb, dvb
 
-        zeros = jnp.zeros((b, p.bk, nkv, d), _F32)
+        zeros = jnp.zeros((b, nkv, p.bk, d), _F32)
         dq, dkb, dvb = jax.lax.fori_loop(lo, p.nq, body, (dq, zeros, zeros))
-        dk = jax.lax.dynamic_update_slice_in_dim(dk, dkb, j * p.bk, axis=1)
-        dv = jax.lax.dynamic_update_slice_in_dim(dv, dvb, j * p.bk, axis=1)
+        dk = jax.lax.dynamic_update_slice_in_dim(dk, dkb, j * p.bk, axis=2)
+        dv = jax.lax.dynamic_update_slice_in_dim(dv, dvb, j * p.bk, axis=2)
         return dq, dk, dv
 
     init = (jnp.zeros(q_rows.shape, _F32), jnp.zeros(k.shape, _F32), jnp.zeros(v.shape, _F32))
@@ -247,16 +255,15 @@ def _blockwise(q, k, v, mask, block_q, block_k):
 
 def _blockwise_fwd(q, k, v, mask, block_q, block_k):
     length, g, d = q.shape[1], q.shape[3], q.shape[4]
-    p = _plan(length, k.shape[1], block_q, block_k)
+    p = _plan(length, k.shape[2], block_q, block_k)
     pmask = _padded_mask(mask, p)
     q_rows = _rows(q * jnp.asarray(d ** -0.5, q.dtype), p)
-    kp, vp = _pad_keys(k, p), _pad_keys(v, p)
-    out_rows, lse = _forward(q_rows, kp, vp, pmask, p, g)
+    out_rows, lse = _forward(q_rows, k, v, pmask, p, g)
     return _unrows(out_rows, length, g).astype(q.dtype), (q_rows, k, v, pmask, out_rows, lse)
 
 
 def _blockwise_bwd(block_q, block_k, residuals, dout):
-    return _gradients(residuals, dout, _plan(dout.shape[1], residuals[1].shape[1], block_q, block_k))
+    return _gradients(residuals, dout, _plan(dout.shape[1], residuals[1].shape[2], block_q, block_k))
 
 
 def _gradients(residuals, dout, p: _Plan | flash_attention.Plan):
@@ -266,14 +273,14 @@ def _gradients(residuals, dout, p: _Plan | flash_attention.Plan):
     dq_rows, dk, dv = _backward(q_rows, _pad_keys(k, p), _pad_keys(v, p), pmask, out_rows, lse,
                                 _rows(dout.astype(_F32), p), p, g)
     dq = _unrows(dq_rows, length, g) * (d ** -0.5)
-    k_len = k.shape[1]
-    return dq.astype(dout.dtype), dk[:, :k_len].astype(k.dtype), dv[:, :k_len].astype(v.dtype), None
+    k_len = k.shape[2]
+    return dq.astype(dout.dtype), dk[:, :, :k_len].astype(k.dtype), dv[:, :, :k_len].astype(v.dtype), None
 
 
 _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 
-def blockwise_attention(q_BxLxVxGxD, k_BxSxVxD, v_BxSxVxD, mask: AttentionMask, block_q: int | None = None,
+def blockwise_attention(q_BxLxVxGxD, k_BxVxSxD, v_BxVxSxD, mask: AttentionMask, block_q: int | None = None,
                         block_k: int | None = None):
     """Attention by query and key blocks (module docstring), differentiable in q, k and v; blocks
     default to the module's BLOCK_Q and BLOCK_K (read at trace time).
@@ -281,7 +288,7 @@ def blockwise_attention(q_BxLxVxGxD, k_BxSxVxD, v_BxSxVxD, mask: AttentionMask, 
     Matmuls run in the inputs' dtype with float32 accumulation (bfloat16 inputs: bfloat16 matmuls),
     the softmax in float32; returns [B, L, V, G, D] in q's dtype.
     """
-    return _blockwise(q_BxLxVxGxD, k_BxSxVxD, v_BxSxVxD, mask, block_q or BLOCK_Q, block_k or BLOCK_K)
+    return _blockwise(q_BxLxVxGxD, k_BxVxSxD, v_BxVxSxD, mask, block_q or BLOCK_Q, block_k or BLOCK_K)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -292,12 +299,12 @@ def _kernel_forward(q, k, v, mask: AttentionMask, family: str, interpret: bool, 
     """The Pallas forward in the kernels' rows layout: (out [B, V, Lq * G, D], lse [B, V, Lq * G] or None, the
     scaled q rows, the plan, the padded mask)."""
     b, length, nkv, g, d = q.shape
-    p = flash_attention.plan(family, length, k.shape[1], g)  # has every field of _Plan the helpers read
+    p = flash_attention.plan(family, length, k.shape[2], g)  # has every field of _Plan the helpers read
     pmask = _padded_mask(mask, p)
     lq = p.nq * p.bq
     q_rows = jnp.pad(q * jnp.asarray(d ** -0.5, q.dtype), [(0, 0), (0, lq - length), (0, 0), (0, 0), (0, 0)])
     q_rows = q_rows.transpose(0, 2, 1, 3, 4).reshape(b, nkv, lq * g, d)
-    kt, vt = (_pad_keys(x, p).transpose(0, 2, 1, 3) for x in (k, v))
+    kt, vt = _pad_keys(k, p), _pad_keys(v, p)
     first, last = _key_block_range(pmask, p)
     causal = mask.q_pos is not None
     q_segment_rows = None if mask.q_segment is None else jnp.repeat(pmask.q_segment, g, axis=1)
@@ -332,21 +339,21 @@ def _flash_fwd(q, k, v, mask, family, interpret):
 
 
 def _flash_bwd(family, interpret, residuals, dout):
-    p = flash_attention.plan(family, dout.shape[1], residuals[1].shape[1], dout.shape[3])
+    p = flash_attention.plan(family, dout.shape[1], residuals[1].shape[2], dout.shape[3])
     return _gradients(residuals, dout, p)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def pallas_attention(q_BxLxVxGxD, k_BxSxVxD, v_BxSxVxD, mask: AttentionMask, family: str | None = None):
+def pallas_attention(q_BxLxVxGxD, k_BxVxSxD, v_BxVxSxD, mask: AttentionMask, family: str | None = None):
     """Attention by the Pallas forward kernel of `family` ("tpu" or "gpu"; default: the platform traced
     for, the GPU body interpreted on a CPU), differentiable through the blockwise backward."""
     family = family or ("tpu" if current_platform() == "tpu" else "gpu")
     why = flash_attention.unsupported(family, q_BxLxVxGxD.shape[3], q_BxLxVxGxD.shape[4])
     if why:
         raise ValueError(f"attention impl='pallas' ({family} kernel): {why}; use impl='blockwise'")
-    return _flash(q_BxLxVxGxD, k_BxSxVxD, v_BxSxVxD, mask, family, interpret_mode())
+    return _flash(q_BxLxVxGxD, k_BxVxSxD, v_BxVxSxD, mask, family, interpret_mode())
 
 
 ATTENTION_IMPLS = ("auto", "blockwise", "pallas")
@@ -369,7 +376,7 @@ def resolve_attention_impl(impl: str, g: int, d: int) -> str:
     return "pallas"
 
 
-def attention(q_BxLxVxGxD, k_BxSxVxD, v_BxSxVxD, mask: AttentionMask, impl: str = "auto"):
+def attention(q_BxLxVxGxD, k_BxVxSxD, v_BxVxSxD, mask: AttentionMask, impl: str = "auto"):
     """Softmax attention of q over k, v under `mask`, by implementation `impl`:
 
     - "blockwise": `blockwise_attention` (XLA; every platform);
@@ -378,5 +385,5 @@ def attention(q_BxLxVxGxD, k_BxSxVxD, v_BxSxVxD, mask: AttentionMask, impl: str 
     """
     impl = resolve_attention_impl(impl, q_BxLxVxGxD.shape[3], q_BxLxVxGxD.shape[4])
     if impl == "pallas":
-        return pallas_attention(q_BxLxVxGxD, k_BxSxVxD, v_BxSxVxD, mask)
-    return blockwise_attention(q_BxLxVxGxD, k_BxSxVxD, v_BxSxVxD, mask)
+        return pallas_attention(q_BxLxVxGxD, k_BxVxSxD, v_BxVxSxD, mask)
+    return blockwise_attention(q_BxLxVxGxD, k_BxVxSxD, v_BxVxSxD, mask)

@@ -4,7 +4,7 @@ Mamba layer (Jamba paper, section 2: only the few attention layers pay per-token
   {"index": int32 scalar (tokens written so far),
    "valid": bool [batch, max_length] (which slots hold real tokens: left padding is not),
    "layers": one entry per layer, each built by its own module: `Attention.init_cache` (a KVCache
-             of k, v [batch, max_length, kv_heads, head_dim]) or `MambaMixer.init_cache` (a
+             of k, v [batch, kv_heads, max_length, head_dim]) or `MambaMixer.init_cache` (a
              MambaCache of conv [batch, d_conv - 1, d_inner] and the float32 ssm [batch, d_inner,
              d_state]); with `scan_layers`, one entry per position of the layer cycle, each
              stacked over the repeats ([repeats, ...], as the scanned stack takes them)}

@@ -33,8 +33,8 @@ def rms_norm(cfg: JambaConfig, name: str, axis_name: str | None = "norm") -> RMS
 class KVCache(NamedTuple):
     """An attention layer's cache: keys and values of every slot written so far."""
 
-    k: jax.Array  # [B, S, V, D]
-    v: jax.Array  # [B, S, V, D]
+    k: jax.Array  # [B, V, S, D] (heads-major: what the attention reads, one head's keys contiguous)
+    v: jax.Array  # [B, V, S, D]
 
 
 class Attention(nn.Module):
@@ -49,7 +49,7 @@ class Attention(nn.Module):
 
     @staticmethod
     def init_cache(cfg: JambaConfig, batch: int, max_length: int, dtype) -> KVCache:
-        shape = (batch, max_length, cfg.num_key_value_heads, cfg.head_dim)
+        shape = (batch, cfg.num_key_value_heads, max_length, cfg.head_dim)
         return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
     @nn.compact
@@ -62,16 +62,16 @@ class Attention(nn.Module):
         v = dense(cfg, nkv * hd, ("embed", "kv_heads"), "v_proj")(x_BxLxE)
         groups = nh // nkv
         q_BxLxVxGxD = q.reshape(b, length, nkv, groups, hd)
-        k_BxSxVxD = k.reshape(b, length, nkv, hd)
-        v_BxSxVxD = v.reshape(b, length, nkv, hd)
+        k_BxVxSxD = k.reshape(b, length, nkv, hd).transpose(0, 2, 1, 3)
+        v_BxVxSxD = v.reshape(b, length, nkv, hd).transpose(0, 2, 1, 3)
         new_cache = None
         if kv_cache is not None:
-            start = (0, index, 0, 0)
-            k_BxSxVxD = jax.lax.dynamic_update_slice(kv_cache.k, k_BxSxVxD.astype(kv_cache.k.dtype), start)
-            v_BxSxVxD = jax.lax.dynamic_update_slice(kv_cache.v, v_BxSxVxD.astype(kv_cache.v.dtype), start)
-            new_cache = KVCache(k_BxSxVxD, v_BxSxVxD)
-            k_BxSxVxD, v_BxSxVxD = k_BxSxVxD.astype(q.dtype), v_BxSxVxD.astype(q.dtype)
-        out_BxLxVxGxD = attention(q_BxLxVxGxD, k_BxSxVxD, v_BxSxVxD, mask, impl=cfg.attention_impl)
+            start = (0, 0, index, 0)
+            k_BxVxSxD = jax.lax.dynamic_update_slice(kv_cache.k, k_BxVxSxD.astype(kv_cache.k.dtype), start)
+            v_BxVxSxD = jax.lax.dynamic_update_slice(kv_cache.v, v_BxVxSxD.astype(kv_cache.v.dtype), start)
+            new_cache = KVCache(k_BxVxSxD, v_BxVxSxD)
+            k_BxVxSxD, v_BxVxSxD = k_BxVxSxD.astype(q.dtype), v_BxVxSxD.astype(q.dtype)
+        out_BxLxVxGxD = attention(q_BxLxVxGxD, k_BxVxSxD, v_BxVxSxD, mask, impl=cfg.attention_impl)
         out = out_BxLxVxGxD.astype(cfg.compute_dtype).reshape(b, length, nh * hd)
         return dense(cfg, cfg.hidden_size, ("q_heads", "embed"), "o_proj")(out), new_cache
 

@@ -48,8 +48,8 @@ class EncoderLayer(nn.Module):
             return dense(cfg, nh * hd, ("embed", "q_heads"), name)(h_BxLxH)
 
         q = proj("query").reshape(b, length, nh, 1, hd)
-        k = proj("key").reshape(b, length, nh, hd)
-        v = proj("value").reshape(b, length, nh, hd)
+        k = proj("key").reshape(b, length, nh, hd).transpose(0, 2, 1, 3)  # [B, heads, L, D]
+        v = proj("value").reshape(b, length, nh, hd).transpose(0, 2, 1, 3)
         attn = attention(q, k, v, mask).reshape(b, length, nh * hd)
         attn = dense(cfg, cfg.hidden_size, ("q_heads", "embed"), "attention_output")(attn)
         attn = nn.Dropout(cfg.hidden_dropout_prob)(attn, deterministic=deterministic)

@@ -15,8 +15,8 @@ B, V, G, D = 2, 2, 3, 8  # two kv heads, three query heads each
 def qkv(length, keys, seed=0, dtype=jnp.float32, g=G, d=D):
     r = np.random.RandomState(seed)
     q = jnp.asarray(r.randn(B, length, V, g, d), dtype)
-    k = jnp.asarray(r.randn(B, keys, V, d), dtype)
-    v = jnp.asarray(r.randn(B, keys, V, d), dtype)
+    k = jnp.asarray(r.randn(B, V, keys, d), dtype)
+    v = jnp.asarray(r.randn(B, V, keys, d), dtype)
     return q, k, v
 
 
@@ -156,7 +156,7 @@ def test_memory_is_linear_in_length(with_grad):
     alone would take 8192^2 x 4 B = 256 MiB; the blockwise program's temporaries stay a few MiB."""
     length = 8192
     q = jax.ShapeDtypeStruct((1, length, 1, 1, 64), jnp.float32)
-    k = jax.ShapeDtypeStruct((1, length, 1, 64), jnp.float32)
+    k = jax.ShapeDtypeStruct((1, 1, length, 64), jnp.float32)
     valid = jax.ShapeDtypeStruct((1, length), jnp.bool_)
 
     def fwd(q, k, v, valid):

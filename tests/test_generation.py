@@ -74,8 +74,8 @@ def test_chunked_prefill_equals_one_pass(model_and_params, chunk):
     for layer_c, layer_1 in zip(cache_c["layers"], cache_1["layers"], strict=True):
         for key in layer_1._fields:  # KVCache (k, v) or MambaCache (conv, ssm)
             a, b = np.asarray(getattr(layer_c, key), np.float32), np.asarray(getattr(layer_1, key), np.float32)
-            if key in ("k", "v"):
-                a, b = a[real], b[real]
+            if key in ("k", "v"):  # [B, V, S, D]
+                a, b = np.swapaxes(a, 1, 2)[real], np.swapaxes(b, 1, 2)[real]
             np.testing.assert_allclose(a, b, atol=1e-4, rtol=0, err_msg=key)
 
 

@@ -93,7 +93,7 @@ def _attention_cached(q, k, v, valid, index):
 
 
 def _qkv(b, length, keys, nkv, g, d, dtype):
-    return sd((b, length, nkv, g, d), dtype), sd((b, keys, nkv, d), dtype), sd((b, keys, nkv, d), dtype)
+    return sd((b, length, nkv, g, d), dtype), sd((b, nkv, keys, d), dtype), sd((b, nkv, keys, d), dtype)
 
 
 ATTENTION_CASES = {
