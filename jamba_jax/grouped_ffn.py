@@ -10,6 +10,11 @@ unpermuted (MaxText's plan). The grouped matmul has two implementations with the
 Rows may carry the expert id num_experts ("no expert": an empty all-to-all slot, a choice of an
 expert on another device); they come out as zeros. ragged_dot skips them; the blocked form still
 spends its static number of blocks on them.
+
+A few tokens (decoding) take neither: `combine_dense` runs every token through every expert, reading
+each expert's weights once where they lie, and keeps the chosen outputs. Where tokens x experts is at
+most DENSE_MAX_ROWS that is no more rows than the blocked form pads to, without its permutation or the
+copy of an expert's weights out of the stack per block.
 """
 
 from __future__ import annotations
@@ -68,10 +73,30 @@ def _ffn_blocked(x_MxE, group_sizes_E, expert_of_M, w_gate, w_up, w_down, act, s
 
 
 FFN_IMPLS = {"ragged": _ffn_ragged, "blocked": _ffn_blocked}
+DENSE_MAX_ROWS = 64  # tokens x experts up to which the CPU runs every token through every expert
 
 
-def default_ffn_impl() -> str:
-    return "blocked" if current_platform() == "cpu" else "ragged"
+def default_ffn_impl(num_tokens: int | None = None, num_experts: int | None = None) -> str:
+    """"ragged" on GPU and TPU; on the CPU "blocked", or "dense" for few tokens (decoding)."""
+    if current_platform() != "cpu":
+        return "ragged"
+    few = num_tokens is not None and num_experts is not None and num_tokens * num_experts <= DENSE_MAX_ROWS
+    return "dense" if few else "blocked"
+
+
+def combine_dense(x_TxE, top_idx_TxK, top_w_TxK, weights, act, scales=None):
+    """sum_k w_k FFN_{idx_k}(x) by running every token through every expert (ids of no expert give 0)."""
+    w_gate, w_up, w_down = weights
+    e = w_gate.shape[0]
+
+    def mm(x, w, s):  # x [E, T, in], w [E, in, out]: the experts a batch dimension, each weight read in place
+        return jnp.einsum("eti,eio->eto", x, w) if s is None else jax.vmap(int8_matmul)(x, w, s)
+
+    sg, su, sd = scales or (None, None, None)
+    x_ExTxE = jnp.broadcast_to(x_TxE, (e, *x_TxE.shape))
+    y_ExTxH = mm(act(mm(x_ExTxE, w_gate, sg)) * mm(x_ExTxE, w_up, su), w_down, sd)
+    chosen_TxKxE = (top_idx_TxK[..., None] == jnp.arange(e)).astype(y_ExTxH.dtype) * top_w_TxK[..., None]
+    return jnp.einsum("tke,eth->th", chosen_TxKxE.astype(y_ExTxH.dtype), y_ExTxH)
 
 
 class Permutation(NamedTuple):
@@ -108,6 +133,7 @@ def combine_local(x_TxE, top_idx_TxK, top_w_TxK, weights, act, scales=None, impl
     order and the rest contribute 0 (the residual carries their tokens), as under a pod's capacity."""
     t = top_idx_TxK.shape[0]
     e = weights[0].shape[0]
+    impl = impl or default_ffn_impl(t, e)
     perm = permute(top_idx_TxK)
     group_sizes = jnp.bincount(perm.expert_M, length=e).astype(jnp.int32)
     if capacity_factor > 0:
@@ -115,6 +141,7 @@ def combine_local(x_TxE, top_idx_TxK, top_w_TxK, weights, act, scales=None, impl
         rank_M = jnp.arange(m) - (jnp.cumsum(group_sizes) - group_sizes)[jnp.minimum(perm.expert_M, e - 1)]
         kept_choice = jnp.zeros((m,), bool).at[perm.order_M].set(rank_M < expert_capacity(m, e, capacity_factor))
         top_w_TxK = jnp.where(kept_choice.reshape(top_w_TxK.shape), top_w_TxK, 0)
-    y_MxE = FFN_IMPLS[impl or default_ffn_impl()](x_TxE[perm.token_M], group_sizes, perm.expert_M, *weights,
-                                                  act, scales)
+    if impl == "dense":
+        return combine_dense(x_TxE, top_idx_TxK, top_w_TxK, weights, act, scales)
+    y_MxE = FFN_IMPLS[impl](x_TxE[perm.token_M], group_sizes, perm.expert_M, *weights, act, scales)
     return unpermute(y_MxE, perm, top_w_TxK, t)

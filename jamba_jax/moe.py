@@ -29,7 +29,7 @@ class Experts(nn.Module):
     computed, none is dropped, and no [tokens, num_experts, ...] tensor is built."""
 
     cfg: JambaConfig
-    impl: str | None = None  # "ragged" | "blocked" | None (by backend)
+    impl: str | None = None  # "ragged" | "blocked" | "dense" | None (by backend and token count)
 
     @nn.compact
     def __call__(self, x_TxE, top_idx_TxK, top_w_TxK):
