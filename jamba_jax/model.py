@@ -18,6 +18,7 @@ import numpy as np
 from common.attention import AttentionMask
 from common.errors import UserError
 from common.layers import normal_init
+from common.losses import chunked_token_nll
 from common.sharding import constrain
 from jamba_jax.cache import init_cache
 from jamba_jax.config import JambaConfig
@@ -33,10 +34,11 @@ class TokenIdError(UserError):
 
 @flax.struct.dataclass
 class JambaOutput:
-    logits: jax.Array  # [batch, length, vocab]
+    logits: jax.Array | None  # [batch, length, vocab] (None when the call was given `targets`)
     router_logits: tuple  # one [batch, length, num_experts] per MoE layer, in layer order
     aux_loss: jax.Array  # scalar: Switch load-balancing loss (not yet scaled by router_aux_loss_coef)
     cache: dict | None = None  # the updated hybrid cache when one was passed in (jamba_jax.cache)
+    token_nll: jax.Array | None = None  # [batch, length] float32 -log p(targets) when the call was given `targets`
 
 
 class DecoderLayer(nn.Module):
@@ -158,6 +160,9 @@ class JambaForCausalLM(nn.Module):
     embed_offsets: optional [batch, length, hidden] added to the token embeddings (features from
     another model: auxiliary tuning reads a frozen LM's hidden states this way).
     last_logits_only: logits [batch, 1, vocab] of the last position only (prefill).
+    targets: optional [batch, length] token ids; then the output carries token_nll = -log p(targets[b, t] |
+    positions <= t) instead of logits, computed a chunk of positions at a time (`common.losses.
+    chunked_token_nll`): training and evaluation never hold [batch, length, vocab] logits.
     """
 
     cfg: JambaConfig
@@ -168,7 +173,7 @@ class JambaForCausalLM(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask: jax.Array | None = None, segment_ids=None, cache=None,
-                 embed_offsets=None, last_logits_only: bool = False):
+                 embed_offsets=None, last_logits_only: bool = False, targets=None):
         cfg = self.cfg
         check_token_ids(input_ids, cfg.vocab_size)
         if attention_mask is None:
@@ -190,13 +195,18 @@ class JambaForCausalLM(nn.Module):
         if last_logits_only:
             hidden = hidden[:, -1:]
         if cfg.tie_word_embeddings:
-            table = nn.unbox(self.variables["params"]["model"]["embed_tokens"]["embedding"])
-            logits = hidden @ table.astype(cfg.compute_dtype).T
+            head_ExV = nn.unbox(self.variables["params"]["model"]["embed_tokens"]["embedding"]).astype(
+                cfg.compute_dtype).T
         else:
             init = normal_init(cfg.initializer_range)
             kernel = self.param("lm_head", nn.with_logical_partitioning(init, ("embed", "vocab")),
                                 (cfg.hidden_size, cfg.vocab_size), cfg.weights_dtype)
-            logits = hidden @ kernel.astype(cfg.compute_dtype)
+            head_ExV = kernel.astype(cfg.compute_dtype)
         aux = load_balancing_loss(router_logits, cfg.num_experts, cfg.num_experts_per_tok,
                                   None if attention_mask is None and segment_ids is None else valid)
-        return JambaOutput(logits=logits, router_logits=router_logits, aux_loss=aux, cache=new_cache)
+        if targets is not None:
+            if last_logits_only:
+                raise ValueError("targets (a loss over every position) and last_logits_only cannot be combined")
+            return JambaOutput(logits=None, router_logits=router_logits, aux_loss=aux, cache=new_cache,
+                               token_nll=chunked_token_nll(hidden, head_ExV, targets))
+        return JambaOutput(logits=hidden @ head_ExV, router_logits=router_logits, aux_loss=aux, cache=new_cache)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
+from common.losses import LOSS_CHUNK_BYTES
 from common.tree import flat_items, get_path, key_path
 from jamba_jax.config import JambaConfig
 from jamba_jax.model import JambaForCausalLM
@@ -138,13 +139,15 @@ def _layer_bytes(cfg: JambaConfig, tokens: int) -> int:
 def activation_bytes(cfg: JambaConfig, batch: int, length: int) -> int:
     """A rough upper estimate of a training step's activation memory per device (batch rows of
     `length` tokens there): what the layers keep for the backward pass (with `remat`, only each
-    layer's input), one layer's full working set (the layer being differentiated), and the float32
-    logits with their log-softmax and gradient. Used by the memory pre-flight; the dry run prints it."""
+    layer's input), one layer's full working set (the layer being differentiated), and one chunk of the
+    loss's float32 logits with their log-softmax and gradient (`common.losses.chunked_token_nll`: at most
+    LOSS_CHUNK_BYTES of logits, or one position of every row). Used by the memory pre-flight; the dry run
+    prints it."""
     tokens = batch * length
     layer = _layer_bytes(cfg, tokens)
     saved = cfg.num_hidden_layers * (tokens * cfg.hidden_size * jnp.dtype(cfg.compute_dtype).itemsize
                                      if cfg.remat else layer)
-    logits = tokens * cfg.vocab_size * 4 * 3
+    logits = max(min(tokens * cfg.vocab_size * 4, LOSS_CHUNK_BYTES), batch * cfg.vocab_size * 4) * 3
     return int(saved + layer + logits)
 
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jamba_jax import JambaConfig, JambaForCausalLM, format_param_table, generate, init_params
-from jamba_jax.losses import next_token_nll, target_weights
+from jamba_jax.losses import target_weights
 from jamba_jax.params import activation_bytes, param_logical_specs
 from training.data import lm_dataset, load_tokenizer, text_source
 
@@ -56,10 +56,12 @@ class JambaLMTask:
 
     # --- loss --------------------------------------------------------------------------------------
     def _forward(self, params, batch, with_activations):
+        """(output with token_nll of each next token (no logits array: `JambaForCausalLM` targets), activation loss)."""
         inputs, segments = batch["inputs"], batch["segment_ids"]
+        kw = dict(segment_ids=segments, targets=jnp.pad(inputs[:, 1:], [(0, 0), (0, 1)]))
         if not with_activations:
-            return self.model.apply({"params": params}, inputs, segment_ids=segments), jnp.zeros((), jnp.float32)
-        out, state = self.model.apply({"params": params}, inputs, segment_ids=segments, mutable=["intermediates"])
+            return self.model.apply({"params": params}, inputs, **kw), jnp.zeros((), jnp.float32)
+        out, state = self.model.apply({"params": params}, inputs, **kw, mutable=["intermediates"])
         return out, jnp.mean(jnp.stack(jax.tree.leaves(state["intermediates"])))
 
     def loss(self, params, batch, rng, frozen=None):
@@ -89,7 +91,7 @@ class JambaLMTask:
 def _nll_sum(out, batch):
     """(summed next-token NLL over real same-document targets, number of those targets)."""
     w = target_weights(batch["inputs"], None, batch["segment_ids"])
-    return jnp.sum(next_token_nll(out.logits, batch["inputs"]) * w), jnp.sum(w)
+    return jnp.sum(out.token_nll[:, :-1] * w), jnp.sum(w)
 
 
 Task = JambaLMTask

@@ -85,9 +85,9 @@ def test_traced_bad_ids_poison_instead_of_clamping(params):
 
 
 @pytest.mark.parametrize("num_experts, top_k, tokens", [(4, 2, 96), (16, 2, 40), (3, 3, 7)])
-def test_blocked_and_ragged_grouped_matmuls_agree(num_experts, top_k, tokens):
-    """The CPU's blocked grouped matmul and jax.lax.ragged_dot give the same experts' outputs and
-    gradients, including experts that receive no token."""
+def test_blocked_dense_and_ragged_grouped_matmuls_agree(num_experts, top_k, tokens):
+    """The CPU's blocked grouped matmul, the dense form for few tokens and jax.lax.ragged_dot give the
+    same experts' outputs and gradients, including experts that receive no token."""
     from jamba_jax.moe import Experts
 
     cfg = CFG.replace(num_experts=num_experts, num_experts_per_tok=top_k)
@@ -105,10 +105,32 @@ def test_blocked_and_ragged_grouped_matmuls_agree(num_experts, top_k, tokens):
         return y, g
 
     y_r, g_r = run("ragged")
-    y_b, g_b = run("blocked")
-    np.testing.assert_allclose(y_b, y_r, rtol=1e-5, atol=1e-6)
-    for a, b in zip(jax.tree.leaves(g_b), jax.tree.leaves(g_r), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for impl in ("blocked", "dense"):
+        y_b, g_b = run(impl)
+        np.testing.assert_allclose(y_b, y_r, rtol=1e-5, atol=1e-6, err_msg=impl)
+        for a, b in zip(jax.tree.leaves(g_b), jax.tree.leaves(g_r), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=impl)
+
+
+def test_dense_experts_for_few_tokens_skip_choices_of_no_expert():
+    """The CPU runs few tokens (decoding) densely; a choice of expert id num_experts (an expert on
+    another device) adds nothing there, as in the blocked form."""
+    from jamba_jax.grouped_ffn import combine_local, default_ffn_impl
+    from jamba_jax.moe import Experts
+
+    cfg = CFG.replace(num_experts=4, num_experts_per_tok=2)
+    assert default_ffn_impl(1, 4) == "dense" and default_ffn_impl(96, 4) == "blocked"
+    r = np.random.RandomState(2)
+    x = jnp.asarray(r.randn(3, cfg.hidden_size), jnp.float32)
+    idx = jnp.asarray([[0, 4], [4, 2], [1, 3]])
+    w = jnp.asarray(r.rand(3, 2), jnp.float32)
+    params = nn.unbox(Experts(cfg, impl="ragged").init(jax.random.PRNGKey(0), x, idx, w))["params"]
+    weights = tuple(params[n] for n in ("gate_proj", "up_proj", "down_proj"))
+    got = combine_local(x, idx, w, weights, jax.nn.silu, impl="dense")
+    want = combine_local(x, idx, w, weights, jax.nn.silu, impl="blocked")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    alone = combine_local(x[1:2], idx[1:2, 1:], w[1:2, 1:], weights, jax.nn.silu, impl="dense")
+    np.testing.assert_allclose(got[1:2], alone, rtol=1e-5, atol=1e-6)
 
 
 def test_capacity_factor_without_expert_parallelism_drops_overflow_pairs():
@@ -165,3 +187,58 @@ def test_training_loss_and_gradients_do_not_depend_on_the_attention_blocks(param
     # float32 sums in another order through 4 layers' backward: ulp-level differences, not a looser check
     for a, b in zip(jax.tree.leaves(many_blocks[1]), jax.tree.leaves(one_block[1]), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_targets_give_the_logits_loss_a_chunk_of_positions_at_a_time(params, monkeypatch, tied):
+    """With `targets` the model returns token_nll computed over chunks of positions (here 3 positions per
+    chunk: 11 positions, the last chunk padded) instead of logits: the same per-token losses and the same
+    parameter gradients as the cross-entropy of the full logits."""
+    import common.losses as losses
+
+    cfg = CFG.replace(tie_word_embeddings=tied)
+    p = params if not tied else jamba_jax.init_params(cfg, jax.random.PRNGKey(4))
+    model = jamba_jax.JambaForCausalLM(cfg)
+    r = np.random.RandomState(7)
+    ids = jnp.asarray(r.randint(3, cfg.vocab_size, (2, 11)))
+    targets = jnp.asarray(r.randint(0, cfg.vocab_size, (2, 11)))
+    w = jnp.asarray(r.rand(2, 11), jnp.float32)
+
+    def by_logits(p):
+        return jnp.sum(losses.token_nll(model.apply({"params": p}, ids).logits, targets) * w)
+
+    def by_targets(p):
+        out = model.apply({"params": p}, ids, targets=targets)
+        assert out.logits is None and out.token_nll.shape == (2, 11)
+        return jnp.sum(out.token_nll * w)
+
+    monkeypatch.setattr(losses, "LOSS_CHUNK_BYTES", 2 * cfg.vocab_size * 4 * 3)  # 3 positions of 2 rows
+    want, got = jax.value_and_grad(by_logits)(p), jax.value_and_grad(by_targets)(p)
+    np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1]), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="last_logits_only"):
+        model.apply({"params": p}, ids, targets=targets, last_logits_only=True)
+
+
+def test_chunked_loss_memory_does_not_grow_with_length():
+    """XLA's buffer accounting for the loss and its gradient over 16384 and 65536 positions of an 8192-token
+    vocabulary (logits alone: 512 MiB and 2 GiB): a chunk's working set (a few LOSS_CHUNK_BYTES of logits,
+    their softmax and gradient) that the length leaves unchanged, plus the [length, width] hidden states."""
+    from common.losses import LOSS_CHUNK_BYTES, chunked_token_nll
+
+    width, vocab = 64, 8192
+
+    def temp_bytes(length):
+        h = jax.ShapeDtypeStruct((1, length, width), jnp.float32)
+        head = jax.ShapeDtypeStruct((width, vocab), jnp.float32)
+        t = jax.ShapeDtypeStruct((1, length), jnp.int32)
+        grad = jax.grad(lambda h, w, t: jnp.sum(chunked_token_nll(h, w, t)), argnums=(0, 1))
+        stats = jax.jit(grad).lower(h, head, t).compile().memory_analysis()
+        if stats is None:
+            pytest.skip("this backend reports no memory analysis")
+        return stats.temp_size_in_bytes
+
+    short, long = temp_bytes(16384), temp_bytes(65536)
+    assert short < 5 * LOSS_CHUNK_BYTES, short
+    assert long - short < 4 * (65536 - 16384) * width * 4, (short, long)  # a few [length, width] arrays more
