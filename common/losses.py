@@ -19,8 +19,9 @@ LOSS_CHUNK_BYTES = 64 * 2**20  # float32 logits of one chunk of positions in `ch
 def chunked_token_nll(hidden_BxLxE, head_ExV, targets_BxL, chunk_bytes: int | None = None):
     """token_nll(hidden @ head, targets) [batch, length] without a [batch, length, vocab] array: the positions
     go through the LM head and the loss a chunk at a time (as many as keep a chunk's float32 logits within
-    `chunk_bytes`, default LOSS_CHUNK_BYTES read at trace time), and the backward pass recomputes each chunk's logits, so the head's and the loss's
-    memory does not grow with the length. Same numbers as token_nll(hidden @ head, targets)."""
+    `chunk_bytes`, default LOSS_CHUNK_BYTES read at trace time), and the backward pass recomputes each
+    chunk's logits, so the head's and the loss's memory does not grow with the length. Same numbers as
+    token_nll(hidden @ head, targets)."""
     b, length, e = hidden_BxLxE.shape
     chunk = int(max(1, min(length, (chunk_bytes or LOSS_CHUNK_BYTES) // (b * head_ExV.shape[1] * 4))))
     n = -(-length // chunk)
