@@ -7,7 +7,8 @@ the fraction of this CPU's matmul peak (a 2048^3 float32 `jnp.dot`, same process
 FLOPs reach: 2 x active non-embedding parameters per token plus causal attention (4 x heads x
 head_dim x L^2 / 2 per attention layer).
 Decode: 64 greedy tokens (one compiled loop) after a prompt of C tokens; the bound is the bytes a
-step must read (weights + the KV cache + Mamba states) over the copy bandwidth of a 256 MiB array.
+step must read (weights + the KV cache + Mamba states) over the in-place copy bandwidth of a 256 MiB array
+(`benchmarks.common.copy_bandwidth`).
 
   python -m benchmarks.long_context [--lengths 8192 32768 131072 262144] [--decode_context 131072]
 """
@@ -27,11 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 
 import jamba_jax
-from benchmarks.common import machine, time_fn, write_section
+from benchmarks.common import copy_bandwidth, machine, time_fn, write_section
 from configs import jamba_tiny
 from jamba_jax.generation import _decode_loop, default_prefill_chunk
 
 DECODE_TOKENS = 64
+SHORT_CONTEXT = 256  # the decode step with next to no cache: weights and per-step overheads
 
 
 def bench_cfg():
@@ -47,12 +49,6 @@ def matmul_peak(n: int = 2048) -> float:
     b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
     fn = jax.jit(jnp.dot)
     return 2 * n**3 / time_fn(lambda: jax.block_until_ready(fn(a, b)), repeats=5)
-
-
-def copy_bandwidth(nbytes: int = 256 * 2**20) -> float:
-    x = jnp.ones((nbytes // 4,), jnp.float32)
-    fn = jax.jit(lambda a: a * 1.0001)
-    return 2 * nbytes / time_fn(lambda: jax.block_until_ready(fn(x)), repeats=5)
 
 
 def prefill_flops(cfg, length: int) -> float:
@@ -79,16 +75,27 @@ def _child(length: int, decode: bool) -> dict:
            "matmul_peak": peak, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
            "cache_bytes": jamba_jax.cache_bytes(cfg, 1, max_length, "float32")["total"]}
     if decode:
-        bw = copy_bandwidth()
-        done = jnp.zeros((1,), bool)
-        run = lambda: jax.block_until_ready(_decode_loop(  # noqa: E731
-            model, params, jax.tree.map(jnp.copy, cache), logits, done, jax.random.PRNGKey(0), DECODE_TOKENS,
-            0.0, None, None, None, 0))
-        copy_s = time_fn(lambda: jax.block_until_ready(jax.tree.map(jnp.copy, cache)), repeats=3)
-        step_s = (time_fn(run, repeats=3) - copy_s) / DECODE_TOKENS
-        weights = jamba_jax.count_params(cfg)["active"] * 4
-        out.update(decode_step_s=step_s, bandwidth=bw, bytes_per_step=weights + out["cache_bytes"])
+        short_logits, short_cache = jamba_jax.prefill(model, params, ids[:, :SHORT_CONTEXT],
+                                                      max_length=SHORT_CONTEXT + DECODE_TOKENS)
+        out["decode"] = [_decode_figures(model, params, short_logits, short_cache, SHORT_CONTEXT),
+                         _decode_figures(model, params, logits, cache, length)]
     return out
+
+
+def _decode_figures(model, params, logits, cache, context: int) -> dict:
+    """Seconds per greedy token of the compiled decode loop from `cache`, and its bound: the bytes a step reads
+    (float32 active weights + KV cache + Mamba states) over the in-place copy bandwidth measured just before."""
+    cfg = model.cfg
+    bw = copy_bandwidth(256 * 2**20)
+    done = jnp.zeros((1,), bool)
+    run = lambda: jax.block_until_ready(_decode_loop(  # noqa: E731
+        model, params, jax.tree.map(jnp.copy, cache), logits, done, jax.random.PRNGKey(0), DECODE_TOKENS,
+        0.0, None, None, None, 0))
+    copy_s = time_fn(lambda: jax.block_until_ready(jax.tree.map(jnp.copy, cache)), repeats=3)
+    step_s = (time_fn(run, repeats=3) - copy_s) / DECODE_TOKENS
+    weights = jamba_jax.count_params(cfg)["active"] * 4
+    cache_bytes = jamba_jax.cache_bytes(cfg, 1, context + DECODE_TOKENS, "float32")["total"]
+    return {"context": context, "step_s": step_s, "bandwidth": bw, "bytes_per_step": weights + cache_bytes}
 
 
 def run_child(length: int, decode: bool) -> dict:
@@ -125,15 +132,17 @@ def report(prefills: list[dict], decode: dict | None, args) -> str:
     lines += ["", "(The `generation` section's prefill rows were measured before this attention path, with "
               "`prefill_chunk=2048` passed by hand and the tiny config.)"]
     if decode:
-        bound = decode["bytes_per_step"] / decode["bandwidth"]
-        lines += ["", f"Decode: {DECODE_TOKENS} greedy tokens after a {decode['length']}-token prompt, one compiled "
-                  "loop (minus the cache copy each timed call makes). Bound: bytes a step reads (float32 weights "
-                  "+ KV cache + Mamba states) / copy bandwidth of a 256 MiB array, same process.", "",
+        lines += ["", f"Decode: {DECODE_TOKENS} greedy tokens after a prompt of `context` tokens, one compiled loop "
+                  "(minus the cache copy each timed call makes), in the process of the longest prefill. Bound: bytes "
+                  "a step reads (float32 active weights + KV cache + Mamba states) / in-place copy bandwidth of a "
+                  "256 MiB array (`benchmarks.common.copy_bandwidth`), measured just before.", "",
                   "| context | ms/token | tokens/s | bytes/step MiB | copy GB/s | bound ms/token | fraction of bound |",
-                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-                  f"| {decode['length']} | {decode['decode_step_s'] * 1e3:.2f} | {1 / decode['decode_step_s']:,.0f} | "
-                  f"{decode['bytes_per_step'] / mib:.1f} | {decode['bandwidth'] / 1e9:.1f} | {bound * 1e3:.2f} | "
-                  f"{bound / decode['decode_step_s']:.2f} |"]
+                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for d in decode["decode"]:
+            bound = d["bytes_per_step"] / d["bandwidth"]
+            lines.append(f"| {d['context']} | {d['step_s'] * 1e3:.2f} | {1 / d['step_s']:,.0f} | "
+                         f"{d['bytes_per_step'] / mib:.1f} | {d['bandwidth'] / 1e9:.1f} | {bound * 1e3:.2f} | "
+                         f"{bound / d['step_s']:.2f} |")
     return "\n".join(lines)
 
 
