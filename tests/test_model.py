@@ -189,11 +189,28 @@ def test_training_loss_and_gradients_do_not_depend_on_the_attention_blocks(param
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)
 
 
+def test_chunked_loss_equals_the_full_logits_loss():
+    """chunked_token_nll over 3-position chunks (11 positions: the last chunk padded) gives the per-token
+    losses of the full logits, and the same gradients for the hidden states and the head."""
+    import common.losses as losses
+
+    r = np.random.RandomState(7)
+    h = jnp.asarray(r.randn(2, 11, 16), jnp.float32)
+    head = jnp.asarray(r.randn(16, 97), jnp.float32)
+    t = jnp.asarray(r.randint(0, 97, (2, 11)))
+    w = jnp.asarray(r.rand(2, 11), jnp.float32)
+    full = lambda h, head: jnp.sum(losses.token_nll(h @ head, t) * w)  # noqa: E731
+    chunked = lambda h, head: jnp.sum(losses.chunked_token_nll(h, head, t, chunk_bytes=2 * 97 * 4 * 3) * w)  # noqa: E731
+    np.testing.assert_allclose(losses.chunked_token_nll(h, head, t, chunk_bytes=2 * 97 * 4 * 3),
+                               losses.token_nll(h @ head, t), rtol=1e-6, atol=1e-6)
+    for a, b in zip(jax.grad(chunked, argnums=(0, 1))(h, head), jax.grad(full, argnums=(0, 1))(h, head), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("tied", [False, True])
-def test_targets_give_the_logits_loss_a_chunk_of_positions_at_a_time(params, monkeypatch, tied):
-    """With `targets` the model returns token_nll computed over chunks of positions (here 3 positions per
-    chunk: 11 positions, the last chunk padded) instead of logits: the same per-token losses and the same
-    parameter gradients as the cross-entropy of the full logits."""
+def test_targets_give_the_next_token_losses_instead_of_logits(params, monkeypatch, tied):
+    """With `targets` the model returns token_nll (chunked: 3 positions per chunk here) instead of logits:
+    -log softmax(logits)[target] of the plain call, through the tied embedding or the separate head."""
     import common.losses as losses
 
     cfg = CFG.replace(tie_word_embeddings=tied)
@@ -202,21 +219,11 @@ def test_targets_give_the_logits_loss_a_chunk_of_positions_at_a_time(params, mon
     r = np.random.RandomState(7)
     ids = jnp.asarray(r.randint(3, cfg.vocab_size, (2, 11)))
     targets = jnp.asarray(r.randint(0, cfg.vocab_size, (2, 11)))
-    w = jnp.asarray(r.rand(2, 11), jnp.float32)
-
-    def by_logits(p):
-        return jnp.sum(losses.token_nll(model.apply({"params": p}, ids).logits, targets) * w)
-
-    def by_targets(p):
-        out = model.apply({"params": p}, ids, targets=targets)
-        assert out.logits is None and out.token_nll.shape == (2, 11)
-        return jnp.sum(out.token_nll * w)
-
-    monkeypatch.setattr(losses, "LOSS_CHUNK_BYTES", 2 * cfg.vocab_size * 4 * 3)  # 3 positions of 2 rows
-    want, got = jax.value_and_grad(by_logits)(p), jax.value_and_grad(by_targets)(p)
-    np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1]), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
+    monkeypatch.setattr(losses, "LOSS_CHUNK_BYTES", 2 * cfg.vocab_size * 4 * 3)
+    out = model.apply({"params": p}, ids, targets=targets)
+    assert out.logits is None
+    want = losses.token_nll(model.apply({"params": p}, ids).logits, targets)
+    np.testing.assert_allclose(out.token_nll, want, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="last_logits_only"):
         model.apply({"params": p}, ids, targets=targets, last_logits_only=True)
 
