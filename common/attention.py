@@ -218,7 +218,7 @@ def _backward(q_rows, k, v, mask: AttentionMask, out_rows, lse, dout_rows, p: _P
     q_max = _q_block_max_pos(mask, p) if mask.q_pos is not None else None
     delta = jnp.sum(dout_rows * out_rows, axis=-1)  # [nq, B, V, R]
     dout_rows = dout_rows.astype(q_rows.dtype)
-    b, nkv, s_len, d = k.shape
+    b, nkv, _, d = k.shape
 
     def one_key_block(j, carry):
         dq, dk, dv = carry

@@ -76,12 +76,11 @@ FFN_IMPLS = {"ragged": _ffn_ragged, "blocked": _ffn_blocked}
 DENSE_MAX_ROWS = 64  # tokens x experts up to which the CPU runs every token through every expert
 
 
-def default_ffn_impl(num_tokens: int | None = None, num_experts: int | None = None) -> str:
+def default_ffn_impl(num_tokens: int, num_experts: int) -> str:
     """"ragged" on GPU and TPU; on the CPU "blocked", or "dense" for few tokens (decoding)."""
     if current_platform() != "cpu":
         return "ragged"
-    few = num_tokens is not None and num_experts is not None and num_tokens * num_experts <= DENSE_MAX_ROWS
-    return "dense" if few else "blocked"
+    return "dense" if num_tokens * num_experts <= DENSE_MAX_ROWS else "blocked"
 
 
 def combine_dense(x_TxE, top_idx_TxK, top_w_TxK, weights, act, scales=None):
@@ -95,8 +94,8 @@ def combine_dense(x_TxE, top_idx_TxK, top_w_TxK, weights, act, scales=None):
     sg, su, sd = scales or (None, None, None)
     x_ExTxE = jnp.broadcast_to(x_TxE, (e, *x_TxE.shape))
     y_ExTxH = mm(act(mm(x_ExTxE, w_gate, sg)) * mm(x_ExTxE, w_up, su), w_down, sd)
-    chosen_TxKxE = (top_idx_TxK[..., None] == jnp.arange(e)).astype(y_ExTxH.dtype) * top_w_TxK[..., None]
-    return jnp.einsum("tke,eth->th", chosen_TxKxE.astype(y_ExTxH.dtype), y_ExTxH)
+    chosen_TxKxE = jax.nn.one_hot(top_idx_TxK, e, dtype=y_ExTxH.dtype)  # id e (no expert): a row of zeros
+    return jnp.einsum("tk,tke,eth->th", top_w_TxK.astype(y_ExTxH.dtype), chosen_TxKxE, y_ExTxH)
 
 
 class Permutation(NamedTuple):

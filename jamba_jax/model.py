@@ -176,6 +176,8 @@ class JambaForCausalLM(nn.Module):
                  embed_offsets=None, last_logits_only: bool = False, targets=None):
         cfg = self.cfg
         check_token_ids(input_ids, cfg.vocab_size)
+        if targets is not None and last_logits_only:
+            raise ValueError("targets (a loss over every position) and last_logits_only cannot be combined")
         if attention_mask is None:
             valid = jnp.ones(input_ids.shape, bool) if segment_ids is None else segment_ids != 0
         else:
@@ -205,8 +207,6 @@ class JambaForCausalLM(nn.Module):
         aux = load_balancing_loss(router_logits, cfg.num_experts, cfg.num_experts_per_tok,
                                   None if attention_mask is None and segment_ids is None else valid)
         if targets is not None:
-            if last_logits_only:
-                raise ValueError("targets (a loss over every position) and last_logits_only cannot be combined")
             return JambaOutput(logits=None, router_logits=router_logits, aux_loss=aux, cache=new_cache,
                                token_nll=chunked_token_nll(hidden, head_ExV, targets))
         return JambaOutput(logits=hidden @ head_ExV, router_logits=router_logits, aux_loss=aux, cache=new_cache)
