@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from common.attention import AttentionMask, attention
+from common.attention import AttentionMask, attention, cached_attention
 from common.layers import Dense, RMSNorm, activation, normal_init
 from jamba_jax.config import JambaConfig
 
@@ -64,14 +64,13 @@ class Attention(nn.Module):
         q_BxLxVxGxD = q.reshape(b, length, nkv, groups, hd)
         k_BxVxSxD = k.reshape(b, length, nkv, hd).transpose(0, 2, 1, 3)
         v_BxVxSxD = v.reshape(b, length, nkv, hd).transpose(0, 2, 1, 3)
-        new_cache = None
-        if kv_cache is not None:
-            start = (0, 0, index, 0)
-            k_BxVxSxD = jax.lax.dynamic_update_slice(kv_cache.k, k_BxVxSxD.astype(kv_cache.k.dtype), start)
-            v_BxVxSxD = jax.lax.dynamic_update_slice(kv_cache.v, v_BxVxSxD.astype(kv_cache.v.dtype), start)
-            new_cache = KVCache(k_BxVxSxD, v_BxVxSxD)
-            k_BxVxSxD, v_BxVxSxD = k_BxVxSxD.astype(q.dtype), v_BxVxSxD.astype(q.dtype)
-        out_BxLxVxGxD = attention(q_BxLxVxGxD, k_BxVxSxD, v_BxVxSxD, mask, impl=cfg.attention_impl)
+        if kv_cache is None:
+            new_cache = None
+            out_BxLxVxGxD = attention(q_BxLxVxGxD, k_BxVxSxD, v_BxVxSxD, mask, impl=cfg.attention_impl)
+        else:
+            out_BxLxVxGxD, k_cache, v_cache = cached_attention(q_BxLxVxGxD, k_BxVxSxD, v_BxVxSxD, kv_cache.k,
+                                                               kv_cache.v, index, mask, impl=cfg.attention_impl)
+            new_cache = KVCache(k_cache, v_cache)
         out = out_BxLxVxGxD.astype(cfg.compute_dtype).reshape(b, length, nh * hd)
         return dense(cfg, cfg.hidden_size, ("q_heads", "embed"), "o_proj")(out), new_cache
 

@@ -6,7 +6,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from common.attention import AttentionMask, attention, blockwise_attention, pallas_attention, reference_attention
+from common.attention import (
+    FEW_ROWS,
+    AttentionMask,
+    attention,
+    blockwise_attention,
+    cached_attention,
+    pallas_attention,
+    reference_attention,
+)
 from kernels import flash_attention
 
 B, V, G, D = 2, 2, 3, 8  # two kv heads, three query heads each
@@ -114,6 +122,30 @@ def test_pallas_kernel_in_bfloat16_and_through_the_model(monkeypatch):
     logits = {impl: jamba_jax.JambaForCausalLM(cfg.replace(attention_impl=impl)).apply({"params": params}, ids).logits
               for impl in ("blockwise", "pallas")}
     np.testing.assert_allclose(np.asarray(logits["pallas"]), np.asarray(logits["blockwise"]), atol=1e-5)
+
+
+@pytest.mark.parametrize("new", [1, 2, 5, 6])  # rows new x G = 3, 6, 15: the one-pass merge; 18: attention()
+def test_cached_attention_matches_the_reference_over_the_written_cache(new):
+    """`new` tokens written at slot 7 of a 40-slot cache (row 0 left-padded by three, row 1's first new
+    token a pad): the output is the reference's over the updated cache, the caches are the writes."""
+    cache_len, index = 40, 7
+    q, k_new, v_new = qkv(new, new, seed=new)
+    _, k_cache, v_cache = qkv(1, cache_len, seed=10 + new)
+    valid = np.zeros((B, cache_len), bool)
+    valid[:, : index + new] = True
+    valid[0, :3] = False
+    valid[1, index] = False
+    mask = AttentionMask.cached(jnp.asarray(valid), jnp.int32(index), new)
+    out, k_got, v_got = jax.jit(cached_attention)(q, k_new, v_new, k_cache, v_cache, jnp.int32(index), mask)
+    k_want = k_cache.at[:, :, index:index + new].set(k_new)
+    v_want = v_cache.at[:, :, index:index + new].set(v_new)
+    np.testing.assert_array_equal(np.asarray(k_got), np.asarray(k_want))
+    np.testing.assert_array_equal(np.asarray(v_got), np.asarray(v_want))
+    rows = valid[:, index:index + new]  # a pad query's output is read by nobody
+    want = np.asarray(reference_attention(q, k_want, v_want, mask))
+    np.testing.assert_allclose(np.asarray(out)[rows], want[rows], atol=2e-6)
+    assert np.isfinite(np.asarray(out)).all()
+    assert (new * G <= FEW_ROWS) == (new < 6)  # both paths are covered
 
 
 def test_fully_masked_rows_are_finite():
