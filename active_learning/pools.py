@@ -19,6 +19,9 @@ def make_pool(x, y, exemplars, x_test, y_test, settings: Settings, ess_target: f
     num_classes = int(max(y.max(), y_test.max())) + 1
     if not 0.0 < settings.threshold < 1.0:
         raise PoolError(f"threshold={settings.threshold}: a class frequency threshold must lie in (0, 1)")
+    if settings.fit_steps < 1 or not settings.fit_tol >= 0.0:
+        raise PoolError(f"fit_steps={settings.fit_steps}, fit_tol={settings.fit_tol}: at least one L-BFGS step and a "
+                        "gradient tolerance >= 0 (0: every step) are expected")
     budget = settings.batch * settings.rounds
     if budget > len(x):
         raise PoolError(f"{name}: {len(x)} points in the pool but the budget is {settings.batch} x "

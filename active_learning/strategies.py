@@ -53,7 +53,8 @@ class Settings:
     threshold: float = 0.1  # a class is common above this frequency
     epsilon: float = 0.1  # the epsilon-greedy variant's exploration rate
     thompson_scale: float = 10.0  # egal_thompson: sharpness of the uncertainty sampling
-    fit_steps: int = 40  # L-BFGS steps per refit (warm-started)
+    fit_steps: int = 40  # L-BFGS steps per refit at most (warm-started) ...
+    fit_tol: float = 1e-4  # ... fewer once max |gradient| <= fit_tol x C x labels (scikit-learn's tol)
     max_draws: int = 4096  # proposal draws per search label before a uniformly random unlabelled point
 
 
@@ -278,7 +279,8 @@ def round_step(state: State, pool: Pool, settings: Settings, method: str):
     two = jnp.sum(has) > 1
     used = jnp.where(two & (jnp.arange(state.order.shape[0]) < state.n_labeled), 1.0, 0.0)
     start_model = jax.tree.map(lambda a: jnp.where(two, a, 0.0), state.model)
-    model = logistic.fit(start_model, pool.x[state.order], pool.y[state.order], used, settings.fit_steps)
+    model = logistic.fit(start_model, pool.x[state.order], pool.y[state.order], used, settings.fit_steps,
+                         tol=settings.fit_tol)
     state = state._replace(model=model)
     test_logits = jnp.where(two, logistic.logits(model, pool.x_test), jnp.where(has, 0.0, -1.0)[None, :])
     pred = jnp.argmax(test_logits, axis=-1)

@@ -28,7 +28,8 @@ def get_config():
     # common (to be found), the 1:100 pools' (1%) rare (to be proven rare and left); the authors used 0.1
     al.epsilon = 0.1  # the epsilon-greedy variant's exploration rate
     al.thompson_scale = 10.0  # egal_thompson: sharpness of its uncertainty sampling
-    al.fit_steps = 40  # L-BFGS steps per refit of the logistic regression
+    al.fit_steps = 40  # L-BFGS steps per refit of the logistic regression, at most ...
+    al.fit_tol = 1e-4  # ... fewer once max |gradient| <= fit_tol x labels (scikit-learn's tol; 0: all)
     al.max_draws = 4096  # proposal draws per search label before a random unlabelled point
     al.ess_target = 0.25  # proposal width: smallest sigma keeping this effective-sample-size ratio
     al.uniform_mix = 0.1  # defensive mixture with the uniform distribution (caps weights at 10)

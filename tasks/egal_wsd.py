@@ -193,7 +193,8 @@ def digits_pool(config):
 def settings_of(config) -> Settings:
     a = config.al
     return Settings(batch=a.batch, rounds=a.rounds, threshold=a.threshold, epsilon=a.epsilon,
-                    thompson_scale=a.thompson_scale, fit_steps=a.fit_steps, max_draws=a.max_draws)
+                    thompson_scale=a.thompson_scale, fit_steps=a.fit_steps, fit_tol=a.fit_tol,
+                    max_draws=a.max_draws)
 
 
 def run_pool(name, data, config, settings, methods, bar) -> dict:

@@ -115,6 +115,33 @@ def test_logistic_regression_matches_scikit_learn():
     assert abs(float(logistic.objective(ours, jnp.asarray(x), jnp.asarray(y), jnp.asarray(w))) - ref) <= 1e-4 * ref
 
 
+def test_a_tolerance_stopped_fit_is_scikit_learns_and_ignores_its_batch_mates():
+    """With scikit-learn's default tol (1e-4, the same stopping rule) the fit predicts as scikit-learn's
+    default fit does; vmapped beside fits that need more steps, a fit that stopped
+    keeps its parameters: its result is the one it gets beside copies of itself."""
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0).astype(np.float32)
+    r = np.random.RandomState(0)
+    idx = np.stack([r.permutation(len(x))[:n] for n in (200, 200, 200)])
+    w = np.ones(idx.shape, np.float32)
+    w[1, 40:] = 0  # a fit on 40 points beside two on 200
+    xs, ys, ws = jnp.asarray(x[idx]), jnp.asarray(y[idx]), jnp.asarray(w)
+    fit = lambda x, y, w: logistic.fit(logistic.init(64, 10), x, y, w, steps=200, tol=1e-4)  # noqa: E731
+    batched = jax.jit(jax.vmap(fit))
+    together = batched(xs, ys, ws)
+    for i in range(3):
+        copies = [jnp.stack([a[i]] * 3) for a in (xs, ys, ws)]  # the same compiled program, other batch mates
+        alone = jax.tree.map(lambda a: a[0], batched(*copies))
+        np.testing.assert_allclose(np.asarray(together.W[i]), np.asarray(alone.W), rtol=1e-6, atol=1e-7)
+        keep = w[i] > 0
+        theirs = LogisticRegression().fit(x[idx[i]][keep], y[idx[i]][keep])
+        ours = np.asarray(logistic.predict_proba(alone, jnp.asarray(x))).argmax(1)
+        assert (ours == theirs.predict(x)).mean() >= 0.99
+
+
 def test_runs_are_deterministic_for_a_seed(skewed):
     _, pool = skewed
     keys = jax.random.split(jax.random.PRNGKey(5), 3)
@@ -201,6 +228,8 @@ def test_bad_inputs_are_named():
         make_pool(bad, y, ex, xt, yt, SETTINGS)
     with pytest.raises(PoolError, match="threshold"):
         make_pool(x, y, ex, xt, yt, Settings(batch=10, rounds=2, threshold=1.5))
+    with pytest.raises(PoolError, match="fit_tol"):
+        make_pool(x, y, ex, xt, yt, Settings(batch=10, rounds=2, fit_tol=-1.0))
 
 
 def test_the_runner_writes_results_and_plots_for_every_method_and_pool(tmp_path):
