@@ -99,9 +99,6 @@ def fit(model: Logistic, x_NxD, y_N, weight_N, steps: int = 60, C: float = 1.0, 
     def forward(Wt_CxD, b_C):
         return jnp.einsum("cd,nd->cn", Wt_CxD, x_NxD) + b_C[:, None]
 
-    def loss(z_CxN):  # C x the weighted cross-entropy
-        return C * jnp.sum(weight_N * (jax.nn.logsumexp(z_CxN, axis=0) - jnp.sum(z_CxN * onehot_CxN, 0)))
-
     def grad_at(Wt_CxD, z_CxN):
         r = C * weight_N * (jax.nn.softmax(z_CxN, axis=0) - onehot_CxN)
         return jnp.concatenate([(Wt_CxD + r @ x_NxD).reshape(-1), r.sum(1)])
@@ -141,7 +138,7 @@ def fit(model: Logistic, x_NxD, y_N, weight_N, steps: int = 60, C: float = 1.0, 
 
     theta = jnp.concatenate([model.W.T.reshape(-1), model.b])
     z = forward(model.W.T, model.b)
-    value = 0.5 * jnp.sum(model.W ** 2) + loss(z)
+    value = objective(model, x_NxD, y_N, weight_N, C)
     zeros = jnp.zeros((HISTORY, theta.shape[0]), theta.dtype)
     grad = grad_at(model.W.T, z)
     init = (jnp.zeros((), jnp.int32), converged(grad), theta, z, value, grad, zeros, zeros,

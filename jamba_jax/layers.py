@@ -14,7 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from common.attention import AttentionMask, attention, cached_attention
+from common.attention import AttentionMask, attention
+from common.cached_attention import cached_attention
 from common.layers import Dense, RMSNorm, activation, normal_init
 from jamba_jax.config import JambaConfig
 
