@@ -106,20 +106,34 @@ def _label(state: State, s) -> State:
                           n_labeled=state.n_labeled + 1)
 
 
-def _random_unlabeled(state: State, key, within=None):
+def draw(cdf_N, u):
+    """Indices drawn with probability proportional to the increments of cdf_N, from uniforms u in [0, 1)
+    (inverse CDF; any shape). All N comparisons at once, no loop: a binary search's while loop costs more
+    on a CPU at these sizes. A product u x total that rounds up to the total still lands on the last
+    point with a positive increment."""
+    v = jnp.minimum(u * cdf_N[-1], jnp.nextafter(cdf_N[-1], 0.0))
+    return jnp.searchsorted(cdf_N, v, side="right", method="compare_all").astype(jnp.int32)
+
+
+def _pick(weights_N, u):
+    """An index drawn with probability proportional to weights_N (>= 0, not all 0) from one uniform u."""
+    return draw(jnp.cumsum(weights_N), u)
+
+
+def _random_unlabeled(state: State, u, within=None):
     """A uniformly random unlabelled index (restricted to `within` when any of it is unlabelled)."""
     ok = ~state.labeled
     if within is not None:
         ok = jnp.where(jnp.any(ok & within), ok & within, ok)
-    return jax.random.categorical(key, jnp.where(ok, 0.0, _NEG))
+    return _pick(ok.astype(jnp.float32), u)
 
 
-def _best_unlabeled(state: State, scores, key):
+def _best_unlabeled(state: State, scores, u):
     """argmax of scores over the unlabelled points, exact ties broken uniformly at random (a flat
     model's scores all tie: the pick must be random, not the lowest index; a small additive noise
     is no tie-break, float32 rounds most of it away)."""
     scores = jnp.where(state.labeled, _NEG, scores)
-    return jax.random.categorical(key, jnp.where(scores == jnp.max(scores), 0.0, _NEG))
+    return _pick((scores == jnp.max(scores)).astype(jnp.float32), u)
 
 
 def found(state: State, pool: Pool):
@@ -128,44 +142,53 @@ def found(state: State, pool: Pool):
 
 
 # --- the search ------------------------------------------------------------------------------------------
-def draw(cdf_N, key):
-    """An index drawn with probability proportional to the increments of cdf_N (inverse CDF)."""
-    return jnp.minimum(jnp.searchsorted(cdf_N, jax.random.uniform(key) * cdf_N[-1], side="right"),
-                       cdf_N.shape[0] - 1)
+# Random numbers are drawn a round at a time (`search_round`, `round_step`) and handed to the per-label
+# steps: on XLA:CPU every call of the threefry generator is a loop of its own (~50 us under vmap), and
+# one per draw and per label was a third of a run.
+DRAW_BLOCK = 8  # proposal draws made at once per search label; more, a block at a time, only if all hit labelled points
 
 
-def search_importance(state: State, pool: Pool, c, settings: Settings) -> State:
-    """One label from class c's proposal; every draw feeds the importance statistics."""
+def search_importance(state: State, pool: Pool, c, settings: Settings, u, key) -> State:
+    """One label from class c's proposal: draws x ~ p_c until one is unlabelled, every draw (the
+    labelled ones too) feeding the importance statistics. u: DRAW_BLOCK + 1 uniforms (the first block
+    of draws; the fallback pick after max_draws); key: for further blocks."""
     n = pool.x.shape[0]
     classes = jnp.arange(pool.p.shape[0])
-    cdf = jnp.cumsum(pool.p[c])  # draws by inverse CDF: O(log N) each (a categorical draw is O(N))
+    cdf = jnp.cumsum(pool.p[c])
+    slots = jnp.arange(DRAW_BLOCK)
+
+    def block(u_B, drawn):
+        """DRAW_BLOCK draws in order, up to and including the first unlabelled one (and max_draws)."""
+        s_B = draw(cdf, u_B)
+        allowed = slots < settings.max_draws - drawn
+        free = ~state.labeled[s_B] & allowed
+        hit = jnp.any(free)
+        used = allowed & (slots <= jnp.where(hit, jnp.argmax(free), DRAW_BLOCK))
+        z_BxC = jnp.where(used[:, None] & (pool.y[s_B][:, None] == classes),
+                          1.0 / (n * pool.p[c, s_B] * pool.max_weight)[:, None], 0.0)  # in [0, 1]
+        return hit, s_B[jnp.argmax(free)], z_BxC.sum(0), (z_BxC * z_BxC).sum(0), jnp.sum(used)
 
     def cond(carry):
-        _, draws, done, _, _, _, _ = carry
-        return (~done) & (draws < settings.max_draws)
+        return ~carry[1] & (carry[5] < settings.max_draws)
 
     def body(carry):
-        key, draws, _, _, z_sum, z_sq, count = carry
-        key, sub = jax.random.split(key)
-        s = draw(cdf, sub)
-        z = (pool.y[s] == classes) / (n * pool.p[c, s]) / pool.max_weight  # in [0, 1]
-        return key, draws + 1, ~state.labeled[s], s, z_sum + z, z_sq + z * z, count + 1.0
+        i, _, _, z_sum, z_sq, drawn = carry
+        hit, s, z, zz, m = block(jax.random.uniform(jax.random.fold_in(key, i), (DRAW_BLOCK,)), drawn)
+        return i + 1, hit, s, z_sum + z, z_sq + zz, drawn + m
 
-    state, key = _split(state)
-    init = (key, jnp.zeros((), jnp.int32), jnp.zeros((), bool), jnp.zeros((), jnp.int32), state.z_sum, state.z_sq,
-            state.n_draws)
-    key, _, done, s, z_sum, z_sq, count = jax.lax.while_loop(cond, body, init)
-    s = jnp.where(done, s, _random_unlabeled(state, key))
-    return _label(state._replace(z_sum=z_sum, z_sq=z_sq, n_draws=count), s)
+    hit, s, z, zz, m = block(u[:DRAW_BLOCK], 0)
+    init = (jnp.ones((), jnp.int32), hit, s, z, zz, m)
+    _, hit, s, z, zz, m = jax.lax.while_loop(cond, body, init)
+    s = jnp.where(hit, s, _random_unlabeled(state, u[DRAW_BLOCK]))
+    return _label(state._replace(z_sum=state.z_sum + z, z_sq=state.z_sq + zz,
+                                 n_draws=state.n_draws + m.astype(jnp.float32)), s)
 
 
-def search_epsilon_greedy(state: State, pool: Pool, c, settings: Settings) -> State:
+def search_epsilon_greedy(state: State, pool: Pool, c, settings: Settings, u, key=None) -> State:
     """One label: a uniformly random unlabelled point with probability epsilon (its class feeds the
-    frequency bounds), else the unlabelled point nearest class c's exemplar."""
-    state, key = _split(state)
-    k1, k2, k3 = jax.random.split(key, 3)
-    explore = jax.random.uniform(k1) < settings.epsilon
-    s = jnp.where(explore, _random_unlabeled(state, k2), _best_unlabeled(state, -pool.d[c], k3))
+    frequency bounds), else the unlabelled point nearest class c's exemplar. u: two uniforms."""
+    explore = u[0] < settings.epsilon
+    s = jnp.where(explore, _random_unlabeled(state, u[1]), _best_unlabeled(state, -pool.d[c], u[1]))
     onehot = (pool.y[s] == jnp.arange(pool.p.shape[0])).astype(jnp.float32)
     state = state._replace(r_sum=state.r_sum + jnp.where(explore, onehot, 0.0),
                            r_n=state.r_n + explore.astype(jnp.float32))
@@ -193,39 +216,44 @@ def search_round(state: State, pool: Pool, settings: Settings, method: str) -> S
     quota = settings.batch // c
     search = search_epsilon_greedy if method == "egal_eps" else search_importance
     state, key = _split(state)
+    k_order, k_u, k_keys = jax.random.split(key, 3)
+    order = jnp.argsort(jax.random.uniform(k_order, (c,)))  # the classes in random order
+    u = jax.random.uniform(k_u, (c, quota, DRAW_BLOCK + 1))
+    keys = jax.random.split(k_keys, c * quota).reshape((c, quota) + k_keys.shape)
 
-    def per_class(state, cls):
+    def per_class(state, xs):
+        cls, u_Q, keys_Q = xs
         active = state.in_search[cls]
 
-        def one(state, _):
-            return _where(active, search(state, pool, cls, settings), state), None
+        def one(state, xs):
+            return _where(active, search(state, pool, cls, settings, *xs), state), None
 
-        state, _ = jax.lax.scan(one, state, None, length=quota)
+        state, _ = jax.lax.scan(one, state, (u_Q, keys_Q))
         return _where(active, update_search(state, pool, settings, method), state), None
 
-    state, _ = jax.lax.scan(per_class, state, jax.random.permutation(key, c))
+    state, _ = jax.lax.scan(per_class, state, (order, u, keys))
     return state
 
 
 # --- active learning ----------------------------------------------------------------------------------------
-def al_label(state: State, pool: Pool, probs_NxC, settings: Settings, method: str) -> State:
-    state, key = _split(state)
-    k1, k2 = jax.random.split(key)
+def al_label(state: State, pool: Pool, probs_NxC, settings: Settings, method: str, u) -> State:
+    """One active-learning label; u: a uniform, for the random choice the method makes."""
     uncertainty = 1.0 - jnp.max(probs_NxC, axis=-1)
     untrained = state.n_labeled == 0
     if method == "random":
-        return _label(state, _random_unlabeled(state, k1))
+        return _label(state, _random_unlabeled(state, u))
     if method == "entropy":
         scores = -jnp.sum(probs_NxC * jnp.log(jnp.maximum(probs_NxC, 1e-12)), axis=-1)
     elif method == "egal_thompson":
         # sampled over the unlabelled points themselves (the authors' code drew positions in the
         # unlabelled subset and used them as pool indices)
-        s = jax.random.categorical(k1, jnp.where(state.labeled, _NEG, settings.thompson_scale * uncertainty))
-        return _label(state, jnp.where(untrained, _random_unlabeled(state, k2), s))
+        logits = jnp.where(state.labeled, _NEG, settings.thompson_scale * uncertainty)
+        s = _pick(jnp.exp(logits - jnp.max(logits)), u)
+        return _label(state, jnp.where(untrained, _random_unlabeled(state, u), s))
     else:  # least confidence (egal, egal_eps and the baseline)
         scores = uncertainty
-    s = _best_unlabeled(state, scores, k1)
-    return _label(state, jnp.where(untrained, _random_unlabeled(state, k2), s))
+    s = _best_unlabeled(state, scores, u)
+    return _label(state, jnp.where(untrained, _random_unlabeled(state, u), s))
 
 
 def guided_round(state: State, pool: Pool, settings: Settings) -> State:
@@ -234,15 +262,18 @@ def guided_round(state: State, pool: Pool, settings: Settings) -> State:
     c = pool.p.shape[0]
     quota = settings.batch // c
     state, key = _split(state)
+    k_order, k_u = jax.random.split(key)
 
-    def per_class(state, cls):
-        def one(state, _):
-            state, k = _split(state)
-            return _label(state, _random_unlabeled(state, k, within=pool.y == cls)), None
+    def per_class(state, xs):
+        cls, u_Q = xs
 
-        return jax.lax.scan(one, state, None, length=quota)[0], None
+        def one(state, u):
+            return _label(state, _random_unlabeled(state, u, within=pool.y == cls)), None
 
-    return jax.lax.scan(per_class, state, jax.random.permutation(key, c))[0]
+        return jax.lax.scan(one, state, u_Q)[0], None
+
+    xs = (jnp.argsort(jax.random.uniform(k_order, (c,))), jax.random.uniform(k_u, (c, quota)))
+    return jax.lax.scan(per_class, state, xs)[0]
 
 
 # --- a labelling run -------------------------------------------------------------------------------------------
@@ -265,11 +296,12 @@ def round_step(state: State, pool: Pool, settings: Settings, method: str):
         state = guided_round(state, pool, settings)
     probs = logistic.predict_proba(state.model, pool.x)
 
-    def fill(state, _):
-        return _where(state.n_labeled < start + settings.batch, al_label(state, pool, probs, settings, method),
+    def fill(state, u):
+        return _where(state.n_labeled < start + settings.batch, al_label(state, pool, probs, settings, method, u),
                       state), None
 
-    state, _ = jax.lax.scan(fill, state, None, length=settings.batch)
+    state, key = _split(state)
+    state, _ = jax.lax.scan(fill, state, jax.random.uniform(key, (settings.batch,)))
     # Fitted on the labelled points only (gathered in labelling order; unused slots weigh 0): the same
     # objective as a 0/1 weight over the pool at budget / N of its cost. With a single class labelled
     # the intercept's optimum is infinite (scikit-learn refuses to fit): the model stays at zero (the

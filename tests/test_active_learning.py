@@ -45,7 +45,7 @@ def test_the_search_draws_follow_the_proposal(skewed):
     _, pool = skewed
     p = np.asarray(pool.p[2], np.float64)
     n_draws = 200_000
-    s = np.asarray(jax.vmap(lambda k: draw(jnp.cumsum(pool.p[2]), k))(jax.random.split(jax.random.PRNGKey(5), n_draws)))
+    s = np.asarray(draw(jnp.cumsum(pool.p[2]), jax.random.uniform(jax.random.PRNGKey(5), (n_draws,))))
     counts = np.bincount(s, minlength=len(p))
     expected = n_draws * p
     assert np.all(np.abs(counts - expected) <= 5 * np.sqrt(expected * (1 - p)) + 1)
@@ -159,8 +159,8 @@ def test_a_flat_model_picks_uniformly_not_the_lowest_index(skewed):
     state = init_state(pool, SETTINGS, jax.random.PRNGKey(0))
     flat = jnp.full((len(y), pool.p.shape[0]), 1.0 / pool.p.shape[0])
     state = state._replace(n_labeled=jnp.asarray(1, jnp.int32))  # past the first (random) label
-    picks = np.asarray([int(al_label(state._replace(key=k), pool, flat, SETTINGS, "least_confidence").order[1])
-                        for k in jax.random.split(jax.random.PRNGKey(4), 200)])
+    pick = jax.jit(jax.vmap(lambda u: al_label(state, pool, flat, SETTINGS, "least_confidence", u).order[1]))
+    picks = np.asarray(pick(jax.random.uniform(jax.random.PRNGKey(4), (200,))))
     assert len(set(picks.tolist())) > 150  # 200 draws over 1500 points: nearly all distinct
     assert abs(np.median(picks) - len(y) / 2) < 0.15 * len(y)
 
@@ -168,7 +168,7 @@ def test_a_flat_model_picks_uniformly_not_the_lowest_index(skewed):
 def test_greedy_search_takes_the_nearest_unlabelled_point_not_the_farthest(skewed):
     (x, *_), pool = skewed
     state = init_state(pool, Settings(epsilon=0.0), jax.random.PRNGKey(0))
-    state = search_epsilon_greedy(state, pool, 1, Settings(epsilon=0.0))
+    state = search_epsilon_greedy(state, pool, 1, Settings(epsilon=0.0), jnp.asarray([0.5, 0.5]))
     chosen = int(state.order[0])
     assert chosen == int(np.argmin(np.asarray(pool.d[1])))
 
@@ -183,8 +183,9 @@ def test_thompson_selection_picks_unlabelled_points_by_their_own_index(skewed):
     probs[900] = [0.25, 0.25, 0.25, 0.25]
     state = state._replace(labeled=jnp.asarray(labeled), n_labeled=jnp.asarray(n - 2, jnp.int32),
                            order=jnp.zeros((n,), jnp.int32))
-    picks = [int(al_label(state._replace(key=k), pool, jnp.asarray(probs), Settings(thompson_scale=10.0),
-                          "egal_thompson").order[n - 2]) for k in jax.random.split(jax.random.PRNGKey(1), 40)]
+    pick = jax.vmap(lambda u: al_label(state, pool, jnp.asarray(probs), Settings(thompson_scale=10.0), "egal_thompson",
+                                       u).order[n - 2])
+    picks = np.asarray(pick(jax.random.uniform(jax.random.PRNGKey(1), (40,)))).tolist()
     assert set(picks) <= {7, 900} and picks.count(900) > 30, picks
 
 
