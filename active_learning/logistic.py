@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-HISTORY = 10  # L-BFGS curvature pairs kept
-STEP_LADDER = np.asarray([1, 1 / 2, 1 / 4, 1 / 16, 1 / 64, 1 / 512], np.float32)  # step lengths tried at once
+HISTORY = 5  # L-BFGS curvature pairs kept (the preconditioner carries most of the curvature)
+STEP_LADDER = np.asarray([1, 1 / 4, 1 / 16, 1 / 128], np.float32)  # step lengths tried at once
 ARMIJO = 1e-4  # sufficient decrease: f(x + t d) <= f(x) + ARMIJO t g.d
 
 

@@ -39,7 +39,7 @@ def make_pool(x, y, exemplars, x_test, y_test, settings: Settings, ess_target: f
     p, _, max_weight = proposals(x, exemplars, ess_target, uniform_mix, min_prob)
     return Pool(jnp.asarray(x), jnp.asarray(y, jnp.int32), jnp.asarray(x_test), jnp.asarray(y_test, jnp.int32), p,
                 distances(jnp.asarray(x), jnp.asarray(exemplars)), jnp.asarray(max_weight, jnp.float32),
-                jnp.asarray(freq > settings.threshold))
+                jnp.asarray(freq > settings.threshold), jnp.cumsum(p, axis=1))
 
 
 def gaussian_blobs(freqs, n: int, dim: int = 8, separation: float = 4.0, n_test: int = 100, seed: int = 0):

@@ -67,6 +67,7 @@ class Pool(NamedTuple):
     d: jax.Array  # [C, N] distances to the exemplars
     max_weight: jax.Array  # scalar M: the largest importance weight any proposal gives
     common: jax.Array  # [C] bool: frequency in the pool above the threshold
+    cdf: jax.Array  # [C, N] cumulative sums of p: the search draws by inverse CDF
 
 
 class State(NamedTuple):
@@ -115,9 +116,20 @@ def draw(cdf_N, u):
     return jnp.searchsorted(cdf_N, v, side="right", method="compare_all").astype(jnp.int32)
 
 
+def _cumsum(w_N, block: int = 32):
+    """jnp.cumsum in two small matmuls (within blocks of 32, then over the blocks' totals): XLA:CPU's
+    cumulative sum is a reduce-window, ~10x slower at a few hundred points, and a pick per label needs one."""
+    n = w_N.shape[0]
+    rows = -(-n // block)
+    w = jnp.pad(w_N, (0, rows * block - n)).reshape(rows, block)
+    within = w @ jnp.triu(jnp.ones((block, block), w.dtype))
+    before = jnp.tril(jnp.ones((rows, rows), w.dtype), -1) @ within[:, -1]
+    return (within + before[:, None]).reshape(-1)[:n]
+
+
 def _pick(weights_N, u):
     """An index drawn with probability proportional to weights_N (>= 0, not all 0) from one uniform u."""
-    return draw(jnp.cumsum(weights_N), u)
+    return draw(_cumsum(weights_N), u)
 
 
 def _random_unlabeled(state: State, u, within=None):
@@ -154,7 +166,7 @@ def search_importance(state: State, pool: Pool, c, settings: Settings, u, key) -
     of draws; the fallback pick after max_draws); key: for further blocks."""
     n = pool.x.shape[0]
     classes = jnp.arange(pool.p.shape[0])
-    cdf = jnp.cumsum(pool.p[c])
+    cdf = pool.cdf[c]
     slots = jnp.arange(DRAW_BLOCK)
 
     def block(u_B, drawn):
@@ -237,23 +249,24 @@ def search_round(state: State, pool: Pool, settings: Settings, method: str) -> S
 
 # --- active learning ----------------------------------------------------------------------------------------
 def al_label(state: State, pool: Pool, probs_NxC, settings: Settings, method: str, u) -> State:
-    """One active-learning label; u: a uniform, for the random choice the method makes."""
+    """One active-learning label; u: a uniform, for the random choice the method makes (the first label,
+    before any model, is uniformly random for every method)."""
+    free = ~state.labeled
     uncertainty = 1.0 - jnp.max(probs_NxC, axis=-1)
-    untrained = state.n_labeled == 0
     if method == "random":
-        return _label(state, _random_unlabeled(state, u))
-    if method == "entropy":
-        scores = -jnp.sum(probs_NxC * jnp.log(jnp.maximum(probs_NxC, 1e-12)), axis=-1)
+        weights = free
     elif method == "egal_thompson":
         # sampled over the unlabelled points themselves (the authors' code drew positions in the
         # unlabelled subset and used them as pool indices)
-        logits = jnp.where(state.labeled, _NEG, settings.thompson_scale * uncertainty)
-        s = _pick(jnp.exp(logits - jnp.max(logits)), u)
-        return _label(state, jnp.where(untrained, _random_unlabeled(state, u), s))
-    else:  # least confidence (egal, egal_eps and the baseline)
-        scores = uncertainty
-    s = _best_unlabeled(state, scores, u)
-    return _label(state, jnp.where(untrained, _random_unlabeled(state, u), s))
+        logits = jnp.where(free, settings.thompson_scale * uncertainty, _NEG)
+        weights = jnp.exp(logits - jnp.max(logits))
+    else:  # least confidence (egal, egal_eps and the baseline) or entropy: their maxima, ties at random
+        scores = uncertainty if method != "entropy" else \
+            -jnp.sum(probs_NxC * jnp.log(jnp.maximum(probs_NxC, 1e-12)), axis=-1)
+        scores = jnp.where(free, scores, _NEG)
+        weights = scores == jnp.max(scores)
+    weights = jnp.where(state.n_labeled == 0, free, weights)
+    return _label(state, _pick(weights.astype(jnp.float32), u))
 
 
 def guided_round(state: State, pool: Pool, settings: Settings) -> State:
@@ -288,7 +301,32 @@ def macro_f1(pred, y, num_classes):
     return jnp.sum(jnp.where(present, f1, 0.0)) / jnp.maximum(jnp.sum(present), 1)
 
 
-def round_step(state: State, pool: Pool, settings: Settings, method: str):
+FIT_SIZES = 4  # compiled sizes of the refit: round r fits the smallest that holds its batch x (r + 1) labels
+
+
+def fit_sizes(settings: Settings) -> tuple[int, ...]:
+    """Row counts the refit is compiled for (multiples of the batch, the last the whole budget)."""
+    r = settings.rounds
+    return tuple(sorted({settings.batch * -(-r * j // FIT_SIZES) for j in range(1, FIT_SIZES + 1)}))
+
+
+def refit(model, pool: Pool, order, used, settings: Settings, round_index):
+    """The classifier refitted on the labelled points (gathered in labelling order; unused slots weigh
+    0). Round r has batch x (r + 1) labels: it fits the first rows of `order` at the smallest size of
+    `fit_sizes` that holds them (a switch on the round, not on data, so under vmap it stays a branch);
+    an L-BFGS step's cost is mostly proportional to its rows, and the early rounds take the most steps."""
+    sizes = fit_sizes(settings)
+
+    def at(rows):
+        return lambda model: logistic.fit(model, pool.x[order[:rows]], pool.y[order[:rows]], used[:rows],
+                                          settings.fit_steps, tol=settings.fit_tol)
+
+    need = settings.batch * (round_index + 1)
+    branch = jnp.sum(jnp.asarray(sizes) < need)
+    return jax.lax.switch(branch, [at(rows) for rows in sizes], model)
+
+
+def round_step(state: State, pool: Pool, settings: Settings, method: str, round_index):
     start = state.n_labeled
     if method in SEARCH_METHODS:
         state = search_round(state, pool, settings, method)
@@ -311,8 +349,7 @@ def round_step(state: State, pool: Pool, settings: Settings, method: str):
     two = jnp.sum(has) > 1
     used = jnp.where(two & (jnp.arange(state.order.shape[0]) < state.n_labeled), 1.0, 0.0)
     start_model = jax.tree.map(lambda a: jnp.where(two, a, 0.0), state.model)
-    model = logistic.fit(start_model, pool.x[state.order], pool.y[state.order], used, settings.fit_steps,
-                         tol=settings.fit_tol)
+    model = refit(start_model, pool, state.order, used, settings, round_index)
     state = state._replace(model=model)
     test_logits = jnp.where(two, logistic.logits(model, pool.x_test), jnp.where(has, 0.0, -1.0)[None, :])
     pred = jnp.argmax(test_logits, axis=-1)
@@ -342,10 +379,10 @@ def run(pool: Pool, settings: Settings, method: str, key):
         raise ValueError(f"method {method!r}; expected one of {METHODS}")
     state = init_state(pool, settings, key)
 
-    def step(state, _):
-        return round_step(state, pool, settings, method)
+    def step(state, round_index):
+        return round_step(state, pool, settings, method, round_index)
 
-    state, metrics = jax.lax.scan(step, state, None, length=settings.rounds)
+    state, metrics = jax.lax.scan(step, state, jnp.arange(settings.rounds))
     return metrics, labels_to_find_common(state, pool)
 
 
