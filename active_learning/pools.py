@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from active_learning.proposal import PoolError, distances, proposals
-from active_learning.strategies import Pool, Settings
+from active_learning.strategies import CDF_BLOCK, Pool, Settings
 
 
 def make_pool(x, y, exemplars, x_test, y_test, settings: Settings, ess_target: float = 0.25,
@@ -39,7 +39,8 @@ def make_pool(x, y, exemplars, x_test, y_test, settings: Settings, ess_target: f
     p, _, max_weight = proposals(x, exemplars, ess_target, uniform_mix, min_prob)
     return Pool(jnp.asarray(x), jnp.asarray(y, jnp.int32), jnp.asarray(x_test), jnp.asarray(y_test, jnp.int32), p,
                 distances(jnp.asarray(x), jnp.asarray(exemplars)), jnp.asarray(max_weight, jnp.float32),
-                jnp.asarray(freq > settings.threshold), jnp.cumsum(p, axis=1))
+                jnp.asarray(freq > settings.threshold),
+                jnp.pad(jnp.cumsum(p, axis=1), ((0, 0), (0, -len(x) % CDF_BLOCK)), mode="edge"))
 
 
 def gaussian_blobs(freqs, n: int, dim: int = 8, separation: float = 4.0, n_test: int = 100, seed: int = 0):

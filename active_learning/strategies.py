@@ -67,7 +67,7 @@ class Pool(NamedTuple):
     d: jax.Array  # [C, N] distances to the exemplars
     max_weight: jax.Array  # scalar M: the largest importance weight any proposal gives
     common: jax.Array  # [C] bool: frequency in the pool above the threshold
-    cdf: jax.Array  # [C, N] cumulative sums of p: the search draws by inverse CDF
+    cdf: jax.Array  # [C, >= N] cumulative sums of p, padded as draw() takes them: the search draws by inverse CDF
 
 
 class State(NamedTuple):
@@ -107,24 +107,35 @@ def _label(state: State, s) -> State:
                           n_labeled=state.n_labeled + 1)
 
 
-def draw(cdf_N, u):
+CDF_BLOCK = 32  # draw() compares against blocks of this many CDF values
+
+
+def draw(cdf_N, u, block: int = CDF_BLOCK):
     """Indices drawn with probability proportional to the increments of cdf_N, from uniforms u in [0, 1)
-    (inverse CDF; any shape). All N comparisons at once, no loop: a binary search's while loop costs more
-    on a CPU at these sizes. A product u x total that rounds up to the total still lands on the last
-    point with a positive increment."""
+    (inverse CDF; any shape). No loop: a binary search's while loop costs more on a CPU at these sizes
+    than comparisons. Two levels of them: against every block's last value (the number at or below v is
+    the block holding the answer), then within that block, N / block + block comparisons instead of N.
+    A product u x total that rounds up to the total still lands on the last point with a positive
+    increment. cdf_N may end in copies of its total (a multiple of the block long: no padding here)."""
+    n = cdf_N.shape[0]
     v = jnp.minimum(u * cdf_N[-1], jnp.nextafter(cdf_N[-1], 0.0))
-    return jnp.searchsorted(cdf_N, v, side="right", method="compare_all").astype(jnp.int32)
+    rows = -(-n // block)
+    blocks = jnp.pad(cdf_N, (0, rows * block - n), mode="edge").reshape(rows, block)
+    row = jnp.sum(blocks[:, -1] <= v[..., None], axis=-1, dtype=jnp.int32)
+    within = jnp.sum(blocks[row] <= v[..., None], axis=-1, dtype=jnp.int32)
+    return row * block + within
 
 
-def _cumsum(w_N, block: int = 32):
-    """jnp.cumsum in two small matmuls (within blocks of 32, then over the blocks' totals): XLA:CPU's
-    cumulative sum is a reduce-window, ~10x slower at a few hundred points, and a pick per label needs one."""
+def _cumsum(w_N, block: int = CDF_BLOCK):
+    """jnp.cumsum in two small matmuls (within blocks, then over the blocks' totals), padded with copies of
+    the total to a multiple of the block, as draw() takes it: XLA:CPU's cumulative sum is a
+    reduce-window, ~10x slower at a few hundred points, and a pick per label needs one."""
     n = w_N.shape[0]
     rows = -(-n // block)
     w = jnp.pad(w_N, (0, rows * block - n)).reshape(rows, block)
     within = w @ jnp.triu(jnp.ones((block, block), w.dtype))
     before = jnp.tril(jnp.ones((rows, rows), w.dtype), -1) @ within[:, -1]
-    return (within + before[:, None]).reshape(-1)[:n]
+    return (within + before[:, None]).reshape(-1)
 
 
 def _pick(weights_N, u):

@@ -53,6 +53,26 @@ def test_the_search_draws_follow_the_proposal(skewed):
     assert chi2 < len(p) + 6 * np.sqrt(2 * len(p)), chi2  # mean N - 1, sd sqrt(2 (N - 1))
 
 
+
+def test_two_level_draw_is_searchsorted_and_skips_zero_weights():
+    """draw() (block ends, then within a block) returns what a binary search returns, on the padded CDFs
+    the pool and _cumsum hand it, lengths around the block, zero-weight runs (labelled points) included,
+    and never an index whose weight is 0 or one in the padding (u = 0 and the largest u below 1 too)."""
+    from active_learning.strategies import CDF_BLOCK, _cumsum, draw
+
+    rng = np.random.default_rng(0)
+    for n in (1, 5, CDF_BLOCK - 1, CDF_BLOCK, CDF_BLOCK + 1, 297, 1000):
+        w = rng.random(n) * (rng.random(n) < 0.3)
+        w[rng.integers(n)] = 1.0
+        w[-1] = 0.0 if n > 1 else 1.0
+        u = jnp.asarray(np.r_[rng.random(2000), 0.0, np.nextafter(np.float32(1), np.float32(0))], jnp.float32)
+        cdf = _cumsum(jnp.asarray(w, jnp.float32))
+        assert cdf.shape[0] % CDF_BLOCK == 0 and cdf.shape[0] >= n
+        got = np.asarray(draw(cdf, u))
+        v = jnp.minimum(u * cdf[-1], jnp.nextafter(cdf[-1], 0.0))
+        np.testing.assert_array_equal(got, np.asarray(jnp.searchsorted(cdf, v, side="right")))
+        assert got.max() < n and np.all(w[got] > 0), n
+
 def test_bernstein_bounds_cover_the_mean_at_least_1_minus_delta():
     """Bounded draws (importance weights / their maximum): the true mean falls outside the bounds in
     at most delta of 2,000 repetitions (to 3 binomial standard errors); so a common class is dropped
