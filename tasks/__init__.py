@@ -9,10 +9,10 @@ Adding a task adds a module here and edits no registry.
 
 from __future__ import annotations
 
-import ast
 import importlib
 import os
 import pkgutil
+import re
 
 from common.errors import UserError
 
@@ -23,18 +23,20 @@ class UnknownTaskError(UserError):
     pass
 
 
+# A top-level `class Task`, `def run`, or an assignment to either name, at column 0. A regular
+# expression, not ast.parse: CPython 3.11's AST constructor keeps its recursion depth in state shared
+# by threads, and a traceback formatted meanwhile on another thread (asyncio, orbax) makes
+# ast.parse raise "SystemError: AST constructor recursion depth mismatch".
+_EXPORT = re.compile(r"^(?:(?:async\s+)?def\s+(Task|run)\b|class\s+(Task|run)\b|(Task|run)\s*(?::[^=\n]*)?=(?!=))",
+                     re.MULTILINE)
+
+
 def _exports(module_name: str) -> set[str]:
     """Top-level names among Task / run that a task module defines (read from its source, so listing
     the tasks imports none of them)."""
     with open(os.path.join(_HERE, f"{module_name}.py")) as f:
-        tree = ast.parse(f.read())
-    names = set()
-    for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-            names.add(node.name)
-        elif isinstance(node, ast.Assign):
-            names.update(t.id for t in node.targets if isinstance(t, ast.Name))
-    return names & {"Task", "run"}
+        source = f.read()
+    return {name for match in _EXPORT.finditer(source) for name in match.groups() if name}
 
 
 def available() -> list[str]:

@@ -147,3 +147,16 @@ def test_tasks_are_found_by_convention_and_an_unknown_one_lists_them(tmp_path):
     assert "sensebert_common" not in found and "sensebert_predict" not in found  # export neither Task nor run
     with pytest.raises(tasks.UnknownTaskError, match=r"unknown task 'nope'.*'jamba_lm'"):
         tasks.run(loop_config(task="nope"), str(tmp_path))
+
+
+def test_task_exports_are_read_from_top_level_definitions_only(tmp_path, monkeypatch):
+    (tmp_path / "a.py").write_text('"""def run(config, workdir) in a docstring is indented here."""\n'
+                                   "class Task(Base):\n    def run(self): ...\n")
+    (tmp_path / "b.py").write_text("def run_pool(x): ...\nrunner = 1\nTaskish = 2\nif Task == 3: pass\n"
+                                   "    def run(config, workdir): ...\n")
+    (tmp_path / "c.py").write_text("from x import JambaTask\nTask: type = JambaTask\nrun=lambda c, w: None\n")
+    monkeypatch.setattr(tasks, "_HERE", str(tmp_path))
+    assert tasks._exports("a") == {"Task"}
+    assert tasks._exports("b") == set()
+    assert tasks._exports("c") == {"Task", "run"}
+    assert tasks.available() == ["a", "c"]
