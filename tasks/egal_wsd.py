@@ -271,6 +271,10 @@ def run(config, workdir: str) -> dict:
             results["pools"][name] = run_pool(name, data, config, settings, methods, bar)
             slug = "".join(ch if ch.isalnum() else "_" for ch in name)
             plot(name, results["pools"][name], os.path.join(workdir, f"{slug}.png"))
+            # Each pool's size is its own set of programs, and XLA:CPU maps ~1000 memory regions per
+            # compiled program: nine pools x seven methods pass Linux's default vm.max_map_count
+            # (65530) and LLVM fails with "Cannot allocate memory". A finished pool's programs go.
+            jax.clear_caches()
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     for name, r in results["pools"].items():

@@ -253,9 +253,10 @@ def test_bad_inputs_are_named():
         make_pool(x, y, ex, xt, yt, Settings(batch=10, rounds=2, fit_tol=-1.0))
 
 
-def test_the_runner_writes_results_and_plots_for_every_method_and_pool(tmp_path):
+def test_the_runner_writes_results_and_plots_for_every_method_and_pool(tmp_path, monkeypatch):
     """configs/egal_wsd.py end to end at a small size: a pseudo-word pool embedded by a tiny Jamba and
-    the digits, results.json in the documented shape, one PNG per pool."""
+    the digits, results.json in the documented shape, one PNG per pool; a pool's compiled programs are
+    released before the next (XLA:CPU's ~1000 memory maps per program ran the full run out of maps)."""
     import json
     import os
 
@@ -271,7 +272,12 @@ def test_the_runner_writes_results_and_plots_for_every_method_and_pool(tmp_path)
     c.pools, c.skews, c.methods = ("personmusic",), (10,), ("egal", "random")
     c.al.rounds, c.al.batch = 3, 10
     workdir = str(tmp_path / "egal")
+    from tasks import egal_wsd as runner
+
+    programs_held, run_pool = [], runner.run_pool
+    monkeypatch.setattr(runner, "run_pool", lambda *a: (programs_held.append(run_seeds._cache_size()), run_pool(*a))[1])
     tasks.run(c, workdir)
+    assert len(programs_held) == 2 and programs_held[1] == 0 and run_seeds._cache_size() == 0
     results = json.load(open(os.path.join(workdir, "results.json")))
     assert set(results["pools"]) == {"personmusic 1:10", "digits 0.5^c"} and results["encoder"].startswith("jamba")
     for pool in results["pools"].values():
