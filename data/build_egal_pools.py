@@ -7,6 +7,11 @@ there. Each class's exemplar is a dictionary entry: the WordNet gloss of the wor
 document headed by it), with the word replaced by the pseudo-word too. Held-out examples (a disjoint
 set of documents) make the balanced test sets; the runner draws pools of any skew from the rest.
 
+Real polysemous lemmas are not used: the only sense-tagged text here is WordNet's own example sentences
+(data/sensebert_eval/tagging.jsonl.gz), at most 64 for one lemma ("break", verb; its commonest
+supersense 17 of them), so no lemma gives a pool of the runner's 200-label budget, let alone one
+skewed 1:10 or 1:100 with a test set beside it.
+
   python -m data.build_egal_pools       (a few seconds; writes data/egal_pools/pseudowords.jsonl.gz)
 
 Output, one JSON object per pseudo-word: {"name", "words": [w1, w2], "exemplars": [text, text],

@@ -240,3 +240,29 @@ def test_input_embedding_adds_the_mean_supersense_embedding_and_heads_are_tied()
     moved = {**enc, "supersense_embeddings": jnp.zeros((45, 8)), "word_embeddings": jnp.asarray(w)}
     np.testing.assert_allclose(embedded(with_s, jnp.asarray(m)), embedded(moved, jnp.asarray(m)), atol=1e-5)
     assert not np.allclose(embedded(with_s, jnp.asarray(m)), embedded(enc, jnp.asarray(m)), atol=1e-3)
+
+
+def test_egal_runner_embeds_target_words_with_the_sensebert_encoder(pretrained, tmp_path):
+    """configs/egal_wsd.py with config.encoder='sensebert': the pre-trained encoder's output at the target
+    word's last piece (one row of hidden_size per example, the same word in other contexts embedded
+    differently), a run on one pseudo-word pool whose results name the encoder."""
+    from configs import egal_wsd
+    from tasks.egal_wsd import sensebert_encoder
+
+    config, workdir = pretrained
+    embed, name = sensebert_encoder(workdir)
+    texts = ["the river was wide", "the river was wide", "a river of words poured out"]
+    spans = [(4, 9), (4, 9), (2, 7)]
+    e = embed(texts, spans)
+    assert e.shape == (3, config.model.hidden_size) and np.isfinite(e).all()
+    np.testing.assert_array_equal(e[0], e[1])
+    assert np.abs(e[0] - e[2]).max() > 1e-3
+    c = egal_wsd.get_config()
+    c.encoder, c.encoder_checkpoint, c.num_seeds = "sensebert", workdir, 2
+    c.pools, c.skews, c.methods, c.include_digits = ("familyriver",), (10,), ("egal",), False
+    c.al.rounds, c.al.batch = 2, 10
+    tasks.run(c, str(tmp_path / "egal"))
+    results = json.load(open(tmp_path / "egal" / "results.json"))
+    assert results["encoder"] == name and name.startswith("sensebert encoder of ")
+    r = results["pools"]["familyriver 1:10"]["methods"]["egal"]
+    assert r["labels"] == [10, 20] and all(0.0 <= a <= 1.0 for a in r["accuracy"])
