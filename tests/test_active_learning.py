@@ -275,7 +275,12 @@ def test_the_runner_writes_results_and_plots_for_every_method_and_pool(tmp_path,
     from tasks import egal_wsd as runner
 
     programs_held, run_pool = [], runner.run_pool
-    monkeypatch.setattr(runner, "run_pool", lambda *a: (programs_held.append(run_seeds._cache_size()), run_pool(*a))[1])
+
+    def counting_run_pool(*args):
+        programs_held.append(run_seeds._cache_size())  # compiled programs alive as a pool starts
+        return run_pool(*args)
+
+    monkeypatch.setattr(runner, "run_pool", counting_run_pool)
     tasks.run(c, workdir)
     assert len(programs_held) == 2 and programs_held[1] == 0 and run_seeds._cache_size() == 0
     results = json.load(open(os.path.join(workdir, "results.json")))

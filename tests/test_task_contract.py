@@ -150,7 +150,7 @@ def test_tasks_are_found_by_convention_and_an_unknown_one_lists_them(tmp_path):
 
 
 def test_task_exports_are_read_from_top_level_definitions_only(tmp_path, monkeypatch):
-    (tmp_path / "a.py").write_text('"""def run(config, workdir) in a docstring is indented here."""\n'
+    (tmp_path / "a.py").write_text('"""A task.\n\n    def run(config, workdir) in an indented docstring line."""\n'
                                    "class Task(Base):\n    def run(self): ...\n")
     (tmp_path / "b.py").write_text("def run_pool(x): ...\nrunner = 1\nTaskish = 2\nif Task == 3: pass\n"
                                    "    def run(config, workdir): ...\n")
