@@ -40,3 +40,17 @@ def atomic_write_text(path: str, text: str) -> None:
             f.write(text)
 
     atomic_write(path, write)
+
+
+def write_gzip_text(path: str, text: str, compresslevel: int = 9) -> None:
+    """`text` as UTF-8 in a gzip file whose bytes depend on the text alone (the header's timestamp is 0
+    and its file name empty), written atomically: rebuilding bundled data leaves an unchanged file
+    unchanged in git."""
+    import gzip
+
+    def write(tmp):
+        with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=compresslevel,
+                                                   mtime=0) as f:
+            f.write(text.encode("utf-8"))
+
+    atomic_write(path, write)

@@ -9,10 +9,10 @@ WordNet license beside them. The output is committed, so a pip-only install need
 
 from __future__ import annotations
 
-import gzip
 import os
 import random
 
+from common.files import write_gzip_text
 from data.wordnet_files import POS_FILES, WORDNET_DIR, require_wordnet, synsets
 
 OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "wordnet_corpus")
@@ -36,8 +36,7 @@ def main():
     os.makedirs(OUT_DIR, exist_ok=True)
     for name, part in (("validation", docs[:n_val]), ("train", docs[n_val:])):
         path = os.path.join(OUT_DIR, f"{name}.txt.gz")
-        with gzip.GzipFile(path, "wb", compresslevel=9, mtime=0) as f:  # mtime=0: reproducible bytes
-            f.write(("\n".join(part) + "\n").encode("utf-8"))
+        write_gzip_text(path, "\n".join(part) + "\n")
         print(f"{path}: {len(part)} documents, {os.path.getsize(path) / 2**20:.1f} MiB")
     with open(os.path.join(OUT_DIR, "LICENSE"), "w") as out:
         out.write("The files in this directory are derived from WordNet 3.0 (Princeton University),\n"

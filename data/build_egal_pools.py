@@ -27,6 +27,8 @@ import re
 
 import numpy as np
 
+from common.files import write_gzip_text
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "egal_pools", "pseudowords.jsonl.gz")
 # (frequent word, its partner): unrelated nouns with hundreds to thousands of corpus documents each
@@ -93,9 +95,7 @@ def build(seed: int = 0) -> list[dict]:
 def main():
     pools = build()
     os.makedirs(os.path.dirname(OUT), exist_ok=True)
-    with gzip.open(OUT, "wt", encoding="utf-8") as f:
-        for p in pools:
-            f.write(json.dumps(p) + "\n")
+    write_gzip_text(OUT, "".join(json.dumps(p) + "\n" for p in pools))
     for p in pools:
         counts = np.bincount([e["label"] for e in p["examples"] if e["split"] == "pool"])
         print(f"{p['name']}: pool examples per sense {counts.tolist()}, exemplar: {p['exemplars'][0]['text'][:70]!r}")

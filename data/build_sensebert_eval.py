@@ -16,7 +16,6 @@ Writes data/sensebert_eval/{tagging,wic}.jsonl.gz.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import random
@@ -24,9 +23,10 @@ import re
 import zlib
 from collections import defaultdict
 
+from common.files import write_gzip_text
+from common.wordnet import morphy
 from data.build_supersense_lexicon import clean_lemma
 from data.wordnet_files import POS_FILES, WORDNET_DIR, require_wordnet, synsets
-from sensebert_jax.supersenses import morphy
 
 OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sensebert_eval")
 _POS = {"n": "noun", "v": "verb", "a": "adj", "s": "adj", "r": "adv"}
@@ -102,9 +102,7 @@ def main(argv=None):
     os.makedirs(OUT_DIR, exist_ok=True)
     for name, rows in (("tagging", tagging), ("wic", wic)):
         path = os.path.join(OUT_DIR, f"{name}.jsonl.gz")
-        with gzip.open(path, "wt", encoding="utf-8", compresslevel=9) as f:
-            for r in rows:
-                f.write(json.dumps(r, sort_keys=True) + "\n")
+        write_gzip_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
         n_test = sum(r["split"] == "test" for r in rows)
         print(f"wrote {path}: {len(rows)} rows ({n_test} test), {os.path.getsize(path) / 2**20:.2f} MiB")
 

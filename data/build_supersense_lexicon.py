@@ -1,4 +1,4 @@
-"""Builds sensebert_jax/lexicon.json.gz from WordNet 3.0 database files (Debian `wordnet-base`):
+"""Builds common/wordnet_lexicon.json.gz from WordNet 3.0 database files (Debian `wordnet-base`):
 for each part of speech, lemma -> the supersenses (lexicographer-file ids) of its synsets, plus
 what WordNet's morphy lemmatiser needs: the exception lists (*.exc) and the detachment rules
 (as in WordNet's morph.c). With it, `sensebert_jax.allowed_supersenses` needs no WordNet install.
@@ -11,13 +11,13 @@ WordNet 3.0 license: data/wordnet_corpus/LICENSE (Princeton University, free to 
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 
+from common.files import write_gzip_text
 from data.wordnet_files import POS_FILES, WORDNET_DIR, require_wordnet, synsets
 
-OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sensebert_jax", "lexicon.json.gz")
+OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "common", "wordnet_lexicon.json.gz")
 
 # morph.c's detachment rules: (suffix, replacement) tried in order for each part of speech
 DETACHMENT_RULES = {
@@ -64,8 +64,7 @@ def main(argv=None):
     ap.add_argument("--out", default=OUT)
     args = ap.parse_args(argv)
     lex = build(args.wordnet_dir)
-    with gzip.open(args.out, "wt", encoding="utf-8", compresslevel=9) as f:
-        json.dump(lex, f, separators=(",", ":"), sort_keys=True)
+    write_gzip_text(args.out, json.dumps(lex, separators=(",", ":"), sort_keys=True))
     n = sum(len(v) for v in lex["lemmas"].values())
     print(f"wrote {args.out}: {n} (lemma, pos) entries, {os.path.getsize(args.out) / 2**20:.2f} MiB")
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from training.data import DataError, lm_dataset, load_tokenizer, make_iterator, text_source
+from common.tokenizers import TokenizerError, load_tokenizer
+from training.data import DataError, lm_dataset, make_iterator, text_source
 
 
 @pytest.fixture(scope="module")
@@ -19,6 +20,20 @@ def data_cfg(**kw):
     c = ConfigDict(dict(source="bundled", train_files="", validation_files="", text_field="text"))
     c.update(kw)
     return c
+
+
+def test_gzip_files_are_byte_reproducible(tmp_path):
+    """Rebuilding bundled data writes the same bytes: no timestamp or file name in the gzip header."""
+    import time
+
+    from common.files import write_gzip_text
+
+    a, b = tmp_path / "a.txt.gz", tmp_path / "b.txt.gz"
+    write_gzip_text(str(a), "one\ntwo\n")
+    time.sleep(1.1)  # a header timestamp would differ
+    write_gzip_text(str(b), "one\ntwo\n")
+    assert a.read_bytes() == b.read_bytes() and a.read_bytes()[4:8] == b"\0\0\0\0"  # MTIME = 0
+    assert gzip.decompress(a.read_bytes()) == b"one\ntwo\n"
 
 
 def test_bundled_corpus_has_both_splits():
@@ -117,5 +132,5 @@ def test_sentencepiece_tokenizer(tmp_path):
     tok = load_tokenizer(str(tmp_path / "sp.model"), 512)
     assert (tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id) == (300, 0, 1, 2)
     assert tok.decode(tok.encode("a small dog")) == "a small dog"
-    with pytest.raises(DataError, match="300 tokens but the model's vocab_size is 200"):
+    with pytest.raises(TokenizerError, match="300 tokens but the model's vocab_size is 200"):
         load_tokenizer(str(tmp_path / "sp.model"), 200)

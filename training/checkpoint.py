@@ -1,11 +1,6 @@
 """Orbax checkpoints of the whole run: train state, data-iterator position and run metadata, with
-an integrity record, and a restore that walks back past damaged checkpoints.
-
-orbax writes each step into a temporary directory and renames it when complete (a run killed
-mid-write leaves no half checkpoint), and marks each finished item and step with
-`commit_success.txt`. Once a step's write has finished, `integrity.json` beside it records the size
-and sha256 of every file of the step; the write of the next checkpoint (or the end of the run)
-is when that happens, since saves are asynchronous.
+an integrity record, and a restore that walks back past damaged checkpoints (the layout and the
+integrity checks are `common.checkpoints`').
 
 Restoring takes the newest step whose files pass those checks (commit markers present, sizes and
 digests as recorded) and that restores completely (state, data position, metadata); a damaged step
@@ -15,10 +10,6 @@ of the step's next save). Only when no step restores is it an error, listing eac
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
-import logging
 import os
 import shutil
 import time
@@ -27,93 +18,14 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from common.checkpoints import ITEMS, CheckpointDamagedError, check_integrity, describe_exception, write_integrity
 from common.errors import UserError
-from common.files import atomic_write_text
 
-ITEMS = ("state", "data", "meta")
-COMMIT_MARKER = "commit_success.txt"
-INTEGRITY_FILE = "integrity.json"
-_LOG = logging.getLogger("training")
+MAX_LISTED_DIFFERENCES = 4  # of a mismatched configuration, the error names these many
 
 
 class CheckpointMismatchError(UserError):
     """The workdir holds a checkpoint of a different model or task."""
-
-
-class CheckpointDamagedError(UserError):
-    """No checkpoint of the workdir restores completely."""
-
-
-class CheckpointNotFoundError(UserError):
-    """A path that should hold a training checkpoint holds none."""
-
-
-@contextlib.contextmanager
-def _quiet_orbax():
-    """Silences orbax's INFO / WARNING chatter (e.g. 'Given directory is read only') while reading."""
-    loggers = [logging.getLogger(n) for n in ("absl", "orbax")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
-
-
-def _files(step_dir: str) -> list[str]:
-    out = []
-    for dirpath, _, names in os.walk(step_dir):
-        for name in names:
-            rel = os.path.relpath(os.path.join(dirpath, name), step_dir)
-            if rel != INTEGRITY_FILE:
-                out.append(rel)
-    return sorted(out)
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def write_integrity(step_dir: str) -> None:
-    """Records {file: [size, sha256]} of a finished step in step_dir/integrity.json (atomically)."""
-    record = {rel: [os.path.getsize(os.path.join(step_dir, rel)), _sha256(os.path.join(step_dir, rel))]
-              for rel in _files(step_dir)}
-    atomic_write_text(os.path.join(step_dir, INTEGRITY_FILE), json.dumps(record, indent=0, sort_keys=True))
-
-
-def check_integrity(step_dir: str) -> str | None:
-    """What is wrong with a step's files, or None: commit markers, then the recorded sizes and digests."""
-    for where in ("",) + ITEMS:
-        if not os.path.exists(os.path.join(step_dir, where, COMMIT_MARKER)):
-            return f"orbax's commit marker {os.path.join(where, COMMIT_MARKER)} is missing"
-    path = os.path.join(step_dir, INTEGRITY_FILE)
-    if not os.path.exists(path):
-        return None  # written once the next save starts: the newest step may not have it yet
-    try:
-        with open(path) as f:
-            record = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        return f"{INTEGRITY_FILE} is unreadable ({e})"
-    for rel, (size, digest) in record.items():
-        full = os.path.join(step_dir, rel)
-        if not os.path.exists(full):
-            return f"{rel} is missing"
-        if os.path.getsize(full) != size:
-            return f"{rel} has {os.path.getsize(full)} bytes, {size} were written"
-        if _sha256(full) != digest:
-            return f"{rel} does not hold the bytes that were written (sha256 differs)"
-    return None
-
-
-def _describe(e: BaseException) -> str:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"{type(e).__name__}: {first[:300]}"
 
 
 class Checkpointer:
@@ -167,7 +79,7 @@ class Checkpointer:
                 except CheckpointMismatchError:
                     raise
                 except Exception as e:  # whatever a damaged file makes orbax / tensorstore raise
-                    problem = _describe(e)
+                    problem = describe_exception(e)
                 else:
                     if problems:
                         self._quarantine(problems)
@@ -186,8 +98,6 @@ class Checkpointer:
             target = os.path.join(self.damaged_directory, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
             if jax.process_index() == 0:
                 shutil.move(self.step_dir(step), target)
-            _LOG.warning("checkpoint step %d is damaged (%s); moved it to %s and resumed from an earlier step",
-                         step, problem, target)
             print(f"warning: checkpoint step {step} is damaged ({problem}); moved to {target}", flush=True)
         self._mngr.close()
         self._open()
@@ -196,10 +106,16 @@ class Checkpointer:
         saved = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         if not isinstance(saved, dict):
             raise ValueError("the run metadata is not a JSON object")
-        diffs = _diff(saved, meta)
-        if diffs:
+        if saved.get("task") != meta.get("task"):
             raise CheckpointMismatchError(
-                f"{self.directory} holds a checkpoint (step {step}) of a different configuration: {'; '.join(diffs)}. "
+                f"{self.directory} holds a checkpoint (step {step}) of task {saved.get('task')!r}, not "
+                f"{meta.get('task')!r}: use a new --workdir")
+        diffs = config_differences(saved, meta)
+        if diffs:
+            listed = "; ".join(diffs[:MAX_LISTED_DIFFERENCES])
+            more = f" (and {len(diffs) - MAX_LISTED_DIFFERENCES} more)" if len(diffs) > MAX_LISTED_DIFFERENCES else ""
+            raise CheckpointMismatchError(
+                f"{self.directory} holds a checkpoint (step {step}) of a different configuration: {listed}{more}. "
                 "Use a new --workdir, or restore the original config.")
 
     def wait(self) -> None:
@@ -210,65 +126,18 @@ class Checkpointer:
         self._mngr.close()
 
 
-def restore_run_params(path: str, abstract_params, step: int | None = None) -> tuple[dict, Any, int]:
-    """(meta, params, step) from the newest intact checkpoint of a training workdir (or its
-    checkpoints/ directory), or from `step`. Only the subtree of the parameters that
-    `abstract_params` describes is restored (a partial tree is fine: e.g. a pre-trained encoder
-    without its heads), onto the first device; None restores no parameters. Read-only: a damaged
-    newer step is skipped with a warning, not moved. Raises CheckpointNotFoundError when there is
-    no checkpoint (or no such step)."""
-    wanted = step
-    path = os.path.abspath(path)
-    root = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
-    if not os.path.isdir(root):
-        raise CheckpointNotFoundError(f"{path}: no such checkpoint directory")
-    with _quiet_orbax():
-        mngr = ocp.CheckpointManager(root, item_names=ITEMS, options=ocp.CheckpointManagerOptions(read_only=True))
-        try:
-            problems = []
-            steps = sorted(mngr.all_steps(), reverse=True)
-            if wanted is not None:
-                if wanted not in steps:
-                    raise CheckpointNotFoundError(f"{root} has no checkpoint of step {wanted}; it holds steps "
-                                                  f"{sorted(steps)}")
-                steps = [wanted]
-            for step in steps:
-                problem = check_integrity(os.path.join(root, str(step)))
-                if problem is None:
-                    try:
-                        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-                        params = None if abstract_params is None else _restore_params(mngr, step, abstract_params)
-                    except Exception as e:  # damaged files: try the step before
-                        problem = _describe(e)
-                    else:
-                        for s, p in problems:
-                            print(f"warning: checkpoint step {s} in {root} is damaged ({p}); using step {step}",
-                                  flush=True)
-                        return meta, params, step
-                problems.append((step, problem))
-            if problems:
-                raise CheckpointDamagedError(f"no checkpoint in {root} restores: "
-                                             + "; ".join(f"step {s}: {p}" for s, p in problems))
-            raise CheckpointNotFoundError(f"{root}: holds no training checkpoint")
-        finally:
-            mngr.close()
-
-
-def _restore_params(mngr, step: int, abstract_params):
-    item = {"params": jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), abstract_params)}
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(dtype=s.dtype, sharding=device), item)
-    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=item, restore_args=restore_args, partial_restore=True))).state
-    return state["params"]
-
-
-def _diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
+def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """'key: checkpoint has A, config has B' for every leaf where two metadata dicts differ."""
     out = []
     for k in sorted(set(saved) | set(current)):
         a, b = saved.get(k, "<absent>"), current.get(k, "<absent>")
         if isinstance(a, dict) and isinstance(b, dict):
-            out += _diff(a, b, f"{prefix}{k}.")
+            out += config_differences(a, b, f"{prefix}{k}.")
         elif a != b and not (isinstance(a, list) and isinstance(b, tuple) and a == list(b)):
-            out.append(f"{prefix}{k}: checkpoint has {a!r}, config has {b!r}")
+            out.append(f"{prefix}{k}: checkpoint has {_short(a)}, config has {_short(b)}")
     return out
+
+
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -1,5 +1,6 @@
-"""Text data for language-model training: sources, tokenizers and a grain pipeline that packs
-documents into fixed-length rows with segment ids.
+"""Training data: text sources, and the grain pipelines every task builds its batches with (packed LM
+rows with segment ids; one example per document; one encoded row per record). Tokenizers are
+`common.tokenizers`'.
 
 Sources (`config.data.source`):
   bundled  the WordNet-derived English corpus shipped in data/wordnet_corpus (train / validation)
@@ -8,11 +9,11 @@ Sources (`config.data.source`):
   tfds     any TFDS dataset prepared under `tfds_data_dir`, read with `tfds.data_source`
            (array_record: random access, no TensorFlow needed), text under `text_field`
 
-The pipeline is deterministic: shuffle with the seed (a fresh order each epoch), tokenize
-(<bos> doc <eos>), concatenate and split into rows of `seq_len` with segment ids (1, 2, ... per
-document piece, 0 for padding), batch, and keep this JAX process's rows. Its iterator state is a
-small JSON dict saved with every checkpoint, so a resumed run sees exactly the batches the
-uninterrupted run would.
+The pipelines are deterministic: shuffle with the seed (a fresh order each epoch), make examples
+(`lm_dataset`: tokenize <bos> doc <eos>, concatenate and split into rows of `seq_len` with segment
+ids, 1, 2, ... per document piece, 0 for padding), batch, and keep this JAX process's rows. Their
+iterator state is a small JSON dict saved with every checkpoint, so a resumed run sees exactly the
+batches the uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -28,60 +29,14 @@ import numpy as np
 from grain import experimental as grain_experimental
 
 from common.errors import UserError
+from common.tokenizers import TextTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLED_CORPUS = os.path.join(ROOT, "data", "wordnet_corpus")
-BUNDLED_TOKENIZER = os.path.join(ROOT, "data", "tokenizer", "tokenizer.json")
 
 
 class DataError(UserError):
-    """A data source or tokenizer that cannot be used as configured."""
-
-
-# ------------------------------------------------------------------------------------------------
-# Tokenizers
-# ------------------------------------------------------------------------------------------------
-class TextTokenizer:
-    """A HF `tokenizer.json` or a SentencePiece `.model` behind one small interface."""
-
-    def __init__(self, path: str):
-        if not os.path.exists(path):
-            raise DataError(f"tokenizer file {path} does not exist")
-        self.path = path
-        if path.endswith(".model"):
-            import sentencepiece as spm
-
-            self._sp = spm.SentencePieceProcessor(model_file=path)
-            self.vocab_size = self._sp.get_piece_size()
-            self.bos_id, self.eos_id, self.pad_id = self._sp.bos_id(), self._sp.eos_id(), max(self._sp.pad_id(), 0)
-        else:
-            from tokenizers import Tokenizer
-
-            try:
-                self._tok = Tokenizer.from_file(path)
-            except Exception as e:  # tokenizers raises a bare Exception on malformed files
-                raise DataError(f"{path}: not a valid tokenizer.json ({e})") from e
-            self._sp = None
-            self.vocab_size = self._tok.get_vocab_size()
-            ids = [self._tok.token_to_id(t) for t in ("<pad>", "<bos>", "<eos>")]
-            self.pad_id = ids[0] if ids[0] is not None else 0
-            self.bos_id = ids[1] if ids[1] is not None else self._tok.token_to_id("<s>")
-            self.eos_id = ids[2] if ids[2] is not None else self._tok.token_to_id("</s>")
-
-    def encode(self, text: str) -> list[int]:
-        return self._sp.encode(text) if self._sp is not None else self._tok.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids) -> str:
-        ids = [int(i) for i in ids]
-        return self._sp.decode(ids) if self._sp is not None else self._tok.decode(ids)
-
-
-def load_tokenizer(path: str | None, model_vocab_size: int) -> TextTokenizer:
-    tok = TextTokenizer(path or BUNDLED_TOKENIZER)
-    if tok.vocab_size > model_vocab_size:
-        raise DataError(f"tokenizer {tok.path} has {tok.vocab_size} tokens but the model's vocab_size is "
-                        f"{model_vocab_size}; raise config.model.vocab_size or use a smaller tokenizer")
-    return tok
+    """A data source that cannot be used as configured."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -248,3 +203,24 @@ def make_iterator(ds: grain.IterDataset, state: dict[str, Any] | None = None):
     if state is not None:
         it.set_state(state)
     return it
+
+
+def example_batches(docs, example, *, batch_size: int, seed: int, train: bool, process_index: int = 0,
+                    process_count: int = 1) -> grain.IterDataset:
+    """This process's batches of `example(document, rng)` dicts of numpy arrays, the documents shuffled per
+    epoch when training. `rng` is a numpy Generator drawn per (document, epoch) from the seed, so a resumed
+    run sees the same examples."""
+    ds = document_stream(docs, batch_size, seed, train, process_count).random_map(example, seed=seed)
+    ds = ds.batch(batch_size, drop_remainder=train)
+    return ds.map(lambda b: process_rows(b, batch_size, process_index, process_count)).to_iter_dataset()
+
+
+def record_batches(records, encode, *, batch_size: int, seed: int, train: bool, process_index: int = 0,
+                   process_count: int = 1) -> grain.IterDataset:
+    """This process's batches of `encode(record)` dicts, the records shuffled per epoch when training
+    (labelled rows of a fine-tuning set)."""
+    ds = grain.MapDataset.source(records)
+    if train:
+        ds = ds.shuffle(seed=seed).repeat(None)
+    ds = ds.map(encode).batch(batch_size, drop_remainder=train)
+    return ds.map(lambda b: process_rows(b, batch_size, process_index, process_count)).to_iter_dataset()
