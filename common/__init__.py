@@ -1,3 +1,4 @@
-"""What every model shares: leaf layers (Dense, norms, activations, initialisers), attention, the
-token cross-entropy, tree-path helpers, the model-config base, and logical sharding rules with the
-mesh helpers. Imports only kernels and third-party packages; models build on it."""
+"""What every model shares: leaf layers (Dense, norms, activations, initialisers, the shape legend),
+attention, the token cross-entropy (chunked), tokenizers, WordNet's lemmatiser, reading training-run
+checkpoints, the model-config base, logical sharding rules with the mesh helpers, and the command lines'
+error handling. Imports only kernels and third-party packages; models build on it."""

@@ -2,10 +2,16 @@
 `param_dtype`: storage), as recurrentgemma's and MaxText's leaf layers do, and carries logical
 axis names on its parameters for the mesh rules (`common.sharding`).
 
-Shape suffixes used across the models (nanodo's habit): B batch, L length (queries), S keys (a
-cache's slots), E embedding (hidden), H heads (query), V kv heads, G query heads per kv head,
-D head dim, F feed-forward width, N d_state, I d_inner, X experts, K top-k choices, T tokens
-(batch x length, flattened), M (token, choice) pairs.
+Shape suffixes used across common/ and the model packages (nanodo's habit; `x_BxLxE` is [B, L, E]):
+
+  B batch          L length (queries, new tokens)   S keys (a cache's slots)   C a chunk of positions
+  E model width    H kv heads (query heads: H x G)  G query heads per kv head  D head dim
+  R rows of a query block (queries x G)             Q query blocks             V vocabulary
+  F feed-forward width   I Mamba's d_inner   N Mamba's d_state   W Mamba's conv width (d_conv)
+  X experts        K top-k choices   T tokens (B x L, flattened)   M (token, choice) pairs
+
+The kernels (`kernels/`, after mamba_ssm's and the GEMM's notation) and active learning
+(`active_learning/`: points, classes, features) state their own in their modules.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Jamba's attention and dense MLP (transformers' modeling_jamba.py, operation for operation, so
 float32 logits agree to 1e-4), and the config-bound constructors of the shared leaf layers.
 
-Shape suffixes: see the legend in `common.layers` (B batch, L queries, S keys, E hidden, V kv
+Shape suffixes: see the legend in `common.layers` (B batch, L queries, S keys, E hidden, H kv
 heads, G query heads per kv head, D head dim, ...).
 """
 
@@ -14,8 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from common.attention import AttentionMask, attention
-from common.cached_attention import cached_attention
+from common.attention import AttentionMask, attention, cached_attention
 from common.layers import Dense, RMSNorm, activation, normal_init
 from jamba_jax.config import JambaConfig
 
@@ -34,8 +33,8 @@ def rms_norm(cfg: JambaConfig, name: str, axis_name: str | None = "norm") -> RMS
 class KVCache(NamedTuple):
     """An attention layer's cache: keys and values of every slot written so far."""
 
-    k: jax.Array  # [B, V, S, D] (heads-major: what the attention reads, one head's keys contiguous)
-    v: jax.Array  # [B, V, S, D]
+    k: jax.Array  # [B, H, S, D] (heads-major: what the attention reads, one head's keys contiguous)
+    v: jax.Array  # [B, H, S, D]
 
 
 class Attention(nn.Module):
@@ -62,17 +61,17 @@ class Attention(nn.Module):
         k = dense(cfg, nkv * hd, ("embed", "kv_heads"), "k_proj")(x_BxLxE)
         v = dense(cfg, nkv * hd, ("embed", "kv_heads"), "v_proj")(x_BxLxE)
         groups = nh // nkv
-        q_BxLxVxGxD = q.reshape(b, length, nkv, groups, hd)
-        k_BxVxSxD = k.reshape(b, length, nkv, hd).transpose(0, 2, 1, 3)
-        v_BxVxSxD = v.reshape(b, length, nkv, hd).transpose(0, 2, 1, 3)
+        q_BxLxHxGxD = q.reshape(b, length, nkv, groups, hd)
+        k_BxHxLxD = k.reshape(b, length, nkv, hd).transpose(0, 2, 1, 3)
+        v_BxHxLxD = v.reshape(b, length, nkv, hd).transpose(0, 2, 1, 3)
         if kv_cache is None:
             new_cache = None
-            out_BxLxVxGxD = attention(q_BxLxVxGxD, k_BxVxSxD, v_BxVxSxD, mask, impl=cfg.attention_impl)
+            out_BxLxHxGxD = attention(q_BxLxHxGxD, k_BxHxLxD, v_BxHxLxD, mask, impl=cfg.attention_impl)
         else:
-            out_BxLxVxGxD, k_cache, v_cache = cached_attention(q_BxLxVxGxD, k_BxVxSxD, v_BxVxSxD, kv_cache.k,
+            out_BxLxHxGxD, k_cache, v_cache = cached_attention(q_BxLxHxGxD, k_BxHxLxD, v_BxHxLxD, kv_cache.k,
                                                                kv_cache.v, index, mask, impl=cfg.attention_impl)
             new_cache = KVCache(k_cache, v_cache)
-        out = out_BxLxVxGxD.astype(cfg.compute_dtype).reshape(b, length, nh * hd)
+        out = out_BxLxHxGxD.astype(cfg.compute_dtype).reshape(b, length, nh * hd)
         return dense(cfg, cfg.hidden_size, ("q_heads", "embed"), "o_proj")(out), new_cache
 
 

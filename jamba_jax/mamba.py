@@ -26,23 +26,23 @@ from kernels import selective_scan, selective_state_update
 _F32 = jnp.float32
 
 
-def causal_depthwise_conv(x_BxLxI, kernel_CxI, bias_D=None, conv_state_BxCm1xI=None, segment_ids_BxL=None):
-    """out[t] = sum_k kernel[k] * x[t - (K-1) + k] (+ bias), with the K-1 inputs before the first
+def causal_depthwise_conv(x_BxLxI, kernel_WxI, bias_I=None, conv_state_BxWm1xI=None, segment_ids_BxL=None):
+    """out[t] = sum_j kernel[j] * x[t - (W-1) + j] (+ bias), with the W-1 inputs before the first
     taken from `conv_state` (zeros when None). With `segment_ids`, inputs of another segment (a
-    previous packed document) are left out. Returns (out, the last K-1 inputs: the next state)."""
-    k = kernel_CxI.shape[0]
-    b, length, d = x_BxLxI.shape
-    if conv_state_BxCm1xI is None:
-        conv_state_BxCm1xI = jnp.zeros((b, k - 1, d), x_BxLxI.dtype)
-    xp = jnp.concatenate([conv_state_BxCm1xI.astype(x_BxLxI.dtype), x_BxLxI], axis=1)  # [b, L+K-1, d]
+    previous packed document) are left out. Returns (out, the last W-1 inputs: the next state)."""
+    w = kernel_WxI.shape[0]
+    b, length, i = x_BxLxI.shape
+    if conv_state_BxWm1xI is None:
+        conv_state_BxWm1xI = jnp.zeros((b, w - 1, i), x_BxLxI.dtype)
+    xp = jnp.concatenate([conv_state_BxWm1xI.astype(x_BxLxI.dtype), x_BxLxI], axis=1)  # [B, L + W - 1, I]
     if segment_ids_BxL is None:
-        out = sum(xp[:, j:j + length] * kernel_CxI[j] for j in range(k))
+        out = sum(xp[:, j:j + length] * kernel_WxI[j] for j in range(w))
     else:  # the state positions count as the first token's segment
-        seg_p = jnp.concatenate([jnp.repeat(segment_ids_BxL[:, :1], k - 1, axis=1), segment_ids_BxL], axis=1)
+        seg_p = jnp.concatenate([jnp.repeat(segment_ids_BxL[:, :1], w - 1, axis=1), segment_ids_BxL], axis=1)
         out = sum(jnp.where((seg_p[:, j:j + length] == segment_ids_BxL)[..., None], xp[:, j:j + length], 0)
-                  * kernel_CxI[j] for j in range(k))
-    if bias_D is not None:
-        out = out + bias_D
+                  * kernel_WxI[j] for j in range(w))
+    if bias_I is not None:
+        out = out + bias_I
     return out, xp[:, length:]
 
 
@@ -86,7 +86,7 @@ def _dt_bias_init(dt_min=1e-3, dt_max=0.1, floor=1e-4):
 class MambaCache(NamedTuple):
     """A Mamba layer's state between chunks: the conv window and the SSM state."""
 
-    conv: jax.Array  # [B, d_conv - 1, I] (compute dtype): the last inputs of the causal conv
+    conv: jax.Array  # [B, W - 1, I] (compute dtype): the last inputs of the causal conv
     ssm: jax.Array  # [B, I, N] float32
 
 
@@ -112,7 +112,7 @@ class MambaMixer(nn.Module):
         if mask is not None:
             x_BxLxE = x_BxLxE * mask
         xz = dense(cfg, (2, d_inner), ("embed", None, "mamba_inner"), "in_proj", use_bias=cfg.mamba_proj_bias)(x_BxLxE)
-        x, z = xz[..., 0, :], xz[..., 1, :]  # [b, L, d_inner] each
+        x, z = xz[..., 0, :], xz[..., 1, :]  # [B, L, I] each
 
         init = normal_init(cfg.initializer_range)
         conv_kernel = self.param("conv_kernel", nn.with_logical_partitioning(init, ("conv", "mamba_inner")),
@@ -137,7 +137,7 @@ class MambaMixer(nn.Module):
             lambda key, s, d: dt_kernel_init(key, s, d) - r ** -0.5, (None, "mamba_inner")), (r, d_inner), pdtype)
         dt_bias = self.param("dt_proj_bias", nn.with_logical_partitioning(_dt_bias_init(), ("mamba_inner",)),
                              (d_inner,), pdtype)
-        dt = dt @ dt_kernel.astype(dtype)  # [b, L, d_inner]; the bias is added in float32 in the scan
+        dt = dt @ dt_kernel.astype(dtype)  # [B, L, I]; the bias is added in float32 in the scan
 
         a_log = self.param("A_log", nn.with_logical_partitioning(
             lambda key, s, d: jnp.log(jnp.broadcast_to(jnp.arange(1, n + 1, dtype=d), s)), ("mamba_inner", None)),

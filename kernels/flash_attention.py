@@ -1,11 +1,12 @@
 """FlashAttention's forward pass as Pallas kernels (Mosaic TPU and Triton GPU), for `common.attention`.
 
-Layout (the "rows" of `common.attention`): the G query heads that share a kv head are folded into the
-query rows, so one [rows, keys] matmul serves all of them:
+Layout (the "rows" of `common.attention`; H kv heads, G query heads per kv head, D head dim, S keys): the
+G query heads that share a kv head are folded into the query rows, so one [rows, keys] matmul serves all
+of them:
 
-  q    [B, V, Lr, D]  Lr = L * G rows in (query, head) order, already scaled by 1/sqrt(D)
-  k, v [B, V, S, D]
-  out  [B, V, Lr, D]  softmax(q k^T) v; and, when the caller differentiates, lse [B, V, Lr] float32
+  q    [B, H, Lr, D]  Lr = L * G rows in (query, head) order, already scaled by 1/sqrt(D)
+  k, v [B, H, S, D]
+  out  [B, H, Lr, D]  softmax(q k^T) v; and, when the caller differentiates, lse [B, H, Lr] float32
 
 Which keys a row sees is computed per [rows, keys] block from O(L + S) inputs, never as an [L, S]
 array: key validity [B, S] (left padding, unwritten cache slots), causal positions (query l sits at
@@ -15,12 +16,12 @@ for packed rows, segment ids (per row [B, Lr], per key [B, S]). Key blocks a que
 step does no work and its index map repeats the previous block so no copy is issued; on GPU the
 program's loop runs only over the visible range.
 
-  tpu  grid (B, V, query blocks, key blocks), the key axis sequential ("arbitrary") with the running
+  tpu  grid (B, H, query blocks, key blocks), the key axis sequential ("arbitrary") with the running
        max, denominator and accumulator in VMEM scratch (Mosaic's layout rules: rows a multiple of 8,
        keys of 128, D the full head dim; per-row values kept 128 lanes wide as in JAX's own TPU
        flash-attention kernel). The scalars (offset, visible key-block range) are prefetched to SMEM
        and steer the index maps.
-  gpu  Triton: one program per (B, V, query block) walking its visible key blocks with the state in
+  gpu  Triton: one program per (B, H, query block) walking its visible key blocks with the state in
        registers and K, V left in HBM (Mosaic GPU would stage whole blocks through shared memory and
        needs warpgroup layouts; the Triton backend lowers under jax 0.10 and 0.11). Blocks are powers
        of two, at least 16 (Triton's dot).
@@ -293,9 +294,9 @@ def flash_attention_rows(family: str, q_rows, k, v, kvalid, q_offset, first_bloc
                          interpret: bool = False):
     """The forward kernel of `family` on padded inputs in the rows layout (module docstring).
 
-    q_rows [B, V, nq * bq * g, D] (scaled); k, v [B, V, nk * bk, D]; kvalid [B, nk * bk]; q_offset the
+    q_rows [B, H, nq * bq * g, D] (scaled); k, v [B, H, nk * bk, D]; kvalid [B, nk * bk]; q_offset the
     first query's position (causal); [first_block, last_block] the key blocks holding any valid key.
-    Returns (out [B, V, Lr, D] in out_dtype (default q's), lse [B, V, Lr] float32 or None).
+    Returns (out [B, H, Lr, D] in out_dtype (default q's), lse [B, H, Lr] float32 or None).
     """
     scalars = jnp.stack([jnp.asarray(x, jnp.int32) for x in (q_offset, first_block, last_block)])
     return FAMILIES[family](q_rows, k, v, kvalid, q_segment_rows, k_segment, scalars, p, causal, with_lse,

@@ -39,13 +39,13 @@ class EncoderLayer(nn.Module):
     cfg: SenseBertConfig
 
     @nn.compact
-    def __call__(self, h_BxLxH, mask: AttentionMask, deterministic: bool):
+    def __call__(self, h_BxLxE, mask: AttentionMask, deterministic: bool):
         cfg = self.cfg
-        b, length, _ = h_BxLxH.shape
+        b, length, _ = h_BxLxE.shape
         nh, hd = cfg.num_attention_heads, cfg.head_dim
 
         def proj(name):
-            return dense(cfg, nh * hd, ("embed", "q_heads"), name)(h_BxLxH)
+            return dense(cfg, nh * hd, ("embed", "q_heads"), name)(h_BxLxE)
 
         q = proj("query").reshape(b, length, nh, 1, hd)
         k = proj("key").reshape(b, length, nh, hd).transpose(0, 2, 1, 3)  # [B, heads, L, D]
@@ -53,7 +53,7 @@ class EncoderLayer(nn.Module):
         attn = attention(q, k, v, mask).reshape(b, length, nh * hd)
         attn = dense(cfg, cfg.hidden_size, ("q_heads", "embed"), "attention_output")(attn)
         attn = nn.Dropout(cfg.hidden_dropout_prob)(attn, deterministic=deterministic)
-        h = layer_norm(cfg, "attention_layer_norm")(h_BxLxH + attn)
+        h = layer_norm(cfg, "attention_layer_norm")(h_BxLxE + attn)
         ff = activation(cfg.hidden_act)(dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "intermediate")(h))
         ff = dense(cfg, cfg.hidden_size, ("mlp", "embed"), "output")(ff)
         ff = nn.Dropout(cfg.hidden_dropout_prob)(ff, deterministic=deterministic)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from common.attention import AttentionMask, attention, blockwise_attention, pallas_attention, reference_attention
-from common.cached_attention import FEW_ROWS, cached_attention
+from common.attention.cached import FEW_ROWS, cached_attention
 from kernels import flash_attention
 
 B, V, G, D = 2, 2, 3, 8  # two kv heads, three query heads each
