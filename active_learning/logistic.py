@@ -83,15 +83,95 @@ def _ladder_losses(z_CxN, zd_CxN, t_T, onehot_CxN, weight_N, C):
     """[T] C x the weighted cross-entropy at the logits z + t zd, for every t of the ladder.
 
     The log-sum-exp over the classes is shifted by max z + t max zd, a bound on the largest logit that
-    costs no reduction per t (3-4x cheaper than a max per t on XLA:CPU); exp(<= 0) cannot overflow, and a
-    point whose every class underflows (the bound 87 above them: a step far too long) makes that t
-    infinite, i.e. rejected."""
+    needs no reduction per t; exp(<= 0) cannot overflow, and a point whose every class underflows (the
+    bound 87 above them: a step far too long) makes that t infinite, i.e. rejected."""
     shift_TxN = z_CxN.max(0) + t_T[:, None] * zd_CxN.max(0)
     sums_TxN = jnp.sum(jnp.exp(z_CxN + t_T[:, None, None] * zd_CxN - shift_TxN[:, None, :]), axis=1)
     picked_TxN = jnp.sum(z_CxN * onehot_CxN, 0) + t_T[:, None] * jnp.sum(zd_CxN * onehot_CxN, 0)
     ce_TxN = shift_TxN + jnp.log(jnp.maximum(sums_TxN, 1e-37)) - picked_TxN
     underflow = jnp.any((sums_TxN < 1e-37) & (weight_N > 0), axis=1)
     return jnp.where(underflow, jnp.inf, C * (ce_TxN @ weight_N))
+
+
+class _Problem(NamedTuple):
+    """One fit's data, in the layout the steps use: parameters theta [C x E] (E = D + 1: the intercept is a
+    constant feature), logits [C, N] (the points on the minor axis, where XLA:CPU vectorises the ladder's
+    log-sum-exp over the classes)."""
+
+    xe_NxE: jax.Array
+    onehot_CxN: jax.Array
+    weight_N: jax.Array
+    live_Cx1: jax.Array  # 1 for the classes with a labelled point
+    offset_Cx1: jax.Array  # 0, or ABSENT for the others
+    reg_E: jax.Array  # 1 on the weights, 0 on the intercept (not penalised)
+    C: float
+    P_ExE: jax.Array  # the preconditioner
+
+    def forward(self, theta):
+        c, e = self.onehot_CxN.shape[0], self.xe_NxE.shape[1]
+        return jnp.einsum("ce,ne->cn", theta.reshape(c, e), self.xe_NxE)
+
+    def grad_at(self, theta, z_CxN):
+        r = self.C * self.weight_N * (jax.nn.softmax(z_CxN, axis=0) - self.onehot_CxN)
+        return ((theta.reshape(self.live_Cx1.shape[0], -1) * self.reg_E + r @ self.xe_NxE) * self.live_Cx1).reshape(-1)
+
+    def precondition(self, v):
+        return (v.reshape(self.live_Cx1.shape[0], -1) @ self.P_ExE).reshape(-1)
+
+    def penalty_weights(self, theta):
+        return theta * jnp.tile(self.reg_E, self.live_Cx1.shape[0])
+
+
+def _problem(model: Logistic, x_NxD, y_N, weight_N, C: float) -> tuple[_Problem, jax.Array, jax.Array]:
+    """(the fit's problem, the starting parameters theta, their logits)."""
+    d, c = model.W.shape
+    dtype = x_NxD.dtype
+    onehot_CxN = jax.nn.one_hot(y_N, c, dtype=dtype, axis=0)
+    weight_N = weight_N.astype(dtype)
+    xe_NxE = jnp.concatenate([x_NxD, jnp.ones_like(x_NxD[:, :1])], axis=1)
+    present_C = (onehot_CxN @ weight_N) > 0
+    live_Cx1 = present_C[:, None].astype(dtype)
+    offset_Cx1 = jnp.where(present_C, 0.0, ABSENT)[:, None]
+    reg_E = (jnp.arange(d + 1) < d).astype(dtype)
+    start = jnp.concatenate([model.W.T, jnp.where(model.b <= ABSENT / 2, 0.0, model.b)[:, None]], axis=1)
+    theta = (start * live_Cx1).reshape(-1)
+    z = jnp.einsum("ce,ne->cn", theta.reshape(c, d + 1), xe_NxE) + offset_Cx1
+    probs = jax.nn.softmax(z, axis=0)
+    P_ExE = preconditioner(xe_NxE, weight_N * jnp.max(probs * (1 - probs), axis=0), C)
+    return _Problem(xe_NxE, onehot_CxN, weight_N, live_Cx1, offset_Cx1, reg_E, C, P_ExE), theta, z
+
+
+def _lbfgs_step(pb: _Problem, bar, carry):
+    """One preconditioned L-BFGS step with the ladder line search (see `fit`)."""
+    k, _, theta, z, value, grad, S, Y, rho, gamma = carry
+    direction = _direction(grad, S, Y, rho, gamma, pb.precondition)
+    slope = grad @ direction
+    ok_dir = slope < 0
+    direction = jnp.where(ok_dir, direction, -pb.precondition(grad))
+    slope = jnp.where(ok_dir, slope, grad @ direction)
+    zd = pb.forward(direction)
+    t = jnp.asarray(STEP_LADDER)
+    w, wd = pb.penalty_weights(theta), pb.penalty_weights(direction)
+    penalty = 0.5 * (w @ w + 2 * t * (w @ wd) + t * t * (wd @ wd))
+    values = penalty + _ladder_losses(z, zd, t, pb.onehot_CxN, pb.weight_N, pb.C)
+    ok = values <= value + ARMIJO * t * slope
+    moved = jnp.any(ok)
+    pick = jnp.argmax(ok)
+    step_len = jnp.where(moved, t[pick], 0.0)
+    new, z = theta + step_len * direction, z + step_len * zd
+    new_value = jnp.where(moved, values[pick], value)
+    new_grad = pb.grad_at(new, z)
+    s, y = new - theta, new_grad - grad
+    sy, yPy = s @ y, y @ pb.precondition(y)
+    keep = (sy > 1e-10) & (yPy > 0)  # curvature pairs that keep the inverse Hessian positive definite
+    S = jnp.where(keep, jnp.concatenate([S[1:], s[None]]), S)
+    Y = jnp.where(keep, jnp.concatenate([Y[1:], y[None]]), Y)
+    rho = jnp.where(keep, jnp.concatenate([rho[1:], (1.0 / jnp.where(keep, sy, 1.0))[None]]), rho)
+    gamma = jnp.where(keep, sy / jnp.where(keep, yPy, 1.0), gamma)
+    # No decrease along the whole ladder: forget the history (the next step is the preconditioned gradient)
+    S, Y, rho = (jnp.where(moved, a, 0.0) for a in (S, Y, rho))
+    gamma = jnp.where(moved, gamma, 1.0)
+    return k + 1, jnp.max(jnp.abs(new_grad)) <= bar, new, z, new_value, new_grad, S, Y, rho, gamma
 
 
 def fit(model: Logistic, x_NxD, y_N, weight_N, steps: int = 60, C: float = 1.0, tol: float = 0.0) -> Logistic:
@@ -108,87 +188,25 @@ def fit(model: Logistic, x_NxD, y_N, weight_N, steps: int = 60, C: float = 1.0, 
     optimum would be -infinity, approached one unit per step. A class absent from `model` starts at 0.
 
     The initial inverse Hessian of each step is a fixed matrix (`preconditioner`, from the curvature at
-    the starting point: max_c p_c (1 - p_c) per point) scaled by s.y / y.P.y of the newest pair: 5-15
-    steps to the tolerance where an identity-scaled L-BFGS took 30-40 on the early rounds' few,
-    nearly separable points.
+    the starting point: max_c p_c (1 - p_c) per point) scaled by s.y / y.P.y of the newest pair: on the
+    early rounds' few, nearly separable points an identity-scaled L-BFGS needs several times the steps.
 
     Gradients by hand, and the line search along the logits: z(t) = z + t (x Wd + bd) and
-    ||W + t Wd||^2 are known for every t from one matmul, so a step costs two [N, E] x [E, C] matmuls
-    (E = D + 1: the intercept is a constant feature). Inside, the parameters are [C, E] and the logits
-    [C, N]: the points on the minor axis, where XLA:CPU vectorises the ladder's log-sum-exp over the
-    classes (2x faster than over a minor axis of C)."""
+    ||W + t Wd||^2 are known for every t from one matmul, so a step costs two [N, E] x [E, C] matmuls."""
     d, c = model.W.shape
-    e = d + 1
-    dtype = x_NxD.dtype
-    onehot_CxN = jax.nn.one_hot(y_N, c, dtype=dtype, axis=0)
-    weight_N = weight_N.astype(dtype)
-    xe_NxE = jnp.concatenate([x_NxD, jnp.ones_like(x_NxD[:, :1])], axis=1)
-    present_C = (onehot_CxN @ weight_N) > 0
-    live_Cx1 = present_C[:, None].astype(dtype)
-    offset_Cx1 = jnp.where(present_C, 0.0, ABSENT)[:, None]
-    reg_E = (jnp.arange(e) < d).astype(dtype)  # the intercept is not penalised
-
-    def forward(theta):
-        return jnp.einsum("ce,ne->cn", theta.reshape(c, e), xe_NxE)
-
-    def grad_at(theta, z_CxN):
-        r = C * weight_N * (jax.nn.softmax(z_CxN, axis=0) - onehot_CxN)
-        return ((theta.reshape(c, e) * reg_E + r @ xe_NxE) * live_Cx1).reshape(-1)
-
-    bar = tol * C * jnp.sum(weight_N)
-
-    def converged(grad):
-        return jnp.max(jnp.abs(grad)) <= bar
-
-    start = jnp.concatenate([model.W.T, jnp.where(model.b <= ABSENT / 2, 0.0, model.b)[:, None]], axis=1)
-    theta = (start * live_Cx1).reshape(-1)
-    z = forward(theta) + offset_Cx1
+    pb, theta, z = _problem(model, x_NxD, y_N, weight_N, C)
+    bar = tol * C * jnp.sum(pb.weight_N)
     probs = jax.nn.softmax(z, axis=0)
-    P_ExE = preconditioner(xe_NxE, weight_N * jnp.max(probs * (1 - probs), axis=0), C)
-
-    def precondition(v):
-        return (v.reshape(c, e) @ P_ExE).reshape(-1)
-
-    def step(carry):
-        k, _, theta, z, value, grad, S, Y, rho, gamma = carry
-        direction = _direction(grad, S, Y, rho, gamma, precondition)
-        slope = grad @ direction
-        ok_dir = slope < 0
-        direction = jnp.where(ok_dir, direction, -precondition(grad))
-        slope = jnp.where(ok_dir, slope, grad @ direction)
-        zd = forward(direction)
-        t = jnp.asarray(STEP_LADDER)
-        w, wd = theta * jnp.tile(reg_E, c), direction * jnp.tile(reg_E, c)
-        penalty = 0.5 * (w @ w + 2 * t * (w @ wd) + t * t * (wd @ wd))
-        values = penalty + _ladder_losses(z, zd, t, onehot_CxN, weight_N, C)
-        ok = values <= value + ARMIJO * t * slope
-        moved = jnp.any(ok)
-        pick = jnp.argmax(ok)
-        step_len = jnp.where(moved, t[pick], 0.0)
-        new, z = theta + step_len * direction, z + step_len * zd
-        new_value = jnp.where(moved, values[pick], value)
-        new_grad = grad_at(new, z)
-        s, y = new - theta, new_grad - grad
-        sy, yPy = s @ y, y @ precondition(y)
-        keep = (sy > 1e-10) & (yPy > 0)  # curvature pairs that keep the inverse Hessian positive definite
-        S = jnp.where(keep, jnp.concatenate([S[1:], s[None]]), S)
-        Y = jnp.where(keep, jnp.concatenate([Y[1:], y[None]]), Y)
-        rho = jnp.where(keep, jnp.concatenate([rho[1:], (1.0 / jnp.where(keep, sy, 1.0))[None]]), rho)
-        gamma = jnp.where(keep, sy / jnp.where(keep, yPy, 1.0), gamma)
-        # No decrease along the whole ladder: forget the history (the next step is the preconditioned gradient)
-        S, Y, rho = (jnp.where(moved, a, 0.0) for a in (S, Y, rho))
-        gamma = jnp.where(moved, gamma, 1.0)
-        return k + 1, converged(new_grad), new, z, new_value, new_grad, S, Y, rho, gamma
-
-    w = theta * jnp.tile(reg_E, c)
-    value = 0.5 * (w @ w) - C * jnp.sum(jnp.log(jnp.maximum(probs, 1e-37)) * onehot_CxN * weight_N)
+    w = pb.penalty_weights(theta)
+    value = 0.5 * (w @ w) - C * jnp.sum(jnp.log(jnp.maximum(probs, 1e-37)) * pb.onehot_CxN * pb.weight_N)
     zeros = jnp.zeros((HISTORY, theta.shape[0]), theta.dtype)
-    grad = grad_at(theta, z)
-    init = (jnp.zeros((), jnp.int32), converged(grad), theta, z, value, grad, zeros, zeros,
+    grad = pb.grad_at(theta, z)
+    init = (jnp.zeros((), jnp.int32), jnp.max(jnp.abs(grad)) <= bar, theta, z, value, grad, zeros, zeros,
             jnp.zeros((HISTORY,), theta.dtype), jnp.ones((), theta.dtype))
-    _, _, theta, *_ = jax.lax.while_loop(lambda carry: (carry[0] < steps) & ~carry[1], step, init)
-    T = theta.reshape(c, e)
-    return Logistic(T[:, :d].T, T[:, d] + offset_Cx1[:, 0])
+    _, _, theta, *_ = jax.lax.while_loop(lambda carry: (carry[0] < steps) & ~carry[1],
+                                         functools.partial(_lbfgs_step, pb, bar), init)
+    T = theta.reshape(c, d + 1)
+    return Logistic(T[:, :d].T, T[:, d] + pb.offset_Cx1[:, 0])
 
 
 def predict_proba(model: Logistic, x_NxD):

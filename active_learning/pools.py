@@ -7,8 +7,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from active_learning.draws import CDF_BLOCK
 from active_learning.proposal import PoolError, distances, proposals
-from active_learning.strategies import CDF_BLOCK, Pool, Settings
+from active_learning.state import Pool, Settings
 
 
 def make_pool(x, y, exemplars, x_test, y_test, settings: Settings, ess_target: float = 0.25,

@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 
-from active_learning.strategies import Settings
+from active_learning.state import Settings
 
 
 def _bernstein(z_sum, z_sq, n, delta):
@@ -21,66 +21,80 @@ def _bernstein(z_sum, z_sq, n, delta):
     return mean - eps, mean + eps
 
 
+class _Run:
+    """One seed's labelling state, updated as the authors' loop updates it."""
+
+    def __init__(self, y, p, max_weight: float, settings: Settings, rng):
+        self.y, self.p, self.max_weight, self.settings, self.rng = y, p, max_weight, settings, rng
+        n, c = len(y), p.shape[0]
+        self.labeled, self.order, self.in_search = np.zeros(n, bool), [], np.ones(c, bool)
+        self.z_sum, self.z_sq, self.draws = np.zeros(c), np.zeros(c), 0.0
+
+    def label(self, s):
+        self.labeled[s] = True
+        self.order.append(int(s))
+
+    def search_label(self, cls):
+        """Draws from class cls's proposal until an unlabelled point (every draw updating the statistics)."""
+        n, c = self.p.shape[1], self.p.shape[0]
+        for _ in range(self.settings.max_draws):
+            s = self.rng.choice(n, p=self.p[cls])
+            w = (self.y[s] == np.arange(c)) / (n * self.p[cls, s]) / self.max_weight
+            self.z_sum, self.z_sq, self.draws = self.z_sum + w, self.z_sq + w * w, self.draws + 1
+            if not self.labeled[s]:
+                return self.label(s)
+        self.label(self.rng.choice(np.flatnonzero(~self.labeled)))
+
+    def update_search(self):
+        lo, hi = _bernstein(self.z_sum, self.z_sq, self.draws, 1.0 / max(self.draws, 2.0))
+        lo, hi = lo * self.max_weight, hi * self.max_weight
+        found = np.bincount(self.y[self.labeled], minlength=self.p.shape[0]) > 0
+        resolved = (self.draws >= 2) & ((lo > self.settings.threshold) | (hi < self.settings.threshold))
+        self.in_search &= ~resolved & ~found
+
+    def least_confidence(self, x, model, until: int):
+        """Labels the least confident unlabelled points (random ones before any model) until `until` labels."""
+        while len(self.order) < until:
+            free = np.flatnonzero(~self.labeled)
+            if model is None:
+                self.label(self.rng.choice(free))
+                continue
+            full = np.zeros((len(free), self.p.shape[0]))
+            full[:, model.classes_] = model.predict_proba(x[free])
+            self.label(free[np.argmax(1 - full.max(1))])
+
+
+def _refit(x, y, labeled, x_test, settings: Settings):
+    """(scikit-learn's model on the labelled points or None while one class is seen, test predictions)."""
+    seen = np.unique(y[labeled])
+    if len(seen) == 1:
+        return None, np.full(len(x_test), seen[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = LogisticRegression(max_iter=settings.fit_steps * 5).fit(x[labeled], y[labeled])
+    return model, model.predict(x_test)
+
+
 def run_egal(x, y, x_test, y_test, p, max_weight: float, settings: Settings, seed: int) -> dict:
     """One labelling run: {"accuracy": [rounds], "labels": [rounds], "labels_to_find_common"}."""
     rng = np.random.default_rng(seed)
-    n, c = x.shape[0], p.shape[0]
-    common = np.bincount(y, minlength=c) / n > settings.threshold
-    labeled = np.zeros(n, bool)
-    order: list[int] = []
-    in_search = np.ones(c, bool)
-    z_sum, z_sq, draws = np.zeros(c), np.zeros(c), 0.0
-    model = None
-    accuracy, labels = [], []
-
-    def label(s):
-        labeled[s] = True
-        order.append(int(s))
-
+    c = p.shape[0]
+    run = _Run(y, p, max_weight, settings, rng)
+    model, accuracy, labels = None, [], []
     for _ in range(settings.rounds):
-        start = len(order)
-        quota = settings.batch // c
+        start = len(run.order)
         for cls in rng.permutation(c):
-            if not in_search[cls]:
-                continue
-            for _ in range(quota):
-                got = False
-                for _ in range(settings.max_draws):
-                    s = rng.choice(n, p=p[cls])
-                    w = (y[s] == np.arange(c)) / (n * p[cls, s]) / max_weight
-                    z_sum, z_sq, draws = z_sum + w, z_sq + w * w, draws + 1
-                    if not labeled[s]:
-                        label(s)
-                        got = True
-                        break
-                if not got:
-                    label(rng.choice(np.flatnonzero(~labeled)))
-            lo, hi = _bernstein(z_sum, z_sq, draws, 1.0 / max(draws, 2.0))
-            lo, hi = lo * max_weight, hi * max_weight
-            found = np.bincount(y[labeled], minlength=c) > 0
-            resolved = (draws >= 2) & ((lo > settings.threshold) | (hi < settings.threshold))
-            in_search &= ~resolved & ~found
-        while len(order) < start + settings.batch:
-            free = np.flatnonzero(~labeled)
-            if model is None:
-                label(rng.choice(free))
-                continue
-            probs = model.predict_proba(x[free])
-            full = np.zeros((len(free), c))
-            full[:, model.classes_] = probs
-            label(free[np.argmax(1 - full.max(1))])
-        seen = np.unique(y[labeled])
-        if len(seen) > 1:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                model = LogisticRegression(max_iter=settings.fit_steps * 5).fit(x[labeled], y[labeled])
-            pred = model.predict(x_test)
-        else:
-            pred = np.full(len(y_test), seen[0])
+            if run.in_search[cls]:
+                for _ in range(settings.batch // c):
+                    run.search_label(cls)
+                run.update_search()
+        run.least_confidence(x, model, start + settings.batch)
+        model, pred = _refit(x, y, run.labeled, x_test, settings)
         accuracy.append(float((pred == y_test).mean()))
-        labels.append(len(order))
+        labels.append(len(run.order))
     first = {}
-    for i, s in enumerate(order):
+    for i, s in enumerate(run.order):
         first.setdefault(int(y[s]), i)
-    need = [first.get(k, len(order)) for k in np.flatnonzero(common)]
+    common = np.bincount(y, minlength=c) / len(y) > settings.threshold
+    need = [first.get(k, len(run.order)) for k in np.flatnonzero(common)]
     return {"accuracy": accuracy, "labels": labels, "labels_to_find_common": (max(need) if need else 0) + 1}

@@ -35,12 +35,12 @@ from common.sharding import axes_size, current_mesh, fitted_spec, spec_axes
 from jamba_jax.grouped_ffn import combine_local, permute, unpermute
 
 
-def expert_parallel_moe(x_TxE, top_idx_TxK, top_w_TxK, weights, scales, act, impl=None,
+def expert_parallel_moe(x_TxE, top_idx_TxK, top_w_TxK, weights, scales, act, impl="auto",
                         capacity_factor: float = 0.0):
     """sum_k top_w[t, k] * FFN_{top_idx[t, k]}(x[t]) with the experts sharded as the rules say.
 
-    weights: (gate [E, H, F], up [E, H, F], down [E, F, H]); scales: None or their int8 scales
-    ([E, F], [E, F], [E, H]), sharded with them.
+    weights: (gate [X, E, F], up [X, E, F], down [X, F, E]); scales: None or their int8 scales
+    ([X, F], [X, F], [X, E]), sharded with them.
     """
     mesh = current_mesh()
     t = top_idx_TxK.shape[0]
@@ -86,21 +86,20 @@ def capacity(pairs: int, n_ep: int, capacity_factor: float) -> int:
 
 
 def _all_to_all_experts(x_TxE, idx_TxK, w_TxK, weights, scales, act, impl, ep_axes, n_ep, e_loc, capacity_factor):
-    t, h = x_TxE.shape
+    t, e = x_TxE.shape
     m = idx_TxK.size
     slots = capacity(m, n_ep, capacity_factor)
-    perm = permute(idx_TxK)  # S below: the pairs in sorted order
-    expert_S, token_S = perm.expert_M, perm.token_M
-    dest_S = expert_S // e_loc
-    per_dest = jnp.bincount(dest_S, length=n_ep)
-    slot_S = jnp.arange(m) - (jnp.cumsum(per_dest) - per_dest)[dest_S]  # rank among pairs to the same device
+    perm = permute(idx_TxK)  # M below: the (token, choice) pairs in sorted order
+    dest_M = perm.expert_M // e_loc
+    per_dest = jnp.bincount(dest_M, length=n_ep)
+    slot_M = jnp.arange(m) - (jnp.cumsum(per_dest) - per_dest)[dest_M]  # rank among pairs to the same device
 
-    send_x = jnp.zeros((n_ep, slots, h), x_TxE.dtype).at[dest_S, slot_S].set(x_TxE[token_S], mode="drop")
-    send_e = jnp.full((n_ep, slots), e_loc, jnp.int32).at[dest_S, slot_S].set(expert_S % e_loc, mode="drop")
-    recv_x = jax.lax.all_to_all(send_x, ep_axes, 0, 0, tiled=True)  # [source, slot, h]
+    send_x = jnp.zeros((n_ep, slots, e), x_TxE.dtype).at[dest_M, slot_M].set(x_TxE[perm.token_M], mode="drop")
+    send_e = jnp.full((n_ep, slots), e_loc, jnp.int32).at[dest_M, slot_M].set(perm.expert_M % e_loc, mode="drop")
+    recv_x = jax.lax.all_to_all(send_x, ep_axes, 0, 0, tiled=True)  # [source, slot, E]
     recv_e = jax.lax.all_to_all(send_e, ep_axes, 0, 0, tiled=True)
     ones = jnp.ones((n_ep * slots, 1), x_TxE.dtype)
-    y = combine_local(recv_x.reshape(-1, h), recv_e.reshape(-1, 1), ones, weights, act, scales, impl)
-    back = jax.lax.all_to_all(y.reshape(n_ep, slots, h), ep_axes, 0, 0, tiled=True)  # [destination, slot, h]
-    y_S = back.at[dest_S, slot_S].get(mode="fill", fill_value=0)  # a dropped pair contributes 0
-    return unpermute(y_S, perm, w_TxK, t)
+    y = combine_local(recv_x.reshape(-1, e), recv_e.reshape(-1, 1), ones, weights, act, scales, impl)
+    back = jax.lax.all_to_all(y.reshape(n_ep, slots, e), ep_axes, 0, 0, tiled=True)  # [destination, slot, E]
+    y_M = back.at[dest_M, slot_M].get(mode="fill", fill_value=0)  # a dropped pair contributes 0
+    return unpermute(y_M, perm, w_TxK, t)

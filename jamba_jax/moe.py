@@ -2,8 +2,8 @@
 renormalisation, and dropless SwiGLU experts (transformers' JambaSparseMoeBlock), plus the Switch
 load-balancing loss.
 
-The experts themselves are `jamba_jax.grouped_ffn`; under a multi-device mesh they run expert-parallel
-(`jamba_jax.expert_parallel`).
+The experts themselves are `jamba_jax.grouped_ffn` (the grouped matmul by `config.moe_impl`,
+`kernels.grouped_matmul`); under a multi-device mesh they run expert-parallel (`jamba_jax.expert_parallel`).
 """
 
 from __future__ import annotations
@@ -29,12 +29,12 @@ class Experts(nn.Module):
     computed, none is dropped, and no [tokens, num_experts, ...] tensor is built."""
 
     cfg: JambaConfig
-    impl: str | None = None  # "ragged" | "blocked" | "dense" | None (by backend and token count)
+    impl: str | None = None  # kernels.grouped_matmul.FFN_IMPLS; None: the config's moe_impl
 
     @nn.compact
     def __call__(self, x_TxE, top_idx_TxK, top_w_TxK):
         cfg = self.cfg
-        e, h, i = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
+        n_exp, e, f = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
         dtype = cfg.compute_dtype
 
         quantized = self.has_variable("params", "gate_proj_scale")  # ExpertsInt8: int8 weights + scales
@@ -45,19 +45,20 @@ class Experts(nn.Module):
             w = self.param(name, nn.with_logical_partitioning(init, axes), shape, cfg.weights_dtype)
             return w if quantized else w.astype(dtype)
 
-        w_gate = weight("gate_proj", (e, h, i), ("exp", "embed", "mlp"))
-        w_up = weight("up_proj", (e, h, i), ("exp", "embed", "mlp"))
-        w_down = weight("down_proj", (e, i, h), ("exp", "mlp", "embed"))
+        w_gate = weight("gate_proj", (n_exp, e, f), ("exp", "embed", "mlp"))  # [X, E, F]
+        w_up = weight("up_proj", (n_exp, e, f), ("exp", "embed", "mlp"))
+        w_down = weight("down_proj", (n_exp, f, e), ("exp", "mlp", "embed"))  # [X, F, E]
         scales = None
         if quantized:
             scales = tuple(self.get_variable("params", f"{n}_scale") for n in ("gate_proj", "up_proj", "down_proj"))
 
         weights, act, x_TxE = (w_gate, w_up, w_down), activation(cfg.hidden_act), x_TxE.astype(dtype)
         top_w_TxK = top_w_TxK.astype(dtype)
+        impl = self.impl or cfg.moe_impl
         if current_mesh() is not None:  # tokens sharded over the batch axes, experts over `expert`
-            return expert_parallel_moe(x_TxE, top_idx_TxK, top_w_TxK, weights, scales, act, self.impl,
+            return expert_parallel_moe(x_TxE, top_idx_TxK, top_w_TxK, weights, scales, act, impl,
                                        cfg.moe_capacity_factor)
-        return combine_local(x_TxE, top_idx_TxK, top_w_TxK, weights, act, scales, self.impl, cfg.moe_capacity_factor)
+        return combine_local(x_TxE, top_idx_TxK, top_w_TxK, weights, act, scales, impl, cfg.moe_capacity_factor)
 
 
 class SparseMoE(nn.Module):
@@ -71,13 +72,13 @@ class SparseMoE(nn.Module):
     @nn.compact
     def __call__(self, x_BxLxE):
         cfg = self.cfg
-        b, length, h = x_BxLxE.shape
+        b, length, e = x_BxLxE.shape
         router_logits = dense(cfg, cfg.num_experts, ("embed", None), "router")(x_BxLxE)
         probs = jax.nn.softmax(router_logits.astype(_F32), axis=-1)
         top_w, top_idx = jax.lax.top_k(probs, cfg.num_experts_per_tok)
-        y = Experts(cfg, name="experts")(x_BxLxE.reshape(-1, h), top_idx.reshape(b * length, -1),
+        y = Experts(cfg, name="experts")(x_BxLxE.reshape(-1, e), top_idx.reshape(b * length, -1),
                                          top_w.astype(cfg.compute_dtype).reshape(b * length, -1))
-        return y.reshape(b, length, h), router_logits
+        return y.reshape(b, length, e), router_logits
 
 
 def load_balancing_loss(router_logits: Sequence[jax.Array], num_experts: int, top_k: int,

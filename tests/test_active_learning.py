@@ -9,7 +9,9 @@ import pytest
 
 from active_learning import PoolError, Settings, gaussian_blobs, logistic, make_pool, run_seeds
 from active_learning.bounds import bernstein, kl_bounds
-from active_learning.strategies import al_label, init_state, search_epsilon_greedy, search_round
+from active_learning.search import search_epsilon_greedy, search_round
+from active_learning.state import init_state
+from active_learning.strategies import al_label
 
 SETTINGS = Settings(batch=10, rounds=6)
 
@@ -40,7 +42,7 @@ def test_importance_weights_estimate_every_class_frequency_without_bias(skewed):
 def test_the_search_draws_follow_the_proposal(skewed):
     """The search's inverse-CDF draws land on each pool point with the proposal's probability
     (200,000 draws; every point's count within 5 standard errors, and the pooled chi-square small)."""
-    from active_learning.strategies import draw
+    from active_learning.draws import draw
 
     _, pool = skewed
     p = np.asarray(pool.p[2], np.float64)
@@ -55,10 +57,12 @@ def test_the_search_draws_follow_the_proposal(skewed):
 
 
 def test_two_level_draw_is_searchsorted_and_skips_zero_weights():
-    """draw() (block ends, then within a block) returns what a binary search returns, on the padded CDFs
-    the pool and _cumsum hand it, lengths around the block, zero-weight runs (labelled points) included,
-    and never an index whose weight is 0 or one in the padding (u = 0 and the largest u below 1 too)."""
-    from active_learning.strategies import CDF_BLOCK, _cumsum, draw
+    """draw() (block ends, then within a block) returns what a binary search returns, on the CDFs the pool
+    (padded) and `kernels.cumsum` (both implementations) hand it, lengths around the block, zero-weight runs
+    (labelled points) included, and never an index whose weight is 0 or one in the padding (u = 0 and the
+    largest u below 1 too)."""
+    from active_learning.draws import CDF_BLOCK, draw
+    from kernels.cumsum import cumsum
 
     rng = np.random.default_rng(0)
     for n in (1, 5, CDF_BLOCK - 1, CDF_BLOCK, CDF_BLOCK + 1, 297, 1000):
@@ -66,12 +70,15 @@ def test_two_level_draw_is_searchsorted_and_skips_zero_weights():
         w[rng.integers(n)] = 1.0
         w[-1] = 0.0 if n > 1 else 1.0
         u = jnp.asarray(np.r_[rng.random(2000), 0.0, np.nextafter(np.float32(1), np.float32(0))], jnp.float32)
-        cdf = _cumsum(jnp.asarray(w, jnp.float32))
-        assert cdf.shape[0] % CDF_BLOCK == 0 and cdf.shape[0] >= n
-        got = np.asarray(draw(cdf, u))
-        v = jnp.minimum(u * cdf[-1], jnp.nextafter(cdf[-1], 0.0))
-        np.testing.assert_array_equal(got, np.asarray(jnp.searchsorted(cdf, v, side="right")))
-        assert got.max() < n and np.all(w[got] > 0), n
+        cdf = cumsum(jnp.asarray(w, jnp.float32), impl="matmul")
+        np.testing.assert_allclose(cdf, cumsum(jnp.asarray(w, jnp.float32), impl="xla"), rtol=1e-6, atol=1e-6)
+        padded = jnp.pad(cdf, (0, -n % CDF_BLOCK), mode="edge")  # as the pool keeps them
+        for c in (cdf, padded):
+            got = np.asarray(draw(c, u))
+            v = jnp.minimum(u * c[-1], jnp.nextafter(c[-1], 0.0))
+            np.testing.assert_array_equal(got, np.asarray(jnp.searchsorted(c, v, side="right")))
+            assert got.max() < n and np.all(w[got] > 0), n
+
 
 def test_bernstein_bounds_cover_the_mean_at_least_1_minus_delta():
     """Bounded draws (importance weights / their maximum): the true mean falls outside the bounds in

@@ -204,3 +204,20 @@ def test_auto_falls_back_to_chunked_and_says_so_where_a_platform_has_no_kernel(m
         assert kernel_calls("gpu", scan_fn, *scan_args(1, 256, 256, 16, jnp.bfloat16)) == 0
     warnings = [r for r in caplog.records if "no Pallas kernel for platform 'gpu'" in r.getMessage()]
     assert len(warnings) == 1
+
+
+def test_cpu_fast_paths_sit_behind_impl_choices():
+    """The CPU's fast paths (the dense and blocked expert FFNs, the matmul cumulative sum) are choices of
+    `impl=`; "auto" picks them on a CPU only, and the GPU / TPU programs take the portable forms."""
+    from kernels.cumsum import cumsum_impl
+    from kernels.grouped_matmul import expert_ffn_impl
+
+    assert cumsum_impl("auto") == "matmul" and expert_ffn_impl("auto", 1, 4) == "dense"
+    assert expert_ffn_impl("auto", 96, 4) == "blocked"
+    for platform in ("gpu", "tpu"):
+        with target_platform(platform):
+            assert cumsum_impl("auto") == "xla" and expert_ffn_impl("auto", 1, 4) == "ragged"
+    with pytest.raises(ValueError, match="cumsum impl"):
+        cumsum_impl("nope")
+    with pytest.raises(ValueError, match="expert FFN impl"):
+        expert_ffn_impl("nope", 1, 4)

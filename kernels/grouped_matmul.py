@@ -1,0 +1,115 @@
+"""The experts' SwiGLU FFN over rows of many experts, each row through its own expert's weights, by
+one of several implementations with the same result (`expert_ffn_impl` picks; `grouped_ffn` and
+`dense_expert_ffn` run them).
+
+Notation: M rows (token, choice pairs sorted so each expert's rows are contiguous), T tokens, K
+choices per token, X experts, E model width (the FFN's input and output), F expert hidden width;
+weights gate, up [X, E, F], down [X, F, E]; ExpertsInt8 scales [X, F] (gate, up) and [X, E] (down).
+
+  ragged   `jax.lax.ragged_dot` over the sorted rows: what GPU and TPU lower to a real grouped GEMM.
+  blocked  the sorted rows padded per expert to whole blocks of `block` rows, then one `lax.map` over
+           blocks, each a dense [block, E] @ [E, F] with its expert's weights: portable, and what the
+           CPU runs (XLA:CPU lowers ragged_dot to a dense product over all experts, X times the work).
+           Padding adds at most X * (block - 1) rows.
+  dense    every token through every expert, the experts a batch dimension (each weight read where it
+           lies, no permutation), the chosen outputs kept: for few tokens (decoding) on the CPU, where
+           T x X rows are no more than the blocked form pads to.
+
+Every implementation tags the experts' hidden activations act(x W_gate) * (x W_up) with
+`checkpoint_name(..., HIDDEN_NAME)`, so a remat policy can keep them (`jamba_jax.remat`).
+
+Rows may carry the expert id X ("no expert": an empty all-to-all slot, a choice of an expert on
+another device); they come out as zeros. ragged_dot skips them; the blocked form still spends its
+static number of blocks on them.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from kernels.int8_matmul import int8_matmul
+from kernels.platform import current_platform
+
+FFN_IMPLS = ("auto", "ragged", "blocked", "dense")
+HIDDEN_NAME = "moe_hidden"  # the checkpoint_name of the experts' hidden activations, act(x W_gate) * (x W_up)
+DENSE_MAX_ROWS = 64  # tokens x experts up to which "auto" runs every token through every expert on the CPU
+
+
+def expert_ffn_impl(impl: str, num_tokens: int, num_experts: int) -> str:
+    """`impl`, or for "auto": "ragged" on GPU and TPU; on the CPU "blocked", or "dense" for few tokens."""
+    if impl not in FFN_IMPLS:
+        raise ValueError(f"expert FFN impl={impl!r}: expected one of {FFN_IMPLS}")
+    if impl != "auto":
+        return impl
+    if current_platform() != "cpu":
+        return "ragged"
+    return "dense" if num_tokens * num_experts <= DENSE_MAX_ROWS else "blocked"
+
+
+def _ffn_ragged(x_MxE, group_sizes_X, expert_of_M, w_gate, w_up, w_down, act, scales=None):
+    def mm(x, w, s):  # int8 weights: the convert fuses into the grouped GEMM, rows scaled by their expert
+        y = jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes_X)
+        return y if s is None else (y * s[expert_of_M]).astype(x.dtype)
+
+    sg, su, sd = scales or (None, None, None)
+    return mm(checkpoint_name(act(mm(x_MxE, w_gate, sg)) * mm(x_MxE, w_up, su), HIDDEN_NAME), w_down, sd)
+
+
+def _block_rows(m: int, x: int) -> int:
+    """A power of two near m / (4 x), in [8, 256]: padding stays a small fraction of the rows."""
+    target = max(8, min(256, m // max(4 * x, 1)))
+    return 1 << (target.bit_length() - 1)
+
+
+def _ffn_blocked(x_MxE, group_sizes_X, expert_of_M, w_gate, w_up, w_down, act, scales=None):
+    m, e = x_MxE.shape
+    n_exp = w_gate.shape[0]
+    blk = _block_rows(m, n_exp)
+    n_blocks = -(-(m + n_exp * (blk - 1)) // blk)  # static bound on the padded row count
+    padded_X = -(-group_sizes_X // blk) * blk
+    padded_start_X = jnp.cumsum(padded_X) - padded_X
+    start_X = jnp.cumsum(group_sizes_X) - group_sizes_X
+    ex_M = jnp.minimum(expert_of_M, n_exp - 1)  # rows of no expert (id X, sorted last) go nowhere
+    dest_M = jnp.where(expert_of_M < n_exp, padded_start_X[ex_M] + (jnp.arange(m) - start_X[ex_M]), n_blocks * blk)
+    x_pad = jnp.zeros((n_blocks * blk, e), x_MxE.dtype).at[dest_M].set(x_MxE, mode="drop")
+    block_expert = jnp.minimum(jnp.searchsorted(jnp.cumsum(padded_X), jnp.arange(n_blocks) * blk, side="right"),
+                               n_exp - 1)
+
+    def mm(x, w, s, ex):
+        return x @ w[ex] if s is None else int8_matmul(x, w[ex], s[ex])
+
+    sg, su, sd = scales or (None, None, None)
+
+    def one_block(args):
+        xb, ex = args
+        hidden = checkpoint_name(act(mm(xb, w_gate, sg, ex)) * mm(xb, w_up, su, ex), HIDDEN_NAME)
+        return mm(hidden, w_down, sd, ex)
+
+    # Every block is computed, the empty ones too: skipping them with lax.cond deadlocks XLA:CPU's
+    # collectives when this runs inside an expert-parallel shard_map's backward pass.
+    y = jax.lax.map(one_block, (x_pad.reshape(n_blocks, blk, e), block_expert))
+    return y.reshape(n_blocks * blk, -1).at[dest_M].get(mode="fill", fill_value=0)
+
+
+def grouped_ffn(x_MxE, group_sizes_X, expert_of_M, weights, act, scales=None, impl: str = "blocked"):
+    """FFN_{expert_of_M[m]}(x[m]) for rows sorted by expert (`group_sizes_X` rows each, then rows of no
+    expert): impl "ragged" or "blocked" (module docstring)."""
+    ffn = {"ragged": _ffn_ragged, "blocked": _ffn_blocked}[impl]
+    return ffn(x_MxE, group_sizes_X, expert_of_M, *weights, act, scales)
+
+
+def dense_expert_ffn(x_TxE, top_idx_TxK, top_w_TxK, weights, act, scales=None):
+    """sum_k w_k FFN_{idx_k}(x) by running every token through every expert (ids of no expert give 0)."""
+    w_gate, w_up, w_down = weights
+    n_exp = w_gate.shape[0]
+
+    def mm(x, w, s):  # x [X, T, in], w [X, in, out]: the experts a batch dimension, each weight read in place
+        return jnp.einsum("xti,xio->xto", x, w) if s is None else jax.vmap(int8_matmul)(x, w, s)
+
+    sg, su, sd = scales or (None, None, None)
+    x_XxTxE = jnp.broadcast_to(x_TxE, (n_exp, *x_TxE.shape))
+    y_XxTxE = mm(checkpoint_name(act(mm(x_XxTxE, w_gate, sg)) * mm(x_XxTxE, w_up, su), HIDDEN_NAME), w_down, sd)
+    chosen_TxKxX = jax.nn.one_hot(top_idx_TxK, n_exp, dtype=y_XxTxE.dtype)  # id X (no expert): a row of zeros
+    return jnp.einsum("tk,tkx,xte->te", top_w_TxK.astype(y_XxTxE.dtype), chosen_TxKxX, y_XxTxE)
