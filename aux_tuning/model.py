@@ -19,9 +19,13 @@ Jamba body only finds after long training. Every output path starts at zero, so 
 combined model is exactly the LM: g, and the body's output projection (its final norm's scale with
 tied embeddings, the default; else its lm_head).
 
-`AuxTunedLM` is a plain object with the interface `jamba_jax.generate` drives (`cfg`, `init_cache`,
-`apply(variables, ids, attention_mask=, cache=)`), over params {"lm": frozen, "aux": trained} and a
-cache {"lm": the LM's hybrid cache, "aux": the auxiliary model's, holding the keywords first}.
+`AuxTunedLM` is a plain object over params {"lm": frozen, "aux": trained} with the entry points of a
+Linen LM, through `apply(variables, ..., method=...)` as `jamba_jax.generate` drives them:
+
+  __call__    combined logits [B, L, V] of the text, given its keywords             -> AuxOutput
+  token_nll   -log p(targets) [B, L] under the combined model, a chunk at a time     -> [B, L] float32
+  prefill     a chunk of text into an AuxCache (keywords already in it); last logits -> StepOutput
+  decode      one token per row into an AuxCache                                     -> StepOutput
 """
 
 from __future__ import annotations
@@ -34,12 +38,13 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from common.errors import UserError
 from common.layers import Dense, normal_init
-from jamba_jax import JambaConfig, JambaForCausalLM, init_params
+from common.losses import chunked_nll
+from jamba_jax import HybridCache, JambaConfig, JambaForCausalLM, StepOutput, init_params
 from jamba_jax.layout import layer_output
+from jamba_jax.params import param_logical_specs
 
 _F32 = jnp.float32
 
@@ -50,10 +55,16 @@ class AuxTuningError(UserError):
 
 @flax.struct.dataclass
 class AuxOutput:
-    logits: jax.Array  # [batch, length, vocab] float32: LM logits + auxiliary logits
-    lm_logits: jax.Array  # [batch, length, vocab]: the frozen LM's alone
-    aux_logits: jax.Array  # [batch, length, vocab] float32: the auxiliary model's alone
-    cache: dict | None = None
+    logits: jax.Array  # [B, L, V] float32: LM logits + auxiliary logits
+    lm_logits: jax.Array  # [B, L, V]: the frozen LM's alone
+    aux_logits: jax.Array  # [B, L, V] float32: the auxiliary model's alone
+
+
+@flax.struct.dataclass
+class AuxCache:
+    lm: HybridCache  # the frozen LM's, over the text
+    aux: HybridCache  # the auxiliary model's, holding the keyword segment first
+    bag: jax.Array  # [B, E_aux] float32: the mean of the keywords' embeddings
 
 
 class FeatureProjection(nn.Module):
@@ -102,7 +113,7 @@ class AuxTunedLM:
     # --- parameters ----------------------------------------------------------------------------
     def init_aux(self, rng) -> dict:
         """The trainable parameters {"model": the auxiliary Jamba (its output projection zero),
-        "projection": the feature projections, when any}, plain (unboxed) arrays."""
+        "bag_scale", "projection" (when there are feature layers)}, plain (unboxed) arrays."""
         k_aux, k_proj = jax.random.split(rng)
         aux = init_params(self.aux_cfg, k_aux)
         if self.aux_cfg.tie_word_embeddings:  # logits = (scale * norm(h)) E^T: zero scale, zero projection
@@ -119,8 +130,6 @@ class AuxTunedLM:
 
     def aux_param_specs(self) -> dict:
         """Logical PartitionSpecs of the trainable parameters (for the mesh)."""
-        from jamba_jax.params import param_logical_specs
-
         specs = {"model": param_logical_specs(self.aux_cfg), "bag_scale": jax.sharding.PartitionSpec(None)}
         if self.feature_layers:
             h = [jax.ShapeDtypeStruct((1, 1, self.cfg.hidden_size), self.cfg.compute_dtype)] * len(self.feature_layers)
@@ -129,70 +138,102 @@ class AuxTunedLM:
         return specs
 
     # --- cache -------------------------------------------------------------------------------------
-    def init_cache(self, batch: int, max_length: int, dtype=None, keyword_length: int = 0) -> dict:
-        return {"lm": self.lm.init_cache(batch, max_length, dtype),
-                "aux": self.aux.init_cache(batch, keyword_length + max_length, dtype),
-                "bag": jnp.zeros((batch, self.aux_cfg.hidden_size), _F32)}
+    def init_cache(self, batch: int, max_length: int, dtype=None, keyword_length: int = 0) -> AuxCache:
+        return AuxCache(self.lm.init_cache(batch, max_length, dtype),
+                        self.aux.init_cache(batch, keyword_length + max_length, dtype),
+                        jnp.zeros((batch, self.aux_cfg.hidden_size), _F32))
 
-    def start_cache(self, params, keyword_ids, keyword_mask, max_length: int, dtype=None) -> dict:
+    def start_cache(self, params, keyword_ids, keyword_mask, max_length: int, dtype=None) -> AuxCache:
         """A cache whose auxiliary part already holds the keyword segment (the text continues after it)."""
         keyword_ids = jnp.asarray(keyword_ids, jnp.int32)
         cache = self.init_cache(keyword_ids.shape[0], max_length, dtype, keyword_ids.shape[1])
-        cache["aux"] = _keyword_prefill(self, params["aux"]["model"], cache["aux"], keyword_ids,
-                                        jnp.asarray(keyword_mask))
-        cache["bag"] = keyword_bag(params["aux"]["model"], keyword_ids, jnp.asarray(keyword_mask))
-        return cache
+        aux_cache = _keyword_prefill(self, params["aux"]["model"], cache.aux, keyword_ids, jnp.asarray(keyword_mask))
+        bag = keyword_bag(params["aux"]["model"], keyword_ids, jnp.asarray(keyword_mask))
+        return cache.replace(aux=aux_cache, bag=bag)
 
-    # --- forward ----------------------------------------------------------------------------------------
-    def apply(self, variables, input_ids, attention_mask=None, cache=None, keyword_ids=None, keyword_mask=None,
-              last_logits_only: bool = False):
-        """Combined logits of the text `input_ids` [B, L]. Without a cache, `keyword_ids` [B, Z]
-        (left-padded, `keyword_mask` 1 on real tokens) come first in the auxiliary model's input;
-        with one, the keywords are already in `cache["aux"]` (see `start_cache`).
-        last_logits_only: the last position's logits only ([B, 1, V]; prefill)."""
-        params = variables["params"]
+    # --- entry points ----------------------------------------------------------------------------------
+    def apply(self, variables, *args, method: str = "__call__", **kwargs):
+        """The entry point `method` (module docstring) with variables {"params": {"lm", "aux"}}."""
+        entry = {"__call__": self._logits, "token_nll": self._token_nll, "prefill": self._prefill,
+                 "decode": self._decode}
+        if method not in entry:
+            raise ValueError(f"AuxTunedLM has no entry point {method!r}; it has {sorted(entry)}")
+        return entry[method](variables["params"], *args, **kwargs)
+
+    def _lm_features(self, frozen, method: str, *args, **kwargs):
+        """(the frozen LM's output of `method`, the auxiliary model's embedding offsets [B, L, E_aux] or None)."""
+        if not self.feature_layers:
+            return self.lm.apply({"params": frozen}, *args, method=method, **kwargs), None
+        out, captured = self.lm.apply({"params": frozen}, *args, method=method, mutable=["hidden_states"], **kwargs)
+        return out, captured["hidden_states"]
+
+    def _offsets(self, trained, captured):
+        if captured is None:
+            return None
+        hidden = [jax.lax.stop_gradient(layer_output(self.cfg, captured, i)) for i in self.feature_layers]
+        return self.projection.apply({"params": trained["projection"]}, hidden)
+
+    def _text_features(self, params, input_ids, attention_mask, keyword_ids, keyword_mask):
+        """(the LM's HiddenOutput of the text, the auxiliary model's hidden [B, L, E_aux] at the text positions
+        and its head, the bag logits [B, V])."""
+        frozen, trained = jax.lax.stop_gradient(params["lm"]), params["aux"]
+        if keyword_ids is None:
+            raise AuxTuningError("auxiliary tuning needs the conditioning keywords (keyword_ids) or a cache "
+                                 "that holds them")
+        input_ids, keyword_ids = jnp.asarray(input_ids, jnp.int32), jnp.asarray(keyword_ids, jnp.int32)
+        text_mask = jnp.ones(input_ids.shape, bool) if attention_mask is None else jnp.asarray(attention_mask, bool)
+        kw_mask = jnp.ones(keyword_ids.shape, bool) if keyword_mask is None else jnp.asarray(keyword_mask, bool)
+        lm_out, captured = self._lm_features(frozen, "hidden", input_ids, attention_mask)
+        offsets = self._offsets(trained, captured)
+        if offsets is not None:  # nothing is added at the keyword positions
+            offsets = jnp.concatenate([jnp.zeros(keyword_ids.shape + offsets.shape[-1:], offsets.dtype), offsets],
+                                      axis=1)
+        aux_out = self.aux.apply({"params": trained["model"]}, jnp.concatenate([keyword_ids, input_ids], axis=1),
+                                 jnp.concatenate([kw_mask, text_mask], axis=1), None, offsets, method="hidden")
+        bag = bag_logits(trained, keyword_bag(trained["model"], keyword_ids, kw_mask))
+        return lm_out, aux_out.hidden[:, -input_ids.shape[1]:], aux_out.head, bag
+
+    def _logits(self, params, input_ids, attention_mask=None, keyword_ids=None, keyword_mask=None) -> AuxOutput:
+        """Combined logits of the text `input_ids` [B, L], its keywords `keyword_ids` [B, Z] (left-padded,
+        `keyword_mask` 1 on real tokens) first in the auxiliary model's input."""
+        lm_out, aux_hidden, aux_head, bag = self._text_features(params, input_ids, attention_mask, keyword_ids,
+                                                                keyword_mask)
+        lm_logits = lm_out.hidden @ lm_out.head
+        aux_logits = (aux_hidden @ aux_head).astype(_F32) + bag[:, None, :]
+        return AuxOutput(logits=lm_logits.astype(_F32) + aux_logits, lm_logits=lm_logits, aux_logits=aux_logits)
+
+    def _token_nll(self, params, input_ids, targets, attention_mask=None, keyword_ids=None, keyword_mask=None):
+        """-log p(targets [B, L]) [B, L] float32 under the combined logits, without a [B, L, V] array
+        (`common.losses.chunked_nll`)."""
+        lm_out, aux_hidden, aux_head, bag = self._text_features(params, input_ids, attention_mask, keyword_ids,
+                                                                keyword_mask)
+        return chunked_nll(_combined_logits, (lm_out.hidden, aux_hidden), (lm_out.head, aux_head, bag), targets,
+                           self.cfg.vocab_size)
+
+    def _prefill(self, params, input_ids, cache: AuxCache, attention_mask=None) -> StepOutput:
+        """A chunk of text [B, L] into the cache (which holds the keywords): last-position logits, the cache."""
         frozen, trained = jax.lax.stop_gradient(params["lm"]), params["aux"]
         input_ids = jnp.asarray(input_ids, jnp.int32)
-        mutable = ["hidden_states"] if self.feature_layers else False
-        lm_result = self.lm.apply({"params": frozen}, input_ids, attention_mask=attention_mask,
-                                  cache=None if cache is None else cache["lm"], mutable=mutable,
-                                  last_logits_only=last_logits_only)
-        lm_out, captured = lm_result if self.feature_layers else (lm_result, None)
-        offsets = None
-        if self.feature_layers:
-            hidden = [jax.lax.stop_gradient(layer_output(self.cfg, captured["hidden_states"], i))
-                      for i in self.feature_layers]
-            offsets = self.projection.apply({"params": trained["projection"]}, hidden)
-        text_mask = jnp.ones(input_ids.shape, bool) if attention_mask is None else jnp.asarray(attention_mask, bool)
-        if cache is None:
-            if keyword_ids is None:
-                raise AuxTuningError("auxiliary tuning needs the conditioning keywords (keyword_ids) or a cache "
-                                     "that holds them")
-            keyword_ids = jnp.asarray(keyword_ids, jnp.int32)
-            kw_mask = jnp.ones(keyword_ids.shape, bool) if keyword_mask is None else jnp.asarray(keyword_mask, bool)
-            ids = jnp.concatenate([keyword_ids, input_ids], axis=1)
-            mask = jnp.concatenate([kw_mask, text_mask], axis=1)
-            if offsets is not None:
-                offsets = jnp.concatenate([jnp.zeros(keyword_ids.shape + offsets.shape[-1:], offsets.dtype), offsets],
-                                          axis=1)
-            aux_out = self.aux.apply({"params": trained["model"]}, ids, attention_mask=mask, embed_offsets=offsets,
-                                     last_logits_only=last_logits_only)
-            aux_logits, new_cache = aux_out.logits[:, -lm_out.logits.shape[1]:], None
-            bag = keyword_bag(trained["model"], keyword_ids, kw_mask)
-        else:
-            aux_out = self.aux.apply({"params": trained["model"]}, input_ids, attention_mask=text_mask,
-                                     cache=cache["aux"], embed_offsets=offsets, last_logits_only=last_logits_only)
-            aux_logits, bag = aux_out.logits, cache["bag"]
-            new_cache = {"lm": lm_out.cache, "aux": aux_out.cache, "bag": bag}
-        aux_logits = aux_logits.astype(_F32) + bag_logits(trained, bag)[:, None, :]
-        return AuxOutput(logits=lm_out.logits.astype(_F32) + aux_logits, lm_logits=lm_out.logits,
-                         aux_logits=aux_logits, cache=new_cache)
+        lm_out, captured = self._lm_features(frozen, "prefill", input_ids, cache.lm, attention_mask)
+        aux_out = self.aux.apply({"params": trained["model"]}, input_ids, cache.aux, attention_mask,
+                                 self._offsets(trained, captured), method="prefill")
+        aux_logits = aux_out.logits.astype(_F32) + bag_logits(trained, cache.bag)
+        return StepOutput(lm_out.logits.astype(_F32) + aux_logits, cache.replace(lm=lm_out.cache, aux=aux_out.cache))
+
+    def _decode(self, params, token_ids_B, cache: AuxCache) -> StepOutput:
+        return self._prefill(params, token_ids_B[:, None], cache)
+
+
+def _combined_logits(shared, lm_hidden_BxCxE, aux_hidden_BxCxE):
+    """A chunk's combined logits [B, C, V] float32 from both models' hidden states and (heads, bag logits)."""
+    lm_head, aux_head, bag_BxV = shared
+    return (lm_hidden_BxCxE @ lm_head).astype(_F32) + ((aux_hidden_BxCxE @ aux_head).astype(_F32) + bag_BxV[:, None])
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
 def _keyword_prefill(model: AuxTunedLM, aux_params, aux_cache, keyword_ids, keyword_mask):
     """The auxiliary model run over the keyword segment into its cache."""
-    return model.aux.apply({"params": aux_params}, keyword_ids, attention_mask=keyword_mask, cache=aux_cache).cache
+    return model.aux.apply({"params": aux_params}, keyword_ids, aux_cache, keyword_mask, method="prefill").cache
 
 
 def _unit(x, axis=-1):
@@ -211,15 +252,3 @@ def keyword_bag(aux_model_params, keyword_ids, keyword_mask):
     table = aux_model_params["model"]["embed_tokens"]["embedding"].astype(_F32)
     m = jnp.asarray(keyword_mask, _F32)[..., None]
     return jnp.sum(table[jnp.asarray(keyword_ids)] * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
-
-
-def keyword_block(token_lists: list[list[int]], length: int, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Keyword token lists left-padded (and cut on the left) to `length`: (ids [B, length], mask)."""
-    ids = np.full((len(token_lists), length), pad_id, np.int32)
-    mask = np.zeros((len(token_lists), length), np.int32)
-    for r, toks in enumerate(token_lists):
-        toks = list(toks)[-length:]
-        if toks:
-            ids[r, length - len(toks):] = toks
-            mask[r, length - len(toks):] = 1
-    return ids, mask

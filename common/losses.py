@@ -1,5 +1,6 @@
 """The one cross-entropy: per-position negative log-likelihood of integer targets, in float32
-whatever the logits' dtype. Models and tasks weight and sum it as their objectives say."""
+whatever the logits' dtype, with or without the [B, L, V] logits in memory. Models and tasks weight
+and sum it as their objectives say."""
 
 from __future__ import annotations
 
@@ -13,27 +14,38 @@ def token_nll(logits_BxLxV, targets_BxL):
     return -jnp.take_along_axis(logp, targets_BxL[..., None], axis=-1)[..., 0]
 
 
-LOSS_CHUNK_BYTES = 64 * 2**20  # float32 logits of one chunk of positions in `chunked_token_nll`
+LOSS_CHUNK_BYTES = 64 * 2**20  # float32 logits of one chunk of positions in `chunked_nll`
+
+
+def chunked_nll(logits_fn, per_position: tuple, shared, targets_BxL, vocab_size: int, chunk_bytes: int | None = None):
+    """token_nll(logits_fn(shared, *per_position), targets) [B, L] without a [B, L, V] array: the positions go
+    through `logits_fn` and the loss a chunk at a time (as many as keep a chunk's float32 logits within
+    `chunk_bytes`, default LOSS_CHUNK_BYTES read at trace time), and the backward pass recomputes each chunk's
+    logits, so the head's and the loss's memory does not grow with the length.
+
+    per_position: arrays [B, L, ...] cut into chunks of positions; shared: a pytree every chunk reads whole
+    (the LM heads); logits_fn(shared, *chunks [B, C, ...]) -> logits [B, C, V]."""
+    b, length = targets_BxL.shape
+    chunk = int(max(1, min(length, (chunk_bytes or LOSS_CHUNK_BYTES) // (b * vocab_size * 4))))
+    n = -(-length // chunk)
+    if n == 1:  # one chunk: nothing to recompute
+        return token_nll(logits_fn(shared, *per_position), targets_BxL)
+    pad = n * chunk - length
+
+    def chunks(x_BxL):  # [B, L, ...] -> [n, B, C, ...]
+        x = jnp.pad(x_BxL, [(0, 0), (0, pad)] + [(0, 0)] * (x_BxL.ndim - 2))
+        return x.reshape(b, n, chunk, *x_BxL.shape[2:]).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one(shared, xs_C, t_BxC):
+        return token_nll(logits_fn(shared, *xs_C), t_BxC)
+
+    nll = jax.lax.map(lambda xt: one(shared, *xt), (tuple(chunks(x) for x in per_position), chunks(targets_BxL)))
+    return nll.swapaxes(0, 1).reshape(b, n * chunk)[:, :length]
 
 
 def chunked_token_nll(hidden_BxLxE, head_ExV, targets_BxL, chunk_bytes: int | None = None):
-    """token_nll(hidden @ head, targets) [batch, length] without a [batch, length, vocab] array: the positions
-    go through the LM head and the loss a chunk at a time (as many as keep a chunk's float32 logits within
-    `chunk_bytes`, default LOSS_CHUNK_BYTES read at trace time), and the backward pass recomputes each
-    chunk's logits, so the head's and the loss's memory does not grow with the length. Same numbers as
-    token_nll(hidden @ head, targets)."""
-    b, length, e = hidden_BxLxE.shape
-    chunk = int(max(1, min(length, (chunk_bytes or LOSS_CHUNK_BYTES) // (b * head_ExV.shape[1] * 4))))
-    n = -(-length // chunk)
-    if n == 1:  # one chunk: nothing to recompute
-        return token_nll(hidden_BxLxE @ head_ExV, targets_BxL)
-    pad = n * chunk - length
-    h = jnp.pad(hidden_BxLxE, [(0, 0), (0, pad), (0, 0)]).reshape(b, n, chunk, e).swapaxes(0, 1)
-    t = jnp.pad(targets_BxL, [(0, 0), (0, pad)]).reshape(b, n, chunk).swapaxes(0, 1)
-
-    @jax.checkpoint
-    def one(head, h_BxCxE, t_BxC):
-        return token_nll(h_BxCxE @ head, t_BxC)
-
-    nll = jax.lax.map(lambda ht: one(head_ExV, *ht), (h, t))  # [n, batch, chunk]
-    return nll.swapaxes(0, 1).reshape(b, n * chunk)[:, :length]
+    """token_nll(hidden @ head, targets) [B, L] a chunk of positions at a time (`chunked_nll`): the same
+    numbers without a [B, L, V] array."""
+    return chunked_nll(lambda head, h: h @ head, (hidden_BxLxE,), head_ExV, targets_BxL, head_ExV.shape[1],
+                       chunk_bytes)

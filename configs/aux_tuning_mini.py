@@ -39,5 +39,5 @@ def get_config():
     model.num_experts = 4  # MoE at odd layers ...
     model.num_experts_per_tok = 2  # ... top-2
     model.dtype = "bfloat16"  # compute dtype on the accelerators
-    model.remat = True  # rematerialise each layer
+    model.remat_policy = "full"  # keep only each layer's input for the backward pass (jamba_jax.remat)
     return config

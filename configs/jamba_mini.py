@@ -42,7 +42,7 @@ def get_config():
     model.param_dtype = "float32"  # master weights
     model.scan_impl = "auto"  # the Pallas kernel on GPU/TPU, the fused lax.scan on CPU
     model.attention_impl = "auto"  # CPU: blockwise flash attention (XLA); GPU/TPU: the Pallas kernel (common.attention)
-    model.remat = True  # rematerialise each layer
+    model.remat_policy = "full"  # keep only each layer's input for the backward pass (jamba_jax.remat)
     model.scan_layers = True  # one nn.scan over the repeats of the 8-layer cycle: compile time flat in depth
     config.model = model
     return config

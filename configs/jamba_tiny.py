@@ -40,6 +40,8 @@ def get_config():
     model.param_dtype = "float32"  # parameter dtype
     model.scan_impl = "auto"  # selective scan implementation
     model.attention_impl = "auto"  # CPU: blockwise flash attention (XLA); GPU/TPU: the Pallas kernel (common.attention)
-    model.remat = False  # rematerialise decoder layers
+    model.moe_impl = "auto"  # the experts' grouped matmul (kernels.grouped_matmul): CPU blocked/dense, else ragged
+    model.remat_policy = "none"  # what a layer keeps for the backward pass (jamba_jax.remat): none | full | ...
+    model.scan_layers = False  # True: one nn.scan over repeats of the 8-layer cycle (jamba_jax.layout)
     config.model = model
     return config

@@ -1,19 +1,16 @@
 """The hybrid cache of Jamba generation: a KV cache per attention layer, a conv + SSM state per
 Mamba layer (Jamba paper, section 2: only the few attention layers pay per-token memory).
 
-  {"index": int32 scalar (tokens written so far),
-   "valid": bool [batch, max_length] (which slots hold real tokens: left padding is not),
-   "layers": one entry per layer, each built by its own module: `Attention.init_cache` (a KVCache
-             of k, v [batch, kv_heads, max_length, head_dim]) or `MambaMixer.init_cache` (a
-             MambaCache of conv [batch, d_conv - 1, d_inner] and the float32 ssm [batch, d_inner,
-             d_state]); with `scan_layers`, one entry per position of the layer cycle, each
-             stacked over the repeats ([repeats, ...], as the scanned stack takes them)}
-
-This module only assembles them.
+`HybridCache` holds the position written up to, which slots hold real tokens, and one typed cache
+per layer, each built by its own module: `Attention.init_cache` (a KVCache of k, v
+[B, H, S, D]) or `MambaMixer.init_cache` (a MambaCache of the conv window [B, W-1, I] and the
+float32 SSM state [B, I, N]); with `scan_layers`, one per position of the layer cycle, each stacked
+over the repeats ([repeats, ...], as the scanned stack takes them). This module only assembles them.
 """
 
 from __future__ import annotations
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,7 +21,18 @@ from jamba_jax.layout import layer_stacks, repeats
 from jamba_jax.mamba import MambaMixer
 
 
-def init_cache(cfg: JambaConfig, batch: int, max_length: int, dtype=None) -> dict:
+@flax.struct.dataclass
+class HybridCache:
+    index: jax.Array  # int32 scalar: tokens written so far (the next token's position)
+    valid: jax.Array  # bool [B, S]: slots holding real tokens (left padding and unwritten slots do not)
+    layers: tuple  # per layer (scanned: per cycle position, stacked): a KVCache or a MambaCache
+
+    @property
+    def max_length(self) -> int:
+        return self.valid.shape[1]
+
+
+def init_cache(cfg: JambaConfig, batch: int, max_length: int, dtype=None) -> HybridCache:
     """An empty cache for `batch` rows of up to `max_length` tokens; KV in `dtype` (default: the
     compute dtype), SSM states always float32."""
     dtype = jnp.dtype(dtype or cfg.compute_dtype)
@@ -37,7 +45,7 @@ def init_cache(cfg: JambaConfig, batch: int, max_length: int, dtype=None) -> dic
     layers = [layer(i) for _, i in layer_stacks(cfg)]
     if cfg.scan_layers:
         layers = [jax.tree.map(lambda x: jnp.zeros((repeats(cfg),) + x.shape, x.dtype), c) for c in layers]
-    return {"index": jnp.zeros((), jnp.int32), "valid": jnp.zeros((batch, max_length), bool), "layers": layers}
+    return HybridCache(jnp.zeros((), jnp.int32), jnp.zeros((batch, max_length), bool), tuple(layers))
 
 
 def cache_bytes(cfg: JambaConfig, batch: int, length: int, dtype="bfloat16") -> dict[str, int]:

@@ -1,10 +1,13 @@
 """JambaConfig: the fields, names and defaults of transformers' `JambaConfig`, plus ours.
 
 The HF fields keep their exact names and defaults so that a Hub `config.json` maps one to one
-(`from_hf_dict` / `to_hf_dict`). Our additions are the numerics and execution knobs:
-`dtype` (compute), `param_dtype`, `scan_impl` (see `kernels.selective_scan`), `attention_impl`
-(see `common.attention`), `remat`,
-`scan_layers` (see `jamba_jax.layout`) and `moe_capacity_factor` (see `jamba_jax.expert_parallel`).
+(`from_hf_dict` / `to_hf_dict`); those marked "no effect" are kept only for that round trip (they
+choose PyTorch kernels, caching or dropout that this implementation does not have). Our additions are
+the numerics and execution knobs: `dtype` (compute), `param_dtype`, `scan_impl` (see
+`kernels.selective_scan`), `attention_impl` (see `common.attention`), `moe_impl` (see
+`kernels.grouped_matmul`), `remat_policy` (see `jamba_jax.remat`), `scan_layers` (see
+`jamba_jax.layout`) and `moe_capacity_factor` (see `jamba_jax.expert_parallel`); none of them changes
+the weights.
 
 The layer schedule (Jamba paper, section 2): layer i is attention when
 `i % attn_layer_period == attn_layer_offset`, otherwise Mamba; its feed-forward is a
@@ -22,8 +25,13 @@ from common.config import DTYPES, ModelConfigBase
 from common.errors import UserError
 from common.layers import ACTIVATIONS
 from kernels import IMPLS
+from kernels.grouped_matmul import FFN_IMPLS
 
 _SCAN_IMPLS = ("auto",) + IMPLS
+REMAT_POLICIES = ("none", "full", "save_dots", "save_attention_and_moe_outputs")  # see jamba_jax.remat
+# fields that do not change the weights: a fine-tuning run or a generator may set them freely
+EXECUTION_FIELDS = ("dtype", "scan_impl", "attention_impl", "moe_impl", "remat_policy", "scan_layers",
+                    "moe_capacity_factor")
 
 # Keys that transformers writes into every config.json (PretrainedConfig bookkeeping) or that
 # older Jamba checkpoints carry; they do not describe the architecture and are ignored on load.
@@ -62,35 +70,36 @@ class JambaConfig(ModelConfigBase):
     hidden_act: str = "silu"
     initializer_range: float = 0.02
     rms_norm_eps: float = 1e-6
-    use_cache: bool = True
-    output_router_logits: bool = False
+    use_cache: bool = True  # no effect (the cache is what prefill / decode take)
+    output_router_logits: bool = False  # no effect (router logits are always returned)
     router_aux_loss_coef: float = 0.001
     pad_token_id: int | None = 0
     bos_token_id: int | None = 1
     eos_token_id: int | tuple[int, ...] | None = 2
-    max_position_embeddings: int = 262144
-    attention_dropout: float = 0.0
+    max_position_embeddings: int = 262144  # no effect (no positional embedding; caches are sized by the caller)
+    attention_dropout: float = 0.0  # no effect (no dropout)
     num_experts_per_tok: int = 2
     num_experts: int = 16
     expert_layer_period: int = 2
     expert_layer_offset: int = 1
     attn_layer_period: int = 8
     attn_layer_offset: int = 4
-    use_mamba_kernels: bool = True
+    use_mamba_kernels: bool = True  # no effect (scan_impl chooses the scan)
     mamba_d_state: int = 16
     mamba_d_conv: int = 4
     mamba_expand: int = 2
     mamba_dt_rank: int | str = "auto"
     mamba_conv_bias: bool = True
     mamba_proj_bias: bool = False
-    use_mambapy: bool = False
-    use_associative_scan: bool = True
+    use_mambapy: bool = False  # no effect (scan_impl chooses the scan)
+    use_associative_scan: bool = True  # no effect (scan_impl chooses the scan)
     # --- ours -----------------------------------------------------------------------------------
     dtype: str = "float32"  # compute dtype of matmuls and activations (bfloat16 on accelerators)
     param_dtype: str = "float32"  # storage dtype of the parameters
     scan_impl: str = "auto"  # selective-scan implementation, see kernels.selective_scan
     attention_impl: str = "auto"  # attention implementation, see common.attention.attention
-    remat: bool = False  # rematerialise each decoder layer in the backward pass
+    moe_impl: str = "auto"  # the experts' grouped matmul, see kernels.grouped_matmul
+    remat_policy: str = "none"  # what a decoder layer keeps for the backward pass, see jamba_jax.remat
     scan_layers: bool = False  # the stack as one nn.scan over repeats of the layer cycle (jamba_jax.layout)
     moe_capacity_factor: float = 0.0  # 0 = dropless; else slots per device pair under expert parallelism
     # (expert_parallel), per expert elsewhere (grouped_ffn.expert_capacity): pairs past it add nothing
@@ -133,6 +142,8 @@ class JambaConfig(ModelConfigBase):
         need(self.param_dtype in DTYPES, "param_dtype", f"must be one of {DTYPES}")
         need(self.scan_impl in _SCAN_IMPLS, "scan_impl", f"must be one of {_SCAN_IMPLS}")
         need(self.attention_impl in ATTENTION_IMPLS, "attention_impl", f"must be one of {ATTENTION_IMPLS}")
+        need(self.moe_impl in FFN_IMPLS, "moe_impl", f"must be one of {FFN_IMPLS}")
+        need(self.remat_policy in REMAT_POLICIES, "remat_policy", f"must be one of {REMAT_POLICIES}")
         need(self.rms_norm_eps > 0, "rms_norm_eps", "must be positive")
         need(self.moe_capacity_factor >= 0, "moe_capacity_factor", "must be 0 (dropless) or positive")
         need(not self.scan_layers or self.num_hidden_layers % self.layer_cycle == 0, "scan_layers",
@@ -176,8 +187,18 @@ class JambaConfig(ModelConfigBase):
     # --- conversion --------------------------------------------------------------------------------
     @classmethod
     def hf_field_names(cls) -> tuple[str, ...]:
-        ours = {"dtype", "param_dtype", "scan_impl", "attention_impl", "remat", "scan_layers", "moe_capacity_factor"}
+        ours = set(EXECUTION_FIELDS) | {"param_dtype"}
         return tuple(f.name for f in dataclasses.fields(cls) if f.name not in ours)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> JambaConfig:
+        """As `ModelConfigBase.from_dict`; a saved config's `remat` (the boolean that `remat_policy`
+        replaced) reads as "full" or "none"."""
+        d = dict(d)
+        if "remat" in d:
+            remat = d.pop("remat")
+            d.setdefault("remat_policy", "full" if remat else "none")
+        return super().from_dict(d)
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], **overrides) -> JambaConfig:

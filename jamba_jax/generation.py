@@ -63,9 +63,10 @@ def default_prefill_chunk(cfg, batch: int, prompt_len: int, budget_bytes: int = 
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
-def _prefill_chunk(model: JambaForCausalLM, params, cache, ids_BxC, mask_BxC):
-    out = model.apply({"params": params}, ids_BxC, attention_mask=mask_BxC, cache=cache, last_logits_only=True)
-    return out.logits[:, -1].astype(jnp.float32), out.cache
+def prefill_step(model: JambaForCausalLM, params, cache, ids_BxC, mask_BxC):
+    """One chunk of a prompt into the (donated) cache: (float32 logits [B, V] of its last position, cache)."""
+    out = model.apply({"params": params}, ids_BxC, cache, attention_mask=mask_BxC, method="prefill")
+    return out.logits.astype(jnp.float32), out.cache
 
 
 def _decode_body(model, params, cache, logits_BxV, done_B, rng, temperature, top_k, top_p, eos_id, pad_id):
@@ -74,15 +75,16 @@ def _decode_body(model, params, cache, logits_BxV, done_B, rng, temperature, top
     token = jnp.where(done_B, pad_id, token)
     if eos_id is not None:  # one id or a tuple of them (a config's eos_token_id may be a list)
         done_B = done_B | jnp.isin(token, jnp.asarray(eos_id, jnp.int32))
-    out = model.apply({"params": params}, token[:, None], cache=cache)
-    return token, done_B, out.logits[:, -1].astype(jnp.float32), out.cache
+    out = model.apply({"params": params}, token, cache, method="decode")
+    return token, done_B, out.logits.astype(jnp.float32), out.cache
 
 
-_decode_step = jax.jit(_decode_body, static_argnums=(0, 6, 7, 8, 9, 10), donate_argnums=(2,))
+decode_step = jax.jit(_decode_body, static_argnums=(0, 6, 7, 8, 9, 10), donate_argnums=(2,))
+decode_step.__doc__ = "One decode step, jitted, the cache donated: (token [B], done [B], logits [B, V], cache)."
 
 
 @functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 9, 10, 11))
-def _decode_loop(model, params, cache, logits_BxV, done_B, rng, n_steps, temperature, top_k, top_p, eos_id, pad_id):
+def decode_loop(model, params, cache, logits_BxV, done_B, rng, n_steps, temperature, top_k, top_p, eos_id, pad_id):
     """All `n_steps` decode steps in one compiled while-loop (stops early once every row is done)."""
     b = logits_BxV.shape[0]
 
@@ -103,13 +105,13 @@ def _decode_loop(model, params, cache, logits_BxV, done_B, rng, n_steps, tempera
 
 def prefill(model: JambaForCausalLM, params, input_ids, attention_mask=None, max_length: int | None = None,
             prefill_chunk: int | None = None, cache_dtype=None, cache=None):
-    """Runs the prompt through the model in chunks; returns (logits of its last position, cache).
+    """Runs the prompt through the model in chunks; returns (float32 logits [B, V] of its last position, cache).
 
-    `model` is any Linen module with a `cfg`, `init_cache(batch, max_length, dtype)` and the call
-    signature of JambaForCausalLM (`apply(params, ids, attention_mask=, cache=, last_logits_only=)`
-    -> output with .logits, .cache), e.g. an auxiliary-tuned LM; `cache` continues from a cache
-    already holding something (the auxiliary model's keyword segment) instead of a fresh one (it is
-    copied, not consumed). prefill_chunk: tokens per step (default: `default_prefill_chunk`).
+    `model` is a JambaForCausalLM, or any object with its generation interface: `cfg`,
+    `init_cache(batch, max_length, dtype)` and `apply(variables, ..., method="prefill" | "decode")` with
+    its entry points' signatures (e.g. an auxiliary-tuned LM). `cache` continues from a cache already
+    holding something (the auxiliary model's keyword segment) instead of a fresh one (it is copied, not
+    consumed). prefill_chunk: tokens per step (default: `default_prefill_chunk`).
     """
     input_ids = jnp.asarray(input_ids, jnp.int32)
     b, p = input_ids.shape
@@ -123,10 +125,36 @@ def prefill(model: JambaForCausalLM, params, input_ids, attention_mask=None, max
     with tqdm(total=p, desc="prefill", unit="tok", unit_scale=True, disable=p < PROGRESS_MIN_TOKENS,
               leave=False) as bar:
         for start in range(0, p, chunk):
-            logits, cache = _prefill_chunk(model, params, cache, input_ids[:, start:start + chunk],
-                                           mask[:, start:start + chunk])
+            logits, cache = prefill_step(model, params, cache, input_ids[:, start:start + chunk],
+                                         mask[:, start:start + chunk])
             bar.update(min(chunk, p - start))
     return logits, cache
+
+
+def check_generation_args(input_ids, vocab_size: int, max_new_tokens: int, temperature: float = 0.0,
+                          top_k: int | None = None, top_p: float | None = None, max_length: int | None = None,
+                          attention_mask=None) -> int:
+    """Raises GenerationError (or TokenIdError) for arguments `generate` cannot run; returns the cache
+    length the request needs (max_length, default prompt + max_new_tokens)."""
+    input_ids = np.asarray(input_ids)
+    if input_ids.ndim != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
+        raise GenerationError(f"input_ids must be a non-empty [batch, prompt] array; got shape {input_ids.shape}")
+    check_token_ids(input_ids, vocab_size)
+    if max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens={max_new_tokens} must be at least 1")
+    if temperature < 0:
+        raise GenerationError(f"temperature={temperature} must be >= 0")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise GenerationError(f"top_p={top_p} must lie in (0, 1]")
+    if top_k is not None and top_k < 1:
+        raise GenerationError(f"top_k={top_k} must be at least 1")
+    needed = input_ids.shape[1] + max_new_tokens
+    if needed > (max_length or needed):
+        raise GenerationError(f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) = {needed} "
+                              f"exceeds the cache's max_length ({max_length})")
+    if attention_mask is not None and not np.asarray(attention_mask).any(axis=1).all():
+        raise GenerationError("a row of attention_mask has no real token: every prompt needs at least one")
+    return max_length or needed
 
 
 def generate(model: JambaForCausalLM, params, input_ids, attention_mask=None, max_new_tokens: int = 32,
@@ -141,42 +169,23 @@ def generate(model: JambaForCausalLM, params, input_ids, attention_mask=None, ma
     callback(step, tokens [batch]) is called as each token arrives (streaming).
     cache: start from this cache (see `prefill`); its size bounds prompt + new tokens.
     """
-    cfg = model.cfg
     input_ids = np.asarray(input_ids)
-    if input_ids.ndim != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
-        raise GenerationError(f"input_ids must be a non-empty [batch, prompt] array; got shape {input_ids.shape}")
-    check_token_ids(input_ids, cfg.vocab_size)
-    if max_new_tokens < 1:
-        raise GenerationError(f"max_new_tokens={max_new_tokens} must be at least 1")
-    if temperature < 0:
-        raise GenerationError(f"temperature={temperature} must be >= 0")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise GenerationError(f"top_p={top_p} must lie in (0, 1]")
-    if top_k is not None and top_k < 1:
-        raise GenerationError(f"top_k={top_k} must be at least 1")
-    needed = input_ids.shape[1] + max_new_tokens
-    max_length = max_length or needed
-    if needed > max_length:
-        raise GenerationError(f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) = {needed} "
-                              f"exceeds the cache's max_length ({max_length})")
-    if attention_mask is not None and not np.asarray(attention_mask).any(axis=1).all():
-        raise GenerationError("a row of attention_mask has no real token: every prompt needs at least one")
-    pad_id = cfg.pad_token_id if pad_token_id is None else pad_token_id
-    pad_id = 0 if pad_id is None else pad_id
-    if isinstance(eos_token_id, list):
-        eos_token_id = tuple(eos_token_id)
+    max_length = check_generation_args(input_ids, model.cfg.vocab_size, max_new_tokens, temperature, top_k, top_p,
+                                       max_length, attention_mask)
+    pad_id = model.cfg.pad_token_id if pad_token_id is None else pad_token_id
+    pad_id = 0 if pad_id is None else int(pad_id)
+    eos_id = tuple(eos_token_id) if isinstance(eos_token_id, list) else eos_token_id
     rng = jax.random.PRNGKey(0) if rng is None else rng
+    sampling = (float(temperature), top_k, top_p, eos_id, pad_id)
 
     logits, cache = prefill(model, params, input_ids, attention_mask, max_length, prefill_chunk, cache=cache)
-    b = input_ids.shape[0]
-    done = jnp.zeros((b,), bool)
+    done = jnp.zeros((input_ids.shape[0],), bool)
     if callback is None:  # no streaming: the whole decode runs as one compiled loop
-        return np.asarray(_decode_loop(model, params, cache, logits, done, rng, max_new_tokens, float(temperature),
-                                       top_k, top_p, eos_token_id, int(pad_id)))
-    tokens = np.full((b, max_new_tokens), pad_id, np.int32)
+        return np.asarray(decode_loop(model, params, cache, logits, done, rng, max_new_tokens, *sampling))
+    tokens = np.full((input_ids.shape[0], max_new_tokens), pad_id, np.int32)
     for step in range(max_new_tokens):
-        token, done, logits, cache = _decode_step(model, params, cache, logits, done, jax.random.fold_in(rng, step),
-                                                  float(temperature), top_k, top_p, eos_token_id, int(pad_id))
+        token, done, logits, cache = decode_step(model, params, cache, logits, done, jax.random.fold_in(rng, step),
+                                                 *sampling)
         tokens[:, step] = np.asarray(token)
         callback(step, tokens[:, step])
         if bool(jnp.all(done)):

@@ -154,6 +154,60 @@ def read_hf_config(path: str, **overrides) -> JambaConfig:
     return JambaConfig.from_hf_dict(d, **overrides)
 
 
+def _checked_files(path: str, table: dict[str, Entry]) -> dict[str, list[str]]:
+    """{shard file: its keys}, having checked the checkpoint holds exactly the table's keys."""
+    files = _shard_files(path)
+    if files == {SINGLE_FILE: None}:  # no index: the keys come from the single file's header
+        files[SINGLE_FILE] = list(_open(os.path.join(path, SINGLE_FILE)).keys())
+    present = {k for keys in files.values() for k in keys}
+    missing = sorted(set(table) - present)
+    unexpected = sorted(present - set(table))
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: checkpoint does not match the config: missing keys {missing[:8]}"
+                              f"{' ...' if len(missing) > 8 else ''} ({len(missing)}), unexpected keys "
+                              f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} ({len(unexpected)})")
+    return files
+
+
+class _Assembler:
+    """Builds the parameter tree tensor by tensor: a stack (all experts of a layer; with `scan_layers`, all
+    repeats too) fills a numpy buffer piece by piece and becomes a device array once complete, the
+    buffer then freed; an ExpertsInt8 weight is quantised as it is stored."""
+
+    def __init__(self, cfg: JambaConfig, quantize: str | None, path: str):
+        self.params: dict[str, Any] = {}
+        self._pending: dict[tuple[str, ...], list] = {}  # path -> [numpy buffer, pieces still to come]
+        self._quant_paths = {}
+        if quantize:
+            from jamba_jax.quantization import QuantizationError, quantized_weights
+
+            if not any(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers)):
+                raise QuantizationError(f"{path}: the config has no mixture-of-experts layer to quantise")
+            self._quant_paths = {p + (name,): scale for p, name, scale in quantized_weights(cfg, include_mlp=True)}
+
+    def _store(self, fpath, value_np):
+        if fpath in self._quant_paths:
+            from jamba_jax.quantization import quantize_int8
+
+            q, scale = quantize_int8(value_np, xp=np)
+            set_path(self.params, fpath, jnp.asarray(q))
+            set_path(self.params, fpath[:-1] + (self._quant_paths[fpath],), jnp.asarray(scale))
+        else:
+            set_path(self.params, fpath, jnp.asarray(value_np))
+
+    def add(self, entry: Entry, value, flax_shape: tuple[int, ...]) -> None:
+        if not entry.index:
+            return self._store(entry.path, value)
+        if entry.path not in self._pending:
+            self._pending[entry.path] = [np.empty(flax_shape, value.dtype),
+                                         int(np.prod(flax_shape[:len(entry.index)]))]
+        slot = self._pending[entry.path]
+        slot[0][entry.index] = value
+        slot[1] -= 1
+        if slot[1] == 0:
+            self._store(entry.path, self._pending.pop(entry.path)[0])
+
+
 def load_hf_checkpoint(path: str, quantize: str | None = None, **config_overrides) -> tuple[JambaConfig, dict]:
     """Reads a local HF Jamba directory. `config_overrides` set our fields (dtype, param_dtype, ...).
 
@@ -164,40 +218,10 @@ def load_hf_checkpoint(path: str, quantize: str | None = None, **config_override
     cfg = read_hf_config(path, **config_overrides)
     if quantize not in (None, "experts_int8"):
         raise CheckpointError(f"quantize={quantize!r}; the supported scheme is 'experts_int8'")
-    quant_paths = {}
-    if quantize:
-        from jamba_jax.quantization import QuantizationError, quantize_int8, quantized_weights
-
-        if not any(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers)):
-            raise QuantizationError(f"{path}: the config has no mixture-of-experts layer to quantise")
-        quant_paths = {p + (name,): scale for p, name, scale in quantized_weights(cfg, include_mlp=True)}
-
-    def store(fpath, value_np):
-        if fpath in quant_paths:
-            q, scale = quantize_int8(value_np, xp=np)
-            set_path(params, fpath, jnp.asarray(q))
-            set_path(params, fpath[:-1] + (quant_paths[fpath],), jnp.asarray(scale))
-        else:
-            set_path(params, fpath, jnp.asarray(value_np))
-
     shapes = abstract_params(cfg)
     table = {e.hf_key: e for e in param_table(cfg)}
-    files = _shard_files(path)
-
-    # Which keys does the checkpoint hold? From the index, else from the single file's header.
-    if files == {SINGLE_FILE: None}:
-        files[SINGLE_FILE] = list(_open(os.path.join(path, SINGLE_FILE)).keys())
-    present = {k for keys in files.values() for k in keys}
-    missing = sorted(set(table) - present)
-    unexpected = sorted(present - set(table))
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: checkpoint does not match the config: missing keys {missing[:8]}"
-                              f"{' ...' if len(missing) > 8 else ''} ({len(missing)}), unexpected keys "
-                              f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} ({len(unexpected)})")
-
-    dtype = cfg.weights_dtype
-    pending: dict[tuple[str, ...], list] = {}  # path -> [numpy buffer, pieces still to come]
-    params: dict[str, Any] = {}
+    assembler = _Assembler(cfg, quantize, path)
+    files = _checked_files(path, table)
     bar = tqdm(total=len(table), desc=f"loading {os.path.basename(os.path.normpath(path))}", unit="tensor",
                disable=None, leave=False)  # disable=None: shown on a terminal only
     for fname, keys in sorted(files.items()):
@@ -209,27 +233,17 @@ def load_hf_checkpoint(path: str, quantize: str | None = None, **config_override
         for key in keys:
             entry = table[key]
             flax_shape = tuple(get_path(shapes, entry.path).shape)
-            want = _hf_shape(entry, flax_shape)
-            got = tuple(handle.get_slice(key).get_shape())
+            want, got = _hf_shape(entry, flax_shape), tuple(handle.get_slice(key).get_shape())
             if got != want:
                 raise CheckpointError(f"{fpath}: tensor {key} has shape {got}, the config implies {want}")
             try:
-                value = entry.to_flax(handle.get_tensor(key)).astype(dtype)
+                value = entry.to_flax(handle.get_tensor(key)).astype(cfg.weights_dtype)
             except SafetensorError as e:
                 raise CheckpointError(f"{fpath}: cannot read tensor {key}: {e}") from e
+            assembler.add(entry, value, flax_shape)
             bar.update(1)
-            if not entry.index:
-                store(entry.path, value)
-                continue
-            if entry.path not in pending:  # a stack: filled piece by piece, stored once complete
-                pending[entry.path] = [np.empty(flax_shape, dtype), int(np.prod(flax_shape[:len(entry.index)]))]
-            slot = pending[entry.path]
-            slot[0][entry.index] = value
-            slot[1] -= 1
-            if slot[1] == 0:
-                store(entry.path, pending.pop(entry.path)[0])
     bar.close()
-    return cfg, params
+    return cfg, assembler.params
 
 
 def _open(fpath: str):

@@ -5,6 +5,15 @@ mixture of experts (the schedule lives in `JambaConfig`); a final RMSNorm and an
 Parameter names mirror transformers' module tree (`model/layers_3/mamba/...`) so the HF conversion
 is a table; with `scan_layers` the stack is one `nn.scan` over repeats of the layer cycle
 (`jamba_jax.layout`).
+
+`JambaForCausalLM`'s entry points each say what they compute (`model.apply(variables, ...,
+method=...)`):
+
+  __call__    logits [B, L, V] of every position                                  -> JambaOutput
+  token_nll   -log p(targets) [B, L] a chunk of positions at a time, no logits   -> LossOutput
+  hidden      the final hidden states [B, L, E] and the LM head [E, V]            -> HiddenOutput
+  prefill     a chunk of a prompt into a HybridCache; the last position's logits  -> StepOutput
+  decode      one token per row into a HybridCache; its logits                    -> StepOutput
 """
 
 from __future__ import annotations
@@ -20,12 +29,13 @@ from common.errors import UserError
 from common.layers import normal_init
 from common.losses import chunked_token_nll
 from common.sharding import constrain
-from jamba_jax.cache import init_cache
+from jamba_jax.cache import HybridCache, init_cache
 from jamba_jax.config import JambaConfig
 from jamba_jax.layers import MLP, Attention, rms_norm
 from jamba_jax.layout import CYCLES, repeats
 from jamba_jax.mamba import MambaMixer
 from jamba_jax.moe import SparseMoE, load_balancing_loss
+from jamba_jax.remat import remat_layer
 
 
 class TokenIdError(UserError):
@@ -34,11 +44,30 @@ class TokenIdError(UserError):
 
 @flax.struct.dataclass
 class JambaOutput:
-    logits: jax.Array | None  # [batch, length, vocab] (None when the call was given `targets`)
-    router_logits: tuple  # one [batch, length, num_experts] per MoE layer, in layer order
+    logits: jax.Array  # [B, L, V]
+    router_logits: tuple  # one [B, L, X] per MoE layer, in layer order
     aux_loss: jax.Array  # scalar: Switch load-balancing loss (not yet scaled by router_aux_loss_coef)
-    cache: dict | None = None  # the updated hybrid cache when one was passed in (jamba_jax.cache)
-    token_nll: jax.Array | None = None  # [batch, length] float32 -log p(targets) when the call was given `targets`
+
+
+@flax.struct.dataclass
+class LossOutput:
+    token_nll: jax.Array  # [B, L] float32: -log p(targets[b, t] | positions <= t)
+    router_logits: tuple
+    aux_loss: jax.Array
+
+
+@flax.struct.dataclass
+class HiddenOutput:
+    hidden: jax.Array  # [B, L, E] after the final norm: logits = hidden @ head
+    head: jax.Array  # [E, V] the LM head (the embedding's transpose when tied), compute dtype
+    router_logits: tuple
+    aux_loss: jax.Array
+
+
+@flax.struct.dataclass
+class StepOutput:
+    logits: jax.Array  # [B, V] of the step's last position
+    cache: HybridCache  # the cache with the step's tokens written
 
 
 class DecoderLayer(nn.Module):
@@ -68,6 +97,22 @@ class DecoderLayer(nn.Module):
         return h, router_logits, layer_cache
 
 
+def run_layers(cfg: JambaConfig, layer_ids, h, valid_BxL, mask, segment_ids_BxL, caches, index):
+    """The decoder layers `layer_ids` in order, created in the calling compact module as layers_{i}:
+    (h, router logits of the MoE layers in order, the layers' new caches or None). Both layouts run
+    this: the unrolled stack over every layer, the scanned cycle over its positions."""
+    layer_cls = remat_layer(DecoderLayer, cfg)
+    router_logits, new_caches = [], []
+    for j, i in enumerate(layer_ids):
+        h, rl, cache = layer_cls(cfg, i, name=f"layers_{i}")(h, valid_BxL, mask, segment_ids_BxL,
+                                                             None if caches is None else caches[j], index)
+        h = constrain(h, ("batch", None, None))
+        new_caches.append(cache)
+        if rl is not None:
+            router_logits.append(rl)
+    return h, tuple(router_logits), None if caches is None else tuple(new_caches)
+
+
 class DecoderCycle(nn.Module):
     """`layer_cycle` consecutive decoder layers: the body that `scan_layers` scans over the repeats.
     Carry: the hidden state; scanned in: the cycle's layer caches; scanned out: its router logits
@@ -77,24 +122,16 @@ class DecoderCycle(nn.Module):
 
     @nn.compact
     def __call__(self, h, valid_BxL, mask, segment_ids_BxL, caches, index):
-        cfg = self.cfg
-        layer_cls = nn.remat(DecoderLayer) if cfg.remat else DecoderLayer
-        router_logits, new_caches = [], []
-        for j in range(cfg.layer_cycle):
-            h, rl, cache = layer_cls(cfg, j, name=f"layers_{j}")(h, valid_BxL, mask, segment_ids_BxL,
-                                                                 None if caches is None else caches[j], index)
-            h = constrain(h, ("batch", None, None))
-            new_caches.append(cache)
-            if rl is not None:
-                router_logits.append(rl)
-        return h, (tuple(router_logits), None if caches is None else tuple(new_caches))
+        h, router_logits, new_caches = run_layers(self.cfg, range(self.cfg.layer_cycle), h, valid_BxL, mask,
+                                                  segment_ids_BxL, caches, index)
+        return h, (router_logits, new_caches)
 
 
 class JambaModel(nn.Module):
     """Embedding, decoder layers, final norm.
 
-    Returns (hidden [batch, length, hidden], router logits in layer order, per-layer caches or None;
-    scanned: per cycle position, stacked over the repeats).
+    Returns (hidden [B, L, E], router logits in layer order, per-layer caches or None; scanned: per
+    cycle position, stacked over the repeats).
     """
 
     cfg: JambaConfig
@@ -116,26 +153,14 @@ class JambaModel(nn.Module):
                             split_rngs={"params": True},
                             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
                             length=repeats(cfg), metadata_params={nn.PARTITION_NAME: "layers"})
-            caches = None if layer_caches is None else tuple(layer_caches)
-            h, (stacked_logits, new_caches) = stack(cfg, name=CYCLES)(h, valid_BxL, mask, segment_ids, caches,
+            h, (stacked_logits, new_caches) = stack(cfg, name=CYCLES)(h, valid_BxL, mask, segment_ids, layer_caches,
                                                                       index)
             # [repeats, ...] per MoE position -> one array per MoE layer, in layer order
             router_logits = tuple(logits[r] for r in range(repeats(cfg)) for logits in stacked_logits)
-            new_caches = None if new_caches is None else list(new_caches)
         else:
-            layer_cls = nn.remat(DecoderLayer) if cfg.remat else DecoderLayer
-            router_logits, new_caches = [], []
-            for i in range(cfg.num_hidden_layers):
-                layer_cache = None if layer_caches is None else layer_caches[i]
-                h, rl, layer_cache = layer_cls(cfg, i, name=f"layers_{i}")(h, valid_BxL, mask, segment_ids,
-                                                                           layer_cache, index)
-                h = constrain(h, ("batch", None, None))
-                new_caches.append(layer_cache)
-                if rl is not None:
-                    router_logits.append(rl)
-            router_logits, new_caches = tuple(router_logits), None if layer_caches is None else new_caches
-        hidden = rms_norm(cfg, "final_layernorm")(h)
-        return hidden, router_logits, new_caches
+            h, router_logits, new_caches = run_layers(cfg, range(cfg.num_hidden_layers), h, valid_BxL, mask,
+                                                      segment_ids, layer_caches, index)
+        return rms_norm(cfg, "final_layernorm")(h), router_logits, new_caches
 
 
 def check_token_ids(input_ids, vocab_size: int):
@@ -150,63 +175,74 @@ def check_token_ids(input_ids, vocab_size: int):
 
 
 class JambaForCausalLM(nn.Module):
-    """`apply({"params": p}, input_ids [batch, length], attention_mask=None)` -> JambaOutput.
+    """The causal LM; its entry points are listed in the module docstring. Their arguments:
 
-    attention_mask: [batch, length], 1 for real tokens, 0 for padding (left padding for batches).
-    segment_ids: optional [batch, length] document ids of packed rows (0 = padding); attention
+    input_ids: [B, L] token ids. attention_mask: [B, L], 1 for real tokens, 0 for padding (left
+    padding for batches). segment_ids: [B, L] document ids of packed rows (0 = padding); attention
     stays inside a document and the Mamba state restarts at each document's first token.
-    cache: optional hybrid cache (`jamba_jax.cache.init_cache`); the tokens continue from it at
-    position cache["index"] and the output carries the updated cache (prefill and decoding).
-    embed_offsets: optional [batch, length, hidden] added to the token embeddings (features from
-    another model: auxiliary tuning reads a frozen LM's hidden states this way).
-    last_logits_only: logits [batch, 1, vocab] of the last position only (prefill).
-    targets: optional [batch, length] token ids; then the output carries token_nll = -log p(targets[b, t] |
-    positions <= t) instead of logits, computed a chunk of positions at a time (`common.losses.
-    chunked_token_nll`): training and evaluation never hold [batch, length, vocab] logits.
+    embed_offsets: [B, L, E] added to the token embeddings (features from another model: auxiliary
+    tuning reads a frozen LM's hidden states this way). cache: a `HybridCache` (`init_cache`); the
+    tokens continue from it at position cache.index.
     """
 
     cfg: JambaConfig
 
-    def init_cache(self, batch: int, max_length: int, dtype=None) -> dict:
+    def init_cache(self, batch: int, max_length: int, dtype=None) -> HybridCache:
         """An empty hybrid cache for this model (`jamba_jax.cache.init_cache`)."""
         return init_cache(self.cfg, batch, max_length, dtype)
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask: jax.Array | None = None, segment_ids=None, cache=None,
-                 embed_offsets=None, last_logits_only: bool = False, targets=None):
+    def _forward(self, input_ids, valid_BxL, mask, segment_ids, layer_caches, index, embed_offsets):
+        """(final hidden [B, L, E], head [E, V] in the compute dtype, router logits, new layer caches)."""
         cfg = self.cfg
-        check_token_ids(input_ids, cfg.vocab_size)
-        if targets is not None and last_logits_only:
-            raise ValueError("targets (a loss over every position) and last_logits_only cannot be combined")
-        if attention_mask is None:
-            valid = jnp.ones(input_ids.shape, bool) if segment_ids is None else segment_ids != 0
-        else:
-            valid = attention_mask.astype(bool)
-        if cache is None:
-            mask, layer_caches, index, new_cache = AttentionMask.causal(valid, segment_ids), None, None, None
-        else:
-            if segment_ids is not None:
-                raise ValueError("segment_ids (packed rows) and a generation cache cannot be combined")
-            index = cache["index"]
-            key_valid = jax.lax.dynamic_update_slice(cache["valid"], valid, (0, index))
-            mask, layer_caches = AttentionMask.cached(key_valid, index, input_ids.shape[1]), cache["layers"]
         hidden, router_logits, new_layers = JambaModel(cfg, name="model")(
-            input_ids, valid, mask, segment_ids, layer_caches, index, embed_offsets)
-        if cache is not None:
-            new_cache = {"index": index + input_ids.shape[1], "valid": key_valid, "layers": new_layers}
-        if last_logits_only:
-            hidden = hidden[:, -1:]
+            input_ids, valid_BxL, mask, segment_ids, layer_caches, index, embed_offsets)
         if cfg.tie_word_embeddings:
             head_ExV = nn.unbox(self.variables["params"]["model"]["embed_tokens"]["embedding"]).astype(
                 cfg.compute_dtype).T
         else:
-            init = normal_init(cfg.initializer_range)
-            kernel = self.param("lm_head", nn.with_logical_partitioning(init, ("embed", "vocab")),
+            kernel = self.param("lm_head", nn.with_logical_partitioning(normal_init(cfg.initializer_range),
+                                                                        ("embed", "vocab")),
                                 (cfg.hidden_size, cfg.vocab_size), cfg.weights_dtype)
             head_ExV = kernel.astype(cfg.compute_dtype)
-        aux = load_balancing_loss(router_logits, cfg.num_experts, cfg.num_experts_per_tok,
+        return hidden, head_ExV, router_logits, new_layers
+
+    def hidden(self, input_ids, attention_mask=None, segment_ids=None, embed_offsets=None) -> HiddenOutput:
+        """The final hidden states and the LM head of whole rows (no cache)."""
+        check_token_ids(input_ids, self.cfg.vocab_size)
+        if attention_mask is None:
+            valid = jnp.ones(input_ids.shape, bool) if segment_ids is None else segment_ids != 0
+        else:
+            valid = attention_mask.astype(bool)
+        hidden, head, router_logits, _ = self._forward(input_ids, valid, AttentionMask.causal(valid, segment_ids),
+                                                       segment_ids, None, None, embed_offsets)
+        aux = load_balancing_loss(router_logits, self.cfg.num_experts, self.cfg.num_experts_per_tok,
                                   None if attention_mask is None and segment_ids is None else valid)
-        if targets is not None:
-            return JambaOutput(logits=None, router_logits=router_logits, aux_loss=aux, cache=new_cache,
-                               token_nll=chunked_token_nll(hidden, head_ExV, targets))
-        return JambaOutput(logits=hidden @ head_ExV, router_logits=router_logits, aux_loss=aux, cache=new_cache)
+        return HiddenOutput(hidden, head, router_logits, aux)
+
+    def __call__(self, input_ids, attention_mask=None, segment_ids=None, embed_offsets=None) -> JambaOutput:
+        """Logits [B, L, V] of every position (whole rows, no cache)."""
+        out = self.hidden(input_ids, attention_mask, segment_ids, embed_offsets)
+        return JambaOutput(out.hidden @ out.head, out.router_logits, out.aux_loss)
+
+    def token_nll(self, input_ids, targets, attention_mask=None, segment_ids=None, embed_offsets=None) -> LossOutput:
+        """-log p(targets[b, t] | positions <= t) [B, L] float32, a chunk of positions at a time
+        (`common.losses.chunked_token_nll`): training and evaluation never hold [B, L, V] logits."""
+        out = self.hidden(input_ids, attention_mask, segment_ids, embed_offsets)
+        return LossOutput(chunked_token_nll(out.hidden, out.head, targets), out.router_logits, out.aux_loss)
+
+    def prefill(self, input_ids, cache: HybridCache, attention_mask=None, embed_offsets=None) -> StepOutput:
+        """Runs a chunk of tokens [B, L] into `cache` at cache.index (the prompt, or a part of it):
+        the last position's logits [B, V] and the updated cache."""
+        check_token_ids(input_ids, self.cfg.vocab_size)
+        valid = jnp.ones(input_ids.shape, bool) if attention_mask is None else attention_mask.astype(bool)
+        key_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, cache.index))
+        mask = AttentionMask.cached(key_valid, cache.index, input_ids.shape[1])
+        hidden, head, _, new_layers = self._forward(input_ids, valid, mask, None, cache.layers, cache.index,
+                                                    embed_offsets)
+        new_cache = HybridCache(cache.index + input_ids.shape[1], key_valid, new_layers)
+        return StepOutput(hidden[:, -1] @ head, new_cache)
+
+    def decode(self, token_ids_B, cache: HybridCache, embed_offsets=None) -> StepOutput:
+        """One new token per row ([B]) into `cache`: its logits [B, V] and the updated cache."""
+        return self.prefill(token_ids_B[:, None], cache, embed_offsets=embed_offsets)

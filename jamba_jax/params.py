@@ -25,9 +25,8 @@ from jamba_jax.model import JambaForCausalLM
 def _boxed_init(cfg: JambaConfig):
     """The model's initialiser as one jitted function of the rng, boxed (logically partitioned) params
     out, one per config: a fresh `jax.jit(model.init)` is a new function to jit's caches and compiles
-    again (12 s for the tiny test model). Its trace is cached too, so the abstract tree, the
-    pre-flight's abstract state and the real initialiser trace the model once between them (seconds
-    for Jamba-1.5-Mini)."""
+    again. Its trace is cached too, so the abstract tree, the pre-flight's abstract state and the real
+    initialiser trace the model once between them."""
     model = JambaForCausalLM(cfg)
     return jax.jit(lambda rng: model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"])
 
@@ -136,19 +135,35 @@ def _layer_bytes(cfg: JambaConfig, tokens: int) -> int:
     return max(mamba, attention) + ffn + tokens * 4 * e * item
 
 
+def _saved_bytes(cfg: JambaConfig, tokens: int) -> int:
+    """What one layer keeps for the backward pass under `cfg.remat_policy` (`jamba_jax.remat`)."""
+    item = jnp.dtype(cfg.compute_dtype).itemsize
+    e, i, f, k = cfg.hidden_size, cfg.mamba_d_inner, cfg.intermediate_size, max(cfg.num_experts_per_tok, 1)
+    inputs = tokens * e * item
+    if cfg.remat_policy == "none":
+        return _layer_bytes(cfg, tokens)
+    if cfg.remat_policy == "save_attention_and_moe_outputs":  # the mixer's or the MoE's output, per layer
+        return inputs + tokens * e * item
+    if cfg.remat_policy == "save_dots":  # the projections: Mamba's in/x/dt/out or attention's q/k/v/o, the FFN's
+        kv = cfg.num_key_value_heads * cfg.head_dim
+        mixer = max(tokens * (3 * i + cfg.mamba_dt_rank + 2 * cfg.mamba_d_state + e),
+                    tokens * (2 * e + 2 * kv))
+        ffn = tokens * k * (2 * f + e) if cfg.num_experts > 1 else tokens * (2 * f + e)
+        return inputs + (mixer + ffn) * item
+    return inputs  # "full": the layer's input alone
+
+
 def activation_bytes(cfg: JambaConfig, batch: int, length: int) -> int:
     """A rough upper estimate of a training step's activation memory per device (batch rows of
-    `length` tokens there): what the layers keep for the backward pass (with `remat`, only each
-    layer's input), one layer's full working set (the layer being differentiated), and one chunk of the
-    loss's float32 logits with their log-softmax and gradient (`common.losses.chunked_token_nll`: at most
-    LOSS_CHUNK_BYTES of logits, or one position of every row). Used by the memory pre-flight; the dry run
-    prints it."""
+    `length` tokens there): what the layers keep for the backward pass (`cfg.remat_policy`: everything,
+    some tagged outputs or only each layer's input), one layer's full working set (the layer being
+    differentiated), and one chunk of the loss's float32 logits with their log-softmax and gradient
+    (`common.losses.chunked_token_nll`: at most LOSS_CHUNK_BYTES of logits, or one position of every row).
+    Used by the memory pre-flight; the dry run prints it."""
     tokens = batch * length
-    layer = _layer_bytes(cfg, tokens)
-    saved = cfg.num_hidden_layers * (tokens * cfg.hidden_size * jnp.dtype(cfg.compute_dtype).itemsize
-                                     if cfg.remat else layer)
+    saved = cfg.num_hidden_layers * _saved_bytes(cfg, tokens)
     logits = max(min(tokens * cfg.vocab_size * 4, LOSS_CHUNK_BYTES), batch * cfg.vocab_size * 4) * 3
-    return int(saved + layer + logits)
+    return int(saved + _layer_bytes(cfg, tokens) + logits)
 
 
 def forward_bytes_per_token(cfg: JambaConfig) -> int:

@@ -14,11 +14,12 @@ from test_training import read_metrics, small_config, train_losses
 
 import jamba_jax
 import tasks
-from aux_tuning import AuxTunedLM, AuxTuningError, keyword_block
+from aux_tuning import AuxTunedLM, AuxTuningError, contains_keywords, content_words, keyword_block
 from aux_tuning.model import bag_logits, keyword_bag
+from common.checkpoints import directory_digest
 from configs import aux_tuning_tiny
-from tasks.aux_tuning import AuxTuningTask, contains_keywords, content_words, directory_digest
-from tasks.generate import load_checkpoint
+from jamba_jax import load_checkpoint
+from tasks.aux_tuning import AuxTuningTask
 from training import train
 from training.checkpoint import CheckpointMismatchError
 
@@ -80,18 +81,26 @@ def test_keywords_change_the_auxiliary_logits_and_not_the_lms():
     assert float(jnp.abs(a.aux_logits - b.aux_logits).max()) > 1e-3
 
 
-def test_cached_generation_equals_the_full_forward():
+def test_cached_generation_and_the_chunked_loss_equal_the_full_forward(monkeypatch):
     model = AuxTunedLM(LM, AUX, (1,))
     variables = random_variables(model)
     ids = jnp.asarray(np.random.RandomState(2).randint(3, 97, (2, 7)))
     kw, kw_mask = keyword_block([[5, 6, 9], [7]], 4)
     full = model.apply({"params": variables}, ids, keyword_ids=kw, keyword_mask=kw_mask).logits
     cache = model.start_cache(variables, kw, kw_mask, max_length=7)
-    step = jax.jit(lambda p, c, x: model.apply({"params": p}, x, cache=c))
+    step = jax.jit(lambda p, c, x: model.apply({"params": p}, x, c, method="decode"))
     for t in range(7):
-        out = step(variables, cache, ids[:, t:t + 1])
+        out = step(variables, cache, ids[:, t])
         cache = out.cache
-        np.testing.assert_allclose(np.asarray(out.logits[:, 0]), np.asarray(full[:, t]), atol=2e-5, rtol=0)
+        np.testing.assert_allclose(np.asarray(out.logits), np.asarray(full[:, t]), atol=2e-5, rtol=0)
+    # the chunked loss (3 positions per chunk) of the combined logits is their cross-entropy
+    import common.losses
+
+    monkeypatch.setattr(common.losses, "LOSS_CHUNK_BYTES", 2 * 97 * 4 * 3)
+    targets = jnp.roll(ids, -1, axis=1)
+    nll = model.apply({"params": variables}, ids, targets, None, kw, kw_mask, method="token_nll")
+    want = -jnp.take_along_axis(jax.nn.log_softmax(full, -1), targets[..., None], -1)[..., 0]
+    np.testing.assert_allclose(np.asarray(nll), np.asarray(want), atol=2e-5, rtol=0)
     # greedy generation through jamba_jax.generate with both caches: each new token is the argmax of the
     # full forward over the prompt and the tokens before it (one forward over the whole sequence checks all)
     tokens = jamba_jax.generate(model, variables, ids[:, :3], max_new_tokens=4,

@@ -54,7 +54,7 @@ def test_a_training_workdir_converts_to_hf(tmp_path, capsys):
 
     import jamba_jax
     import tasks
-    from tasks.generate import load_checkpoint
+    from jamba_jax import load_checkpoint
 
     workdir = str(tmp_path / "run")
     tasks.run(small_config(num_train_steps=4, save_every_steps=2, eval_every_steps=4), workdir)

@@ -9,7 +9,7 @@ from conftest import make_hf_model, random_ids
 
 import jamba_jax
 from jamba_jax import GenerationError, TokenIdError
-from jamba_jax.generation import _decode_loop, _decode_step, prefill
+from jamba_jax.generation import decode_loop, decode_step, prefill
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +36,22 @@ def test_cached_decode_matches_full_forward_at_every_position(model_and_params):
     ids, mask = padded_prompts(model.cfg.vocab_size)
     full = model.apply({"params": params}, ids, attention_mask=mask).logits
     cache = jamba_jax.init_cache(model.cfg, ids.shape[0], ids.shape[1])
-    step = jax.jit(lambda p, c, x, m: model.apply({"params": p}, x, attention_mask=m, cache=c))
+    step = jax.jit(lambda p, c, x, m: model.apply({"params": p}, x, c, attention_mask=m, method="prefill"))
     for t in range(ids.shape[1]):  # one token at a time through the cache
         out = step(params, cache, ids[:, t:t + 1], mask[:, t:t + 1])
         cache = out.cache
         real = mask[:, t].astype(bool)
-        np.testing.assert_allclose(np.asarray(out.logits[:, 0])[real], np.asarray(full[:, t])[real], atol=1e-4, rtol=0)
+        np.testing.assert_allclose(np.asarray(out.logits)[real], np.asarray(full[:, t])[real], atol=1e-4, rtol=0)
+    # decode: one token per row (no mask: every new token is real) continues the same cache
+    token = jnp.asarray(random_ids((ids.shape[0],), model.cfg.vocab_size, seed=23), jnp.int32)
+    cache = jamba_jax.init_cache(model.cfg, ids.shape[0], ids.shape[1] + 1)
+    cache = jax.jit(lambda p, c: model.apply({"params": p}, ids, c, attention_mask=mask, method="prefill"))(
+        params, cache).cache
+    out = jax.jit(lambda p, c, x: model.apply({"params": p}, x, c, method="decode"))(params, cache, token)
+    full = model.apply({"params": params}, jnp.concatenate([ids, token[:, None]], 1),
+                       attention_mask=np.concatenate([mask, np.ones_like(mask[:, :1])], 1)).logits
+    np.testing.assert_allclose(np.asarray(out.logits), np.asarray(full[:, -1]), atol=1e-4, rtol=0)
+    assert int(out.cache.index) == ids.shape[1] + 1
 
 
 def test_scanned_layers_generate_the_same_tokens_from_a_stacked_cache(model_and_params):
@@ -53,8 +63,8 @@ def test_scanned_layers_generate_the_same_tokens_from_a_stacked_cache(model_and_
     scfg = model.cfg.replace(scan_layers=True)
     smodel = jamba_jax.JambaForCausalLM(scfg)
     cache = jamba_jax.init_cache(scfg, 2, 16)
-    assert len(cache["layers"]) == scfg.layer_cycle
-    assert all(x.shape[0] == repeats(scfg) for x in jax.tree.leaves(cache["layers"]))
+    assert isinstance(cache, jamba_jax.HybridCache) and len(cache.layers) == scfg.layer_cycle
+    assert all(x.shape[0] == repeats(scfg) for x in jax.tree.leaves(cache.layers))
     ids, mask = padded_prompts(model.cfg.vocab_size)
     want = jamba_jax.generate(model, params, ids, attention_mask=mask, max_new_tokens=6, prefill_chunk=4)
     got = jamba_jax.generate(smodel, to_scanned(model.cfg, params), ids, attention_mask=mask, max_new_tokens=6,
@@ -69,12 +79,12 @@ def test_chunked_prefill_equals_one_pass(model_and_params, chunk):
     logits_1, cache_1 = prefill(model, params, ids, mask, max_length=16)
     logits_c, cache_c = prefill(model, params, ids, mask, max_length=16, prefill_chunk=chunk)
     np.testing.assert_allclose(logits_c, logits_1, atol=1e-4, rtol=0)
-    np.testing.assert_array_equal(cache_c["valid"], cache_1["valid"])
-    real = np.asarray(cache_1["valid"])  # K/V of pad slots are never attended to; only real slots must agree
-    for layer_c, layer_1 in zip(cache_c["layers"], cache_1["layers"], strict=True):
+    np.testing.assert_array_equal(cache_c.valid, cache_1.valid)
+    real = np.asarray(cache_1.valid)  # K/V of pad slots are never attended to; only real slots must agree
+    for layer_c, layer_1 in zip(cache_c.layers, cache_1.layers, strict=True):
         for key in layer_1._fields:  # KVCache (k, v) or MambaCache (conv, ssm)
             a, b = np.asarray(getattr(layer_c, key), np.float32), np.asarray(getattr(layer_1, key), np.float32)
-            if key in ("k", "v"):  # [B, V, S, D]
+            if key in ("k", "v"):  # [B, H, S, D]
                 a, b = np.swapaxes(a, 1, 2)[real], np.swapaxes(b, 1, 2)[real]
             np.testing.assert_allclose(a, b, atol=1e-4, rtol=0, err_msg=key)
 
@@ -136,10 +146,10 @@ def test_decode_steps_do_not_recompile(model_and_params):
     jax.clear_caches()
     seen = []
     streamed = jamba_jax.generate(model, params, ids, max_new_tokens=8, callback=lambda s, t: seen.append(s))
-    assert seen == list(range(8)) and _decode_step._cache_size() == 1  # 8 streamed steps, one compilation
+    assert seen == list(range(8)) and decode_step._cache_size() == 1  # 8 streamed steps, one compilation
     looped = jamba_jax.generate(model, params, ids, max_new_tokens=8)
     jamba_jax.generate(model, params, ids[:, :4], max_new_tokens=8, max_length=13)  # same cache: same loop
-    assert _decode_loop._cache_size() == 1
+    assert decode_loop._cache_size() == 1
     np.testing.assert_array_equal(looped, streamed)
 
 
@@ -173,7 +183,7 @@ def test_cache_bytes_match_the_jamba_paper():
                                   num_attention_heads=4, num_key_value_heads=2, attn_layer_period=2,
                                   attn_layer_offset=1, num_experts=4, mamba_d_state=8)
     cache = jamba_jax.init_cache(small, 2, 10, jnp.bfloat16)
-    measured = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache["layers"]))
+    measured = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache.layers))
     assert measured == jamba_jax.cache_bytes(small, 2, 10, "bfloat16")["total"]
 
 
@@ -191,8 +201,15 @@ def test_generate_cli_streams_text_from_a_training_checkpoint(tmp_path, capsys):
     out = tasks.run(config, str(tmp_path))
     printed = capsys.readouterr().out
     assert out.shape == (1, 6) and printed.startswith("dog:") and len(printed.strip()) > len("dog:")
+    config.top_p, config.temperature = 1.5, 1.0  # a bad argument is named before anything is printed
+    with pytest.raises(GenerationError, match="top_p=1.5"):
+        tasks.run(config, str(tmp_path))
+    assert capsys.readouterr().out == ""
+    config.prompt, config.top_p = "", 0.0
+    with pytest.raises(GenerationError, match="config.prompt is empty"):
+        tasks.run(config, str(tmp_path))
     with pytest.raises(jamba_jax.CheckpointError, match="neither"):
-        config.checkpoint = str(tmp_path / "empty")
+        config.checkpoint, config.prompt = str(tmp_path / "empty"), "dog:"
         (tmp_path / "empty").mkdir()
         tasks.run(config, str(tmp_path))
 
@@ -202,14 +219,14 @@ def test_long_context_attention_path_matches(model_and_params, monkeypatch):
     """With 2-query x 2-key blocks, the forward pass and cached prefill/decoding walk many blocks
     (skipping those past the current position or before the left padding) and give the one-block
     path's logits and tokens."""
-    import common.attention as attention
+    import common.attention.blockwise as blockwise
 
     _, model, params = model_and_params
     ids, mask = padded_prompts(model.cfg.vocab_size)
     one_block_logits = model.apply({"params": params}, ids, attention_mask=mask).logits
     one_block_tokens = jamba_jax.generate(model, params, ids, attention_mask=mask, max_new_tokens=8, prefill_chunk=4)
-    monkeypatch.setattr(attention, "BLOCK_Q", 2)
-    monkeypatch.setattr(attention, "BLOCK_K", 2)
+    monkeypatch.setattr(blockwise, "BLOCK_Q", 2)
+    monkeypatch.setattr(blockwise, "BLOCK_K", 2)
     jax.clear_caches()
     block_logits = model.apply({"params": params}, ids, attention_mask=mask).logits
     real = mask.astype(bool)
@@ -252,7 +269,7 @@ def test_a_64k_prompt_prefills_in_memory_independent_of_its_length():
     32768-slot cache to within the chunk's own scores, so a prompt's memory is the cache plus a
     constant (no [length, length] array, no activations for the whole prompt)."""
     import configs.jamba_tiny as tiny
-    from jamba_jax.generation import PREFILL_BUDGET_BYTES, _prefill_chunk, default_prefill_chunk
+    from jamba_jax.generation import PREFILL_BUDGET_BYTES, default_prefill_chunk, prefill_step
 
     cfg = jamba_jax.JambaConfig(**tiny.get_config().model.to_dict())
     model = jamba_jax.JambaForCausalLM(cfg)
@@ -263,7 +280,7 @@ def test_a_64k_prompt_prefills_in_memory_independent_of_its_length():
     temp = {}
     for slots in (32768, 65536):
         cache = jax.eval_shape(lambda s=slots: model.init_cache(1, s))
-        stats = _prefill_chunk.lower(model, params, cache, ids, mask).compile().memory_analysis()
+        stats = prefill_step.lower(model, params, cache, ids, mask).compile().memory_analysis()
         if stats is None:
             pytest.skip("this backend reports no memory analysis")
         temp[slots] = stats.temp_size_in_bytes
@@ -284,7 +301,7 @@ def test_a_decode_step_updates_the_cache_in_place():
     cache = jax.eval_shape(lambda: model.init_cache(2, 16384, jnp.float32))
     logits = jax.ShapeDtypeStruct((2, cfg.vocab_size), jnp.float32)
     done = jax.ShapeDtypeStruct((2,), jnp.bool_)
-    stats = _decode_step.lower(model, params, cache, logits, done, jax.random.PRNGKey(0), 0.0, None, None, None,
+    stats = decode_step.lower(model, params, cache, logits, done, jax.random.PRNGKey(0), 0.0, None, None, None,
                                0).compile().memory_analysis()
     if stats is None:
         pytest.skip("this backend reports no memory analysis")

@@ -55,10 +55,62 @@ def test_remat_changes_nothing(params):
         return jnp.mean(jamba_jax.JambaForCausalLM(cfg).apply({"params": p}, ids).logits ** 2)
 
     l1, g1 = jax.value_and_grad(lambda p: loss(CFG, p))(params)
-    l2, g2 = jax.value_and_grad(lambda p: loss(CFG.replace(remat=True), p))(params)
+    l2, g2 = jax.value_and_grad(lambda p: loss(CFG.replace(remat_policy="full"), p))(params)
     np.testing.assert_allclose(l1, l2, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):  # remat recomputes in a different
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)  # fusion order: float32 rounding, not maths
+
+
+def saved_bytes_and_names(cfg, params, ids):
+    """What the backward pass keeps from the forward pass, as jax's autodiff sees it: (bytes, the checkpoint
+    names among them)."""
+    from jax._src.ad_checkpoint import saved_residuals
+
+    res = saved_residuals(lambda p: jnp.sum(jamba_jax.JambaForCausalLM(cfg).apply({"params": p}, ids).logits), params)
+    kept = [(a, src) for a, src in res if "from the argument" not in src]
+    names = {"attention_core" for _, src in kept if "'attention_core'" in src}
+    names |= {"moe_hidden" for _, src in kept if "grouped_matmul" in src}  # stacked by the blocked FFN's lax.map
+    return sum(a.size * a.dtype.itemsize for a, _ in kept), names
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_remat_policies_keep_what_they_say(params, scan):
+    """Each remat_policy (jamba_jax.remat), in both layouts: "full" keeps less than "save_dots" and the
+    tagged-output policy, which keep less than "none"; the tagged policy keeps the attention's output and
+    log-sum-exp and the experts' hidden activations; "full" none of them, "save_dots" not the attention's
+    (checked by name in the unrolled stack). Tracing only (nothing compiles)."""
+    from jamba_jax.layout import to_scanned
+
+    ids = jnp.asarray(np.random.RandomState(1).randint(3, CFG.vocab_size, (2, 64)))
+    base = CFG.replace(scan_layers=scan)
+    p = to_scanned(CFG, params) if scan else params
+    got = {policy: saved_bytes_and_names(base.replace(remat_policy=policy), p, ids)
+           for policy in ("none", "full", "save_dots", "save_attention_and_moe_outputs")}
+    assert got["full"][0] < got["save_attention_and_moe_outputs"][0] < got["none"][0]
+    assert got["full"][0] < got["save_dots"][0] < got["none"][0]
+    if not scan:  # (the scanned stack's residuals all come out of its scan, unnamed)
+        assert got["save_attention_and_moe_outputs"][1] == {"attention_core", "moe_hidden"}
+        assert not got["full"][1] and "attention_core" not in got["save_dots"][1]
+
+
+def test_remat_policies_change_no_number(params):
+    """The scanned stack (2 repeats of the 2-layer cycle, remat inside the scan with prevent_cse=False) gives
+    the same loss and gradients under every policy as without remat."""
+    from jamba_jax.layout import to_scanned
+
+    ids = np.random.RandomState(1).randint(3, CFG.vocab_size, (2, 9))
+    p = to_scanned(CFG, params)
+
+    def loss(policy):
+        model = jamba_jax.JambaForCausalLM(CFG.replace(scan_layers=True, remat_policy=policy))
+        return jax.jit(jax.value_and_grad(lambda p: jnp.mean(model.apply({"params": p}, ids).logits ** 2)))(p)
+
+    l0, g0 = loss("none")
+    for policy in ("full", "save_dots", "save_attention_and_moe_outputs"):
+        l1, g1 = loss(policy)
+        np.testing.assert_allclose(l1, l0, rtol=1e-6, err_msg=policy)
+        for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):  # recomputed in another fusion
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=policy)  # order: float32 rounding
 
 
 @pytest.mark.slow  # about 45 s of compiles
@@ -115,11 +167,12 @@ def test_blocked_dense_and_ragged_grouped_matmuls_agree(num_experts, top_k, toke
 def test_dense_experts_for_few_tokens_skip_choices_of_no_expert():
     """The CPU runs few tokens (decoding) densely; a choice of expert id num_experts (an expert on
     another device) adds nothing there, as in the blocked form."""
-    from jamba_jax.grouped_ffn import combine_local, default_ffn_impl
+    from jamba_jax.grouped_ffn import combine_local
     from jamba_jax.moe import Experts
+    from kernels.grouped_matmul import expert_ffn_impl
 
     cfg = CFG.replace(num_experts=4, num_experts_per_tok=2)
-    assert default_ffn_impl(1, 4) == "dense" and default_ffn_impl(96, 4) == "blocked"
+    assert expert_ffn_impl("auto", 1, 4) == "dense" and expert_ffn_impl("auto", 96, 4) == "blocked"
     r = np.random.RandomState(2)
     x = jnp.asarray(r.randn(3, cfg.hidden_size), jnp.float32)
     idx = jnp.asarray([[0, 4], [4, 2], [1, 3]])
@@ -165,7 +218,7 @@ def test_capacity_factor_without_expert_parallelism_drops_overflow_pairs():
 def test_training_loss_and_gradients_do_not_depend_on_the_attention_blocks(params, monkeypatch):
     """A packed training batch's loss and parameter gradients with 4-query x 4-key attention blocks
     (many blocks, causal and segment skipping, the recomputing backward) equal those of one block."""
-    import common.attention as attention
+    import common.attention.blockwise as blockwise
     from jamba_jax.losses import next_token_loss
 
     model = jamba_jax.JambaForCausalLM(CFG)
@@ -178,8 +231,8 @@ def test_training_loss_and_gradients_do_not_depend_on_the_attention_blocks(param
         return next_token_loss(logits, ids, (seg != 0).astype(jnp.float32), seg)[0]
 
     one_block = jax.value_and_grad(loss)(params)
-    monkeypatch.setattr(attention, "BLOCK_Q", 4)
-    monkeypatch.setattr(attention, "BLOCK_K", 4)
+    monkeypatch.setattr(blockwise, "BLOCK_Q", 4)
+    monkeypatch.setattr(blockwise, "BLOCK_K", 4)
     jax.clear_caches()
     many_blocks = jax.value_and_grad(loss)(params)
     jax.clear_caches()
@@ -208,9 +261,10 @@ def test_chunked_loss_equals_the_full_logits_loss():
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_targets_give_the_next_token_losses_instead_of_logits(params, monkeypatch, tied):
-    """With `targets` the model returns token_nll (chunked: 3 positions per chunk here) instead of logits:
-    -log softmax(logits)[target] of the plain call, through the tied embedding or the separate head."""
+def test_token_nll_gives_the_losses_of_the_logits(params, monkeypatch, tied):
+    """The `token_nll` entry point (chunked: 3 positions per chunk here) gives -log softmax(logits)[target]
+    of the logits entry point, through the tied embedding or the separate head; `hidden` gives the hidden
+    states and head whose product is the logits."""
     import common.losses as losses
 
     cfg = CFG.replace(tie_word_embeddings=tied)
@@ -220,12 +274,12 @@ def test_targets_give_the_next_token_losses_instead_of_logits(params, monkeypatc
     ids = jnp.asarray(r.randint(3, cfg.vocab_size, (2, 11)))
     targets = jnp.asarray(r.randint(0, cfg.vocab_size, (2, 11)))
     monkeypatch.setattr(losses, "LOSS_CHUNK_BYTES", 2 * cfg.vocab_size * 4 * 3)
-    out = model.apply({"params": p}, ids, targets=targets)
-    assert out.logits is None
-    want = losses.token_nll(model.apply({"params": p}, ids).logits, targets)
-    np.testing.assert_allclose(out.token_nll, want, rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="last_logits_only"):
-        model.apply({"params": p}, ids, targets=targets, last_logits_only=True)
+    out = model.apply({"params": p}, ids, targets, method="token_nll")
+    assert isinstance(out, jamba_jax.LossOutput) and out.token_nll.shape == ids.shape
+    logits = model.apply({"params": p}, ids).logits
+    np.testing.assert_allclose(out.token_nll, losses.token_nll(logits, targets), rtol=1e-5, atol=1e-6)
+    hidden = model.apply({"params": p}, ids, method="hidden")
+    np.testing.assert_array_equal(hidden.hidden @ hidden.head, logits)
 
 
 def test_chunked_loss_memory_does_not_grow_with_length():

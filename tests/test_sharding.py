@@ -15,9 +15,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from common.sharding import DEFAULT_RULES, MeshError, mesh_axes, mesh_shape, rules_from_config
-from jamba_jax import JambaConfig, init_params, quantize_experts_int8
+from jamba_jax import JambaConfig, init_params, load_checkpoint, quantize_experts_int8
 from jamba_jax.params import param_logical_specs
-from tasks.generate import load_checkpoint
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mesh_worker.py")
 ROOT = os.path.dirname(os.path.dirname(WORKER))
