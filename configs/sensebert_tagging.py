@@ -11,7 +11,8 @@ from configs.sensebert_tiny import sensebert_fields
 
 def get_config():
     config = sensebert_fields(training_config())
-    config.task = "sensebert_tagging"
+    config.task = "sensebert_finetune"
+    config.head = "tagging"  # sensebert_jax.finetune.HEADS: tagging | wic
     config.init_checkpoint = ""  # a sensebert_pretrain workdir whose encoder starts the model ("" = random)
     config.num_train_steps = 500  # optimizer steps
     config.batch_size = 64  # sentences per step

@@ -10,7 +10,7 @@ from configs.sensebert_tagging import get_config as tagging_config
 
 def get_config():
     config = tagging_config()
-    config.task = "sensebert_wic"
+    config.head = "wic"  # [CLS] s1 [SEP] s2 [SEP] -> same synset or not
     config.seq_len = 96  # [CLS] s1 [SEP] s2 [SEP] (the longest pair has 92)
     config.batch_size = 32  # pairs per step
     config.num_train_steps = 500  # optimizer steps

@@ -96,3 +96,11 @@ def token_supersense_matrix(vocab: list[str]) -> np.ndarray:
         if a:
             m[i, list(a)] = 1.0 / len(a)
     return m
+
+
+def pieces_with_target(tok: WordPieceTokenizer, text: str, start: int, end: int) -> tuple[list[int], int]:
+    """(piece ids of the sentence, index among them of the rightmost piece of the word text[start:end])."""
+    before = [i for _, p in tok.words(text[:start]) for i in p]
+    target = [i for _, p in tok.words(text[start:end]) for i in p]
+    after = [i for _, p in tok.words(text[end:]) for i in p]
+    return before + target + after, len(before) + len(target) - 1

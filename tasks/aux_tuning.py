@@ -19,117 +19,31 @@ a held-out document's keywords) that contain every keyword, matched by WordNet l
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import os
-import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from aux_tuning import AuxTunedLM, AuxTuningError, keyword_block
+from aux_tuning import (
+    AuxTunedLM,
+    AuxTuningError,
+    contains_keywords,
+    held_out_keywords,
+    keyword_block,
+    keyword_documents,
+    keyword_tokens,
+    load_frozen_lm,
+    sample_keywords,
+)
+from common.tokenizers import load_tokenizer
 from jamba_jax import JambaConfig, generate
-from jamba_jax.losses import next_token_nll, target_weights
-from jamba_jax.params import activation_bytes, param_logical_specs
-from sensebert_jax.supersenses import POS, STOP_WORDS, morphy
-from tasks.generate import load_checkpoint
-from training.checkpoint import INTEGRITY_FILE, restore_run_params
-from training.data import document_stream, load_tokenizer, process_rows, text_source
-from training.task import FrozenInputs
-
-WORD = re.compile(r"[A-Za-z]+")
+from jamba_jax.losses import target_weights
+from jamba_jax.params import activation_bytes, forward_bytes_per_token, param_logical_specs
+from training.data import example_batches, text_source
+from training.task import FrozenInputs, Task
 
 
-# --- keywords --------------------------------------------------------------------------------------
-def lemmas(word: str) -> set[str]:
-    """The word and its WordNet base forms (any part of speech), lower case."""
-    w = word.lower()
-    return {w}.union(*(morphy(w, pos) for pos in POS))
-
-
-def content_words(text: str, skip: int) -> list[str]:
-    """Distinct content words of a document after its first `skip` words: at least 3 letters, not a
-    stop word, a WordNet lemma in some part of speech (case-insensitive, first occurrence kept)."""
-    out, seen = [], set()
-    for w in WORD.findall(text)[skip:]:
-        lw = w.lower()
-        if len(lw) >= 3 and lw not in STOP_WORDS and lw not in seen and any(morphy(lw, p) for p in POS):
-            seen.add(lw)
-            out.append(lw)
-    return out
-
-
-def contains_keywords(text: str, keywords: list[str]) -> bool:
-    """Every keyword appears in the text, matched by WordNet lemma ("stones" matches "stone")."""
-    found = set().union(*(lemmas(w) for w in WORD.findall(text))) if text else set()
-    return all(lemmas(k) & found for k in keywords)
-
-
-def sample_keywords(text: str, rng: np.random.Generator, aux_cfg) -> list[str]:
-    """min_keywords..max_keywords of the document's content words (config.aux), in text order."""
-    words = content_words(text, aux_cfg.skip_words)
-    k = int(rng.integers(aux_cfg.min_keywords, min(aux_cfg.max_keywords, len(words)) + 1))
-    return [words[i] for i in sorted(rng.choice(len(words), k, replace=False))]
-
-
-def keyword_tokens(tokenizer, keywords: list[str]) -> list[int]:
-    """Each keyword with a leading space, as it is written inside a text (byte-level BPE gives a
-    word's first-in-text and mid-text forms different tokens)."""
-    return tokenizer.encode("".join(f" {k}" for k in keywords if k.strip()))
-
-
-# --- the frozen LM -----------------------------------------------------------------------------------
-def directory_digest(path: str, step: int | None) -> str:
-    """Identifies a checkpoint's bytes cheaply: a training step's integrity record when there is one,
-    else every file's path, size and modification time (a model rewritten in place changes it)."""
-    h = hashlib.sha256()
-    if step is not None:
-        root = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
-        record = os.path.join(root, str(step), INTEGRITY_FILE)
-        if os.path.exists(record):
-            with open(record, "rb") as f:
-                h.update(f.read())
-            return h.hexdigest()[:32]
-    for dirpath, _, names in sorted(os.walk(path)):
-        for name in sorted(names):
-            full = os.path.join(dirpath, name)
-            st = os.stat(full)
-            h.update(f"{os.path.relpath(full, path)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:32]
-
-
-def load_frozen_lm(path: str, quantize: str = "") -> tuple[JambaConfig, dict, str, str]:
-    """(cfg, params, source, digest) of a causal Jamba to freeze; names what is wrong otherwise."""
-    if not path or not os.path.isdir(path):
-        raise AuxTuningError(f"config.frozen_lm={path!r} is not a directory: give a jamba_lm training workdir, a "
-                             "converted orbax directory or a Hugging Face Jamba directory")
-    path = os.path.abspath(path)
-    step = None
-    if not os.path.exists(os.path.join(path, "config.json")) and not os.path.exists(
-            os.path.join(path, "jamba_config.json")):
-        meta, _, step = restore_run_params(path, None)
-        if meta.get("task", "jamba_lm") != "jamba_lm":
-            raise AuxTuningError(f"config.frozen_lm={path} is a {meta.get('task')!r} run, not a causal language "
-                                 "model: auxiliary tuning adds logits to a causal Jamba's (a jamba_lm run)")
-    cfg, params = load_checkpoint(path, step, quantize or None)
-    source = path if step is None else f"{path} (step {step})"
-    return cfg, params, source, directory_digest(path, step)
-
-
-# --- the task ------------------------------------------------------------------------------------------------
-class KeywordData:
-    """The data half of both keyword tasks (this one and tasks/keyword_lm.py): batches of
-    `self.example(document, rng)` over `self.documents(split)`."""
-
-    def train_dataset(self, process_index, process_count):
-        return keyword_batches(self.documents("train"), self.example, self.config, True, process_index, process_count)
-
-    def eval_dataset(self, process_index, process_count):
-        return keyword_batches(self.documents("validation"), self.example, self.config, False, process_index,
-                               process_count)
-
-
-class AuxTuningTask(KeywordData):
+class AuxTuningTask(Task):
     name = "aux_tuning"
 
     def __init__(self, config):
@@ -161,16 +75,18 @@ class AuxTuningTask(KeywordData):
     def init_params(self, rng):
         return self.model.init_aux(rng)
 
-    def param_specs(self):
+    def param_specs(self, params):
         return self.model.aux_param_specs()
 
     def frozen_inputs(self):
         return self._frozen
 
     def activation_bytes(self, rows: int, seq_len: int) -> int:
+        """The auxiliary model's training step over [keywords][text], plus the frozen LM's forward (no
+        backward: one layer's working set and its hidden states at a time)."""
         z = self.config.aux.max_keyword_tokens
-        lm_forward = rows * seq_len * self.model.cfg.vocab_size * 4 * 2  # its logits, kept as data
-        return activation_bytes(self.model.aux_cfg, rows, z + seq_len) + lm_forward
+        return activation_bytes(self.model.aux_cfg, rows, z + seq_len) + rows * seq_len * forward_bytes_per_token(
+            self.model.cfg)
 
     # --- data -------------------------------------------------------------------------------------------------
     def example(self, text: str, rng: np.random.Generator) -> dict:
@@ -182,38 +98,27 @@ class AuxTuningTask(KeywordData):
         kw_ids, kw_mask = keyword_block([keyword_tokens(tok, chosen)], a.max_keyword_tokens, tok.pad_id)
         return {"inputs": np.asarray(ids + [tok.pad_id] * (n - len(ids)), np.int32),
                 "mask": np.asarray([1] * len(ids) + [0] * (n - len(ids)), np.int32),
-                "keywords": kw_ids[0], "keyword_mask": kw_mask[0],
-                "keyword_text": np.asarray(" ".join(chosen))}
+                "keywords": kw_ids[0], "keyword_mask": kw_mask[0]}
 
     def documents(self, split: str) -> list[str]:
-        skip = self.config.aux.skip_words
-        docs = [d for d in text_source(self.config.data, split) if content_words(d, skip)]
-        if not docs:
-            raise AuxTuningError(f"no {split} document has a content word to use as a keyword")
-        return docs
+        return keyword_documents(text_source(self.config.data, split), self.config.aux.skip_words, split)
+
+    def dataset(self, split, train, process_index, process_count):
+        c = self.config
+        return example_batches(self.documents(split), self.example, batch_size=c.batch_size, seed=c.seed,
+                               train=train, process_index=process_index, process_count=process_count)
 
     # --- loss -----------------------------------------------------------------------------------------------------
-    def _nll(self, params, batch, frozen):
-        out = self.model.apply({"params": {"lm": frozen, "aux": params}}, batch["inputs"],
-                               attention_mask=batch["mask"], keyword_ids=batch["keywords"],
-                               keyword_mask=batch["keyword_mask"])
-        w = target_weights(batch["inputs"], batch["mask"])
-        return jnp.sum(next_token_nll(out.logits, batch["inputs"]) * w), jnp.sum(w)
-
-    def loss(self, params, batch, rng, frozen):
-        nll, tokens = self._nll(params, batch, frozen)
-        return nll, {"loss": nll, "tokens": tokens}
-
-    def eval_sums(self, params, batch, frozen):
-        nll, tokens = self._nll(params, batch, frozen)
-        return {"nll": nll, "tokens": tokens}
+    def sums(self, params, batch, rng, frozen):
+        """The text's next-token NLL under the combined logits (chunked: no [batch, length, vocab] array)."""
+        inputs = batch["inputs"]
+        nll = self.model.apply({"params": {"lm": frozen, "aux": params}}, inputs,
+                               jnp.pad(inputs[:, 1:], [(0, 0), (0, 1)]), batch["mask"], batch["keywords"],
+                               batch["keyword_mask"], method="token_nll")
+        w = target_weights(inputs, batch["mask"])
+        return {"loss": jnp.sum(nll[:, :-1] * w), "tokens": jnp.sum(w)}
 
     # --- keyword inclusion ------------------------------------------------------------------------------------
-    def eval_examples(self, n: int) -> list[dict]:
-        """The first n held-out documents with their (seeded) keywords."""
-        rng = np.random.default_rng(self.config.seed + 1)
-        return [self.example(d, rng) for d in self.documents("validation")[:n]]
-
     def sample(self, params, frozen, keyword_lists: list[list[str]], seed: int, prompt_ids=None) -> list[str]:
         """Sampled continuations (config.aux: sample_tokens, temperature, top_k) from <bos> (or the
         prompt) given each row's keywords."""
@@ -233,8 +138,8 @@ class AuxTuningTask(KeywordData):
 
     def extra_eval(self, params, frozen) -> dict:
         """eval_keyword_rate over config.aux.eval_samples held-out documents."""
-        examples = self.eval_examples(self.config.aux.eval_samples)
-        keywords = [str(ex["keyword_text"]).split() for ex in examples]
+        keywords = held_out_keywords(self.documents("validation"), self.config.aux.eval_samples, self.config.seed,
+                                     self.config.aux)
         texts = self.sample(params, frozen, keywords, self.config.seed)
         return {"keyword_rate": float(np.mean([contains_keywords(t, k) for t, k in zip(texts, keywords, strict=True)]))}
 
@@ -245,13 +150,3 @@ class AuxTuningTask(KeywordData):
 
 
 Task = AuxTuningTask
-
-
-def keyword_batches(documents, example, config, train: bool, process_index: int, process_count: int):
-    """This process's batches of `example(document, rng)` dicts (their keyword text dropped), the
-    documents shuffled per epoch when training: the data of both keyword tasks."""
-    ds = document_stream(documents, config.batch_size, config.seed, train, process_count)
-    ds = ds.random_map(example, seed=config.seed)
-    ds = ds.map(lambda ex: {k: v for k, v in ex.items() if k != "keyword_text"})
-    ds = ds.batch(config.batch_size, drop_remainder=train)
-    return ds.map(lambda b: process_rows(b, config.batch_size, process_index, process_count)).to_iter_dataset()

@@ -15,12 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from aux_tuning import AuxTunedLM, AuxTuningError, keyword_block
-from jamba_jax import JambaConfig, generate
-from tasks.aux_tuning import keyword_tokens, load_frozen_lm
-from tasks.generate import text_streamer
-from training.checkpoint import restore_run_params
-from training.data import load_tokenizer
+from aux_tuning import AuxTunedLM, AuxTuningError, keyword_block, keyword_tokens, load_frozen_lm
+from common.checkpoints import restore_run_params
+from common.tokenizers import load_tokenizer, text_streamer
+from jamba_jax import JambaConfig, check_generation_args, generate
 
 
 def load_run(path: str):
@@ -50,14 +48,13 @@ def run(config, workdir: str) -> np.ndarray:
     if not keywords or not kw:
         raise AuxTuningError(f"config.keywords={config.keywords!r} tokenizes to nothing: give comma-separated words")
     kw_ids, kw_mask = keyword_block([kw], meta["aux"]["max_keyword_tokens"], tok.pad_id)
-    prompt = [tok.bos_id] + tok.encode(config.prompt)
-    cache = model.start_cache(variables, kw_ids, kw_mask, len(prompt) + config.max_new_tokens)
+    prompt = np.asarray([[tok.bos_id] + tok.encode(config.prompt)], np.int32)
+    sampling = dict(max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k or None)
+    check_generation_args(prompt, model.cfg.vocab_size, **sampling)  # before anything is printed
+    cache = model.start_cache(variables, kw_ids, kw_mask, prompt.shape[1] + config.max_new_tokens)
     sys.stdout.write(f"[{', '.join(keywords)}] {config.prompt}")
     sys.stdout.flush()
-    stream = text_streamer(tok)
-
-    out = generate(model, variables, jnp.asarray([prompt], jnp.int32), max_new_tokens=config.max_new_tokens,
-                   temperature=config.temperature, top_k=config.top_k or None, eos_token_id=tok.eos_id,
-                   pad_token_id=tok.pad_id, rng=jax.random.PRNGKey(config.seed), cache=cache, callback=stream)
+    out = generate(model, variables, jnp.asarray(prompt), **sampling, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
+                   rng=jax.random.PRNGKey(config.seed), cache=cache, callback=text_streamer(tok))
     sys.stdout.write("\n")
     return out

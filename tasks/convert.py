@@ -16,11 +16,9 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from common.errors import user_errors, verbose_requested
-from jamba_jax.hf_checkpoint import load_hf_checkpoint, save_hf_checkpoint
+from common.cli import user_errors, verbose_requested
+from jamba_jax import format_param_table, load_checkpoint, load_hf_checkpoint, save_hf_checkpoint
 from jamba_jax.orbax_io import save_params
-from jamba_jax.params import format_param_table
-from tasks.generate import load_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,8 +6,9 @@ Pools: the pseudo-words of data/egal_pools (built by `python -m data.build_egal_
 every skew of `config.skews` (common : rare examples), with a balanced test set and the WordNet gloss
 of each sense as its exemplar; and scikit-learn's digits with skewed classes (one held-out image of
 each digit as its exemplar). Text is embedded at the target word by one of this project's encoders
-(`config.encoder`): a jamba_lm workdir's hidden states at `config.encoder_layer`, or a
-sensebert_pretrain workdir's encoder (its last layer); the results say which.
+(`config.encoder`): a Jamba checkpoint's hidden states at `config.encoder_layer`
+(`jamba_jax.features`), or a sensebert_pretrain workdir's encoder, its last layer
+(`sensebert_jax.encoder`); the results say which.
 
 Writes DIR/results.json (per pool, per method: labels, mean accuracy and macro F1 over seeds with
 their standard errors, rare labels spent, classes found, labels_to_find_common) and a PNG per pool.
@@ -21,115 +22,28 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
 from active_learning import METHODS, PoolError, Settings, make_pool, run_seeds
-from jamba_jax.layout import layer_output
-from tasks.generate import load_checkpoint
-from training.checkpoint import restore_run_params
-from training.data import load_tokenizer
+from jamba_jax.features import EncoderLayerError, jamba_encoder
+from sensebert_jax.encoder import sensebert_encoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POOLS_FILE = os.path.join(ROOT, "data", "egal_pools", "pseudowords.jsonl.gz")
 
 
 # --- encoders ----------------------------------------------------------------------------------------------
-def jamba_encoder(workdir: str, layer: int):
-    """embed(texts, spans) -> [n, 2 x hidden]: a jamba_lm checkpoint's layer output (-1: the last
-    layer's) at the last token of each span, beside its output at the sentence's last token: a causal
-    LM's state at the word sees only what precedes it, the end of the sentence sees the rest too."""
-    import jamba_jax
-
-    cfg, params = load_checkpoint(workdir)
-    if not -1 <= layer < cfg.num_hidden_layers:
-        raise PoolError(f"config.encoder_layer={layer}: the Jamba at {workdir} has {cfg.num_hidden_layers} layers")
-    tok = load_tokenizer("", cfg.vocab_size)._tok
-    bos = tok.token_to_id("<bos>")
-    model = jamba_jax.JambaForCausalLM(cfg)
-
-    @jax.jit
-    def hidden(ids, mask, target):
-        out, state = model.apply({"params": params}, ids, attention_mask=mask, mutable=["hidden_states"])
-        h = layer_output(cfg, state["hidden_states"], layer if layer >= 0 else cfg.num_hidden_layers - 1)
-        return jnp.concatenate([jnp.take_along_axis(h, target[:, None, None], axis=1)[:, 0], h[:, -1]], axis=-1)
-
-    def embed(texts, spans, batch=64):
-        rows, where = [], []
-        for text, (start, end) in zip(texts, spans, strict=True):
-            enc = tok.encode(text, add_special_tokens=False)
-            rows.append([bos] + enc.ids)
-            where.append(1 + max(i for i, (a, b) in enumerate(enc.offsets) if a < end and b > start))
-        width = max(len(r) for r in rows)
-        out = []
-        for i in range(0, len(rows), batch):
-            chunk = rows[i:i + batch]
-            ids = np.zeros((len(chunk), width), np.int32)
-            mask = np.zeros_like(ids)
-            target = np.zeros((len(chunk),), np.int32)
-            for r, row in enumerate(chunk):  # left-padded: the sentence ends at the last position
-                ids[r, width - len(row):], mask[r, width - len(row):] = row, 1
-                target[r] = width - len(row) + where[i + r]
-            out.append(np.asarray(hidden(jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(target)), np.float32))
-        return np.concatenate(out)
-
-    return embed, f"jamba layer {layer} of {os.path.abspath(workdir)}"
-
-
-def sensebert_encoder(workdir: str):
-    """embed(texts, spans) -> [n, hidden]: a sensebert_pretrain checkpoint's encoder output at the
-    target word's last piece."""
-    import flax.linen as nn
-
-    from sensebert_jax.config import SenseBertConfig
-    from sensebert_jax.model import SenseBertEncoder
-    from sensebert_jax.tokenizer import WordPieceTokenizer, load_whole_words, token_supersense_matrix
-    from tasks.sensebert_common import pieces_with_target
-
-    meta, _, _ = restore_run_params(workdir, None)
-    if meta.get("task") != "sensebert_pretrain":
-        raise PoolError(f"{workdir} is a {meta.get('task')!r} run; config.encoder='sensebert' reads a "
-                        "sensebert_pretrain workdir")
-    cfg = SenseBertConfig.from_dict(meta["model"])
-    tok = WordPieceTokenizer(meta.get("vocab_file", ""), load_whole_words(meta.get("whole_words_file", "")))
-    m = jnp.asarray(token_supersense_matrix(tok.vocab))
-    encoder = SenseBertEncoder(cfg)
-    ids = jnp.zeros((1, 4), jnp.int32)
-    abstract = jax.eval_shape(lambda: encoder.init(jax.random.PRNGKey(0), ids, ids, ids, m)["params"])
-    _, params, _ = restore_run_params(workdir, {"encoder": nn.unbox(abstract)})
-
-    @jax.jit
-    def hidden(ids, mask):
-        return encoder.apply({"params": params["encoder"]}, ids, mask, jnp.zeros_like(ids), m)[0]
-
-    def embed(texts, spans, batch=64):
-        rows, where = [], []
-        for text, (start, end) in zip(texts, spans, strict=True):
-            pieces, t = pieces_with_target(tok, text, start, end)
-            row = ([tok.cls_id] + pieces + [tok.sep_id])[:cfg.max_position_embeddings]
-            rows.append(row)
-            where.append(min(t + 1, len(row) - 1))
-        width = max(len(r) for r in rows)
-        out = []
-        for i in range(0, len(rows), batch):
-            ids = np.zeros((len(rows[i:i + batch]), width), np.int32)
-            mask = np.zeros_like(ids)
-            for r, row in enumerate(rows[i:i + batch]):
-                ids[r, :len(row)], mask[r, :len(row)] = row, 1
-            h = np.asarray(hidden(jnp.asarray(ids), jnp.asarray(mask)), np.float32)
-            out.append(h[np.arange(len(ids)), where[i:i + batch]])
-        return np.concatenate(out)
-
-    return embed, f"sensebert encoder of {os.path.abspath(workdir)}"
-
-
 def make_encoder(config):
+    """(embed, description) of the encoder the config names (`jamba_jax.features`, `sensebert_jax.encoder`)."""
     if not os.path.isdir(config.encoder_checkpoint):
         raise PoolError(f"config.encoder_checkpoint={config.encoder_checkpoint!r} is not a directory: train one "
                         "first (python main.py for the tiny Jamba; configs/sensebert_tiny.py for SenseBERT)")
     if config.encoder == "jamba":
-        return jamba_encoder(config.encoder_checkpoint, config.encoder_layer)
+        try:
+            return jamba_encoder(config.encoder_checkpoint, config.encoder_layer)
+        except EncoderLayerError as e:
+            raise PoolError(f"config.encoder_layer: {e}") from e
     if config.encoder == "sensebert":
         return sensebert_encoder(config.encoder_checkpoint)
     raise PoolError(f"config.encoder={config.encoder!r}; expected 'jamba' or 'sensebert'")

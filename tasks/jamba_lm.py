@@ -1,4 +1,4 @@
-"""Jamba language-model pretraining / fine-tuning as a task of the shared training loop.
+"""Jamba language-model training as a task of the shared loop.
 
 Loss per target token: next-token cross-entropy (float32) + router_aux_loss_coef x the Switch
 load-balancing loss + activation_loss_coef x the mean over layers of the mean square of each
@@ -14,13 +14,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from common.tokenizers import load_tokenizer
 from jamba_jax import JambaConfig, JambaForCausalLM, format_param_table, generate, init_params
 from jamba_jax.losses import target_weights
 from jamba_jax.params import activation_bytes, param_logical_specs
-from training.data import lm_dataset, load_tokenizer, text_source
+from training.data import lm_dataset, text_source
+from training.task import Task
 
 
-class JambaLMTask:
+class JambaLMTask(Task):
     name = "jamba_lm"
 
     def __init__(self, config):
@@ -36,49 +38,36 @@ class JambaLMTask:
     def init_params(self, rng):
         return init_params(self.cfg, rng)
 
-    def param_specs(self):
+    def param_specs(self, params):
         return param_logical_specs(self.cfg)
 
     def activation_bytes(self, rows: int, seq_len: int) -> int:
         return activation_bytes(self.cfg, rows, seq_len)
 
-    # --- data ------------------------------------------------------------------------------------
-    def _dataset(self, split, train, pidx=0, pcount=1):
+    def dataset(self, split, train, process_index, process_count):
         c = self.config
-        return lm_dataset(text_source(c.data, split), self.tokenizer, batch_size=c.batch_size,
-                          seq_len=c.seq_len, seed=c.seed, train=train, process_index=pidx, process_count=pcount)
+        return lm_dataset(text_source(c.data, split), self.tokenizer, batch_size=c.batch_size, seq_len=c.seq_len,
+                          seed=c.seed, train=train, process_index=process_index, process_count=process_count)
 
-    def train_dataset(self, process_index, process_count):
-        return self._dataset("train", True, process_index, process_count)
-
-    def eval_dataset(self, process_index, process_count):
-        return self._dataset("validation", False, process_index, process_count)
-
-    # --- loss --------------------------------------------------------------------------------------
-    def _forward(self, params, batch, with_activations):
-        """(output with token_nll of each next token (no logits array: `JambaForCausalLM` targets), activation loss)."""
-        inputs, segments = batch["inputs"], batch["segment_ids"]
-        kw = dict(segment_ids=segments, targets=jnp.pad(inputs[:, 1:], [(0, 0), (0, 1)]))
-        if not with_activations:
-            return self.model.apply({"params": params}, inputs, **kw), jnp.zeros((), jnp.float32)
-        out, state = self.model.apply({"params": params}, inputs, **kw, mutable=["intermediates"])
-        return out, jnp.mean(jnp.stack(jax.tree.leaves(state["intermediates"])))
-
-    def loss(self, params, batch, rng, frozen=None):
+    def sums(self, params, batch, rng, frozen):
+        """Next-token NLL of the real same-document targets (the model's chunked `token_nll`: no logits array),
+        the load-balancing loss and, when its coefficient is set, the activation loss, each per target."""
         del rng  # no dropout in Jamba
+        inputs, segments = batch["inputs"], batch["segment_ids"]
         act_coef = self.config.activation_loss_coef
-        out, act = self._forward(params, batch, act_coef > 0)
-        ce, tokens = _nll_sum(out, batch)
-        objective = ce + tokens * (self.cfg.router_aux_loss_coef * out.aux_loss + act_coef * act)
-        return objective, {"loss": ce, "aux_loss": tokens * out.aux_loss, "activation_loss": tokens * act,
-                           "tokens": tokens}
+        args = (inputs, jnp.pad(inputs[:, 1:], [(0, 0), (0, 1)]), None, segments)
+        if act_coef > 0:
+            out, state = self.model.apply({"params": params}, *args, method="token_nll", mutable=["intermediates"])
+            act = jnp.mean(jnp.stack(jax.tree.leaves(state["intermediates"])))
+        else:
+            out, act = self.model.apply({"params": params}, *args, method="token_nll"), jnp.zeros((), jnp.float32)
+        w = target_weights(inputs, None, segments)
+        nll, tokens = jnp.sum(out.token_nll[:, :-1] * w), jnp.sum(w)
+        sums = {"loss": nll, "tokens": tokens, "aux_loss": tokens * out.aux_loss,
+                "objective": nll + tokens * (self.cfg.router_aux_loss_coef * out.aux_loss + act_coef * act)}
+        return {**sums, "activation_loss": tokens * act} if act_coef > 0 else sums
 
-    def eval_sums(self, params, batch, frozen=None):
-        nll, tokens = _nll_sum(self._forward(params, batch, False)[0], batch)
-        return {"nll": nll, "tokens": tokens}
-
-    # --- end of training -----------------------------------------------------------------------------
-    def on_end(self, params, frozen=None):
+    def on_end(self, params, frozen):
         prompt, n = self.config.sample_prompt, self.config.sample_tokens
         if not prompt or n <= 0:
             return
@@ -86,12 +75,6 @@ class JambaLMTask:
         new = generate(self.model, params, ids, max_new_tokens=n, eos_token_id=self.tokenizer.eos_id,
                        pad_token_id=self.tokenizer.pad_id)[0]
         print(f"greedy sample: {prompt!r} -> {self.tokenizer.decode(new[new != self.tokenizer.pad_id])!r}")
-
-
-def _nll_sum(out, batch):
-    """(summed next-token NLL over real same-document targets, number of those targets)."""
-    w = target_weights(batch["inputs"], None, batch["segment_ids"])
-    return jnp.sum(out.token_nll[:, :-1] * w), jnp.sum(w)
 
 
 Task = JambaLMTask

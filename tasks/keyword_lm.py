@@ -19,15 +19,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jamba_jax import ConfigError, JambaConfig, JambaForCausalLM, generate, init_params
-from jamba_jax.losses import next_token_nll
+from aux_tuning import contains_keywords, held_out_keywords, keyword_documents, keyword_tokens, sample_keywords
+from common.tokenizers import load_tokenizer
+from jamba_jax import ConfigError, JambaConfig, JambaForCausalLM, generate, init_params, load_checkpoint
 from jamba_jax.params import activation_bytes, param_logical_specs
-from tasks.aux_tuning import KeywordData, contains_keywords, content_words, keyword_tokens, sample_keywords
-from tasks.generate import load_checkpoint
-from training.data import load_tokenizer, text_source
+from training.data import example_batches, text_source
+from training.task import Task
 
 
-class KeywordLMTask(KeywordData):
+class KeywordLMTask(Task):
     name = "keyword_lm"
 
     def __init__(self, config):
@@ -54,7 +54,7 @@ class KeywordLMTask(KeywordData):
     def init_params(self, rng):
         return jax.tree.map(jnp.asarray, self._start) if self._start is not None else init_params(self.cfg, rng)
 
-    def param_specs(self):
+    def param_specs(self, params):
         return param_logical_specs(self.cfg)
 
     def activation_bytes(self, rows: int, seq_len: int) -> int:
@@ -74,34 +74,30 @@ class KeywordLMTask(KeywordData):
         targets = np.zeros((n,), np.float32)
         targets[len(prefix):len(ids)] = 1.0  # position t is a target when token t belongs to the text
         return {"inputs": np.asarray(ids + [tok.pad_id] * (n - len(ids)), np.int32),
-                "mask": np.asarray([1] * len(ids) + [0] * (n - len(ids)), np.int32), "targets": targets,
-                "keyword_text": np.asarray(" ".join(chosen))}
+                "mask": np.asarray([1] * len(ids) + [0] * (n - len(ids)), np.int32), "targets": targets}
 
-    def documents(self, split: str) -> list[str]:
-        skip = self.config.aux.skip_words
-        return [d for d in text_source(self.config.data, split) if content_words(d, skip)]
+    def dataset(self, split, train, process_index, process_count):
+        c = self.config
+        docs = keyword_documents(text_source(c.data, split), c.aux.skip_words, split)
+        return example_batches(docs, self.example, batch_size=c.batch_size, seed=c.seed, train=train,
+                               process_index=process_index, process_count=process_count)
 
     # --- loss ---------------------------------------------------------------------------------------------------------
-    def _nll(self, params, batch):
-        logits = self.model.apply({"params": params}, batch["inputs"], attention_mask=batch["mask"]).logits
+    def sums(self, params, batch, rng, frozen):
+        """The text's next-token NLL (the model's chunked `token_nll`: no [batch, length, vocab] array)."""
+        inputs = batch["inputs"]
+        out = self.model.apply({"params": params}, inputs, jnp.pad(inputs[:, 1:], [(0, 0), (0, 1)]), batch["mask"],
+                               method="token_nll")
         w = batch["targets"][:, 1:]  # the target of position t is token t + 1
-        return jnp.sum(next_token_nll(logits, batch["inputs"]) * w), jnp.sum(w)
-
-    def loss(self, params, batch, rng, frozen=None):
-        nll, tokens = self._nll(params, batch)
-        return nll, {"loss": nll, "tokens": tokens}
-
-    def eval_sums(self, params, batch, frozen=None):
-        nll, tokens = self._nll(params, batch)
-        return {"nll": nll, "tokens": tokens}
+        return {"loss": jnp.sum(out.token_nll[:, :-1] * w), "tokens": jnp.sum(w)}
 
     # --- keyword inclusion ---------------------------------------------------------------------------------------
-    def extra_eval(self, params, frozen=None) -> dict:
+    def extra_eval(self, params, frozen) -> dict:
         """eval_keyword_rate: continuations sampled after each held-out document's keyword prefix (the
         same documents, keywords and sampling as the aux_tuning task's)."""
         a, tok = self.config.aux, self.tokenizer
-        rng = np.random.default_rng(self.config.seed + 1)
-        keywords = [sample_keywords(d, rng, a) for d in self.documents("validation")[:a.eval_samples]]
+        docs = keyword_documents(text_source(self.config.data, "validation"), a.skip_words, "validation")
+        keywords = held_out_keywords(docs, a.eval_samples, self.config.seed, a)
         prefixes = [self.prefix(k) for k in keywords]
         width = max(len(p) for p in prefixes)
         ids = np.full((len(prefixes), width), tok.pad_id, np.int32)
@@ -113,9 +109,6 @@ class KeywordLMTask(KeywordData):
                        pad_token_id=tok.pad_id, rng=jax.random.PRNGKey(self.config.seed))
         texts = [tok.decode([t for t in row if t not in (tok.pad_id, tok.eos_id)]) for row in out]
         return {"keyword_rate": float(np.mean([contains_keywords(t, k) for t, k in zip(texts, keywords, strict=True)]))}
-
-    def on_end(self, params, frozen=None):
-        pass
 
 
 Task = KeywordLMTask

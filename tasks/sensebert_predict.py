@@ -2,27 +2,18 @@
 
   python -m tasks.sensebert_predict --workdir=WORKDIR "The bass player sat on the bank of the river."
 
-WORKDIR is a `sensebert_pretrain` training workdir (configs/sensebert_tiny.py writes one).
+WORKDIR is a `sensebert_pretrain` training workdir (configs/sensebert_tiny.py writes one). Installed, this
+is `sensebert-predict`.
 """
 
 from __future__ import annotations
 
 import argparse
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-
-from common.errors import UserError, user_errors, verbose_requested
-from sensebert_jax.config import SenseBertConfig
+from common.cli import user_errors, verbose_requested
+from sensebert_jax.checkpoint import load_pretrained
 from sensebert_jax.model import SenseBertForPretraining
 from sensebert_jax.predict import format_tagged, predict_supersenses
-from sensebert_jax.tokenizer import WordPieceTokenizer, load_whole_words, token_supersense_matrix
-from training.checkpoint import restore_run_params
-
-
-class NotSenseBertPretrainingError(UserError):
-    """The workdir is not a sensebert_pretrain run."""
 
 
 def main(argv=None):
@@ -32,19 +23,12 @@ def main(argv=None):
     ap.add_argument("sentence", nargs="+")
     args = ap.parse_args(argv)
     with user_errors(verbose_requested(argv)):
-        meta, _, _ = restore_run_params(args.workdir, None)
-        if meta.get("task") != "sensebert_pretrain":
-            raise NotSenseBertPretrainingError(f"{args.workdir}: not a sensebert_pretrain run (its task is "
-                                               f"{meta.get('task')!r})")
-        cfg = SenseBertConfig.from_dict(meta["model"])
-        tok = WordPieceTokenizer(meta.get("vocab_file", ""), load_whole_words(meta.get("whole_words_file", "")))
-        model = SenseBertForPretraining(cfg)
-        m = jnp.asarray(token_supersense_matrix(tok.vocab))
-        ids = jnp.zeros((1, 4), jnp.int32)
-        abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids, ids, ids, m)["params"])
-        _, params, _ = restore_run_params(args.workdir, nn.unbox(abstract))
+        setup, params, _ = load_pretrained(args.workdir)
+        model = SenseBertForPretraining(setup.cfg)
         for sentence in args.sentence:
-            print(format_tagged(predict_supersenses(model, params, tok, m, sentence)))
+            print(format_tagged(predict_supersenses(model, params, setup.tokenizer, setup.supersense_matrix,
+                                                    sentence)))
+
 
 if __name__ == "__main__":
     main()

@@ -11,22 +11,17 @@ import numpy as np
 import pytest
 
 import tasks
+from common.checkpoints import restore_run_params
+from common.wordnet import morphy
 from configs import sensebert_tagging, sensebert_tiny, sensebert_wic
-from sensebert_jax import (
-    SUPERSENSES,
-    TokenizerError,
-    WordPieceTokenizer,
-    allowed_supersenses,
-    morphy,
-    token_supersense_matrix,
-)
+from sensebert_jax import SUPERSENSES, TokenizerError, WordPieceTokenizer, allowed_supersenses, token_supersense_matrix
+from sensebert_jax.checkpoint import PretrainedMismatchError
 from sensebert_jax.losses import supersense_loss_sums
 from sensebert_jax.masking import choose_masked, pretraining_example, sentence_words
 from sensebert_jax.supersenses import allowed_ids
+from tasks.sensebert_finetune import SenseBertFinetuneTask
 from tasks.sensebert_predict import main as predict_main
 from tasks.sensebert_pretrain import SenseBertPretrainTask
-from tasks.sensebert_tagging import SupersenseTaggingTask
-from training.checkpoint import CheckpointMismatchError, restore_run_params
 from training.data import make_iterator, text_source
 
 
@@ -166,7 +161,7 @@ def test_checkpoint_round_trip_and_predict_cli(pretrained, capsys):
         if i >= config.eval_batches:
             break
         sums = task.eval_sums(params, batch, None)
-        nll, tokens = nll + float(sums["nll"]), tokens + float(sums["tokens"])
+        nll, tokens = nll + float(sums["loss"]), tokens + float(sums["tokens"])
     np.testing.assert_allclose(nll / tokens, logged["eval_loss"], rtol=1e-5)
     predict_main(["--workdir", workdir, "The dogs were running in the garden."])
     out = capsys.readouterr().out.strip().splitlines()[-1]
@@ -180,7 +175,7 @@ def test_tagging_after_pretraining_beats_the_most_frequent_supersense(pretrained
                eval_every_steps=250, save_every_steps=250, init_checkpoint=pre_dir, seq_len=80)
     c.eval_batches = 12
     metrics = tasks.run(c, str(tmp_path))
-    task = SupersenseTaggingTask(c)
+    task = SenseBertFinetuneTask(c)
     label, baseline = task.baseline(max_rows=c.eval_batches * c.batch_size)
     assert metrics["eval_accuracy"] > baseline + 0.05, (metrics["eval_accuracy"], label, baseline)
 
@@ -194,8 +189,8 @@ def test_wic_runs_and_a_mismatched_encoder_is_named(pretrained, tmp_path):
     assert 0.0 <= metrics["eval_accuracy"] <= 1.0
     other = _small(sensebert_tagging.get_config(), init_checkpoint=pre_dir)
     other.model.hidden_size = 32
-    with pytest.raises(CheckpointMismatchError, match="hidden_size"):
-        SupersenseTaggingTask(other)
+    with pytest.raises(PretrainedMismatchError, match="hidden_size"):
+        SenseBertFinetuneTask(other)
 
 
 def test_vocabularies_whole_words_and_bad_files(tmp_path):
@@ -247,7 +242,7 @@ def test_egal_runner_embeds_target_words_with_the_sensebert_encoder(pretrained, 
     word's last piece (one row of hidden_size per example, the same word in other contexts embedded
     differently), a run on one pseudo-word pool whose results name the encoder."""
     from configs import egal_wsd
-    from tasks.egal_wsd import sensebert_encoder
+    from sensebert_jax.encoder import sensebert_encoder
 
     config, workdir = pretrained
     embed, name = sensebert_encoder(workdir)

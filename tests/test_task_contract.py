@@ -1,7 +1,8 @@
-"""The Task contract of the shared loop (training/task.py), on a task small enough to reason about:
+"""The Task base class of the shared loop (training/task.py), on a task small enough to reason about:
 frozen inputs reach the loss as data (no gradient, no optimizer state, not in checkpoints), their
 source and digest are recorded and a resume against other ones is refused; a task's own optimizer
-replaces AdamW; tasks are found by convention and an unknown one lists them."""
+replaces AdamW; the loop's loss and evaluation follow from one `sums`; tasks are found by import and an
+unknown one lists them."""
 
 import os
 
@@ -29,7 +30,7 @@ def linear_rows(seed: int, n: int):
     return [{"x": r.randn(D).astype(np.float32), "y": np.float32(r.randn())} for _ in range(n)]
 
 
-class TeacherStudentTask:
+class TeacherStudentTask(Task):
     """A student vector w learns y - x . teacher, where `teacher` is a frozen input: the target the
     student sees depends on the frozen values, so using them wrongly cannot go unnoticed."""
 
@@ -39,38 +40,22 @@ class TeacherStudentTask:
         self.teacher = teacher
         self._optimizer = optimizer
 
-    def meta(self):
-        return {"task": self.name}
-
     def init_params(self, rng):
         return {"w": jnp.zeros((D,), jnp.float32)}
 
     def frozen_inputs(self):
         return FrozenInputs({"teacher": jnp.asarray(self.teacher)}, source="test teacher")
 
-    def _dataset(self, seed, n, train_):
-        ds = grain.MapDataset.source(linear_rows(seed, n))
+    def dataset(self, split, train_, process_index, process_count):
+        ds = grain.MapDataset.source(linear_rows(0, 64) if split == "train" else linear_rows(1, 16))
         if train_:
             ds = ds.repeat(None)
         return ds.batch(8, drop_remainder=train_).to_iter_dataset()
 
-    def train_dataset(self, process_index, process_count):
-        return self._dataset(0, 64, True)
-
-    def eval_dataset(self, process_index, process_count):
-        return self._dataset(1, 16, False)
-
-    def _sums(self, params, batch, frozen):
+    def sums(self, params, batch, rng, frozen):
         residual = batch["y"] - batch["x"] @ frozen["teacher"] - batch["x"] @ params["w"]
-        return jnp.sum(residual ** 2), jnp.asarray(batch["y"].shape[0], jnp.float32)
-
-    def loss(self, params, batch, rng, frozen):
-        sq, n = self._sums(params, batch, frozen)
-        return sq, {"loss": sq, "tokens": n}
-
-    def eval_sums(self, params, batch, frozen):
-        sq, n = self._sums(params, batch, frozen)
-        return {"nll": sq, "tokens": n}
+        return {"loss": jnp.sum(residual ** 2), "tokens": jnp.asarray(batch["y"].shape[0], jnp.float32),
+                "abs_error": jnp.sum(jnp.abs(residual))}
 
     def on_end(self, params, frozen):
         self.ended_with = (params, frozen)
@@ -92,9 +77,9 @@ def loop_config(**overrides):
 def test_frozen_inputs_are_data_not_state(tmp_path):
     teacher = np.arange(D, dtype=np.float32)
     task = TeacherStudentTask(teacher)
-    assert isinstance(task, Task)
     workdir = str(tmp_path)
-    train.run(task, loop_config(), workdir)
+    metrics = train.run(task, loop_config(), workdir)
+    assert {"loss", "abs_error", "eval_loss", "eval_abs_error"} <= set(metrics)  # both from one `sums`
 
     # the step differentiates the parameters alone: optimizer state has no [D] teacher-shaped twin
     # of anything but w, and the checkpoint holds no teacher
@@ -115,6 +100,25 @@ def test_frozen_inputs_are_data_not_state(tmp_path):
     # resuming against another teacher is refused by name
     with pytest.raises(CheckpointMismatchError, match="frozen_inputs.digest"):
         train.run(TeacherStudentTask(teacher + 1), loop_config(num_train_steps=9), workdir)
+
+
+def test_a_finished_run_says_so_and_another_tasks_workdir_is_named_first(tmp_path, capsys):
+    task, workdir = TeacherStudentTask(np.ones(D, np.float32)), str(tmp_path)
+    train.run(task, loop_config(), workdir)
+    capsys.readouterr()
+    train.run(task, loop_config(), workdir)  # nothing left to do
+    assert "this run is complete" in capsys.readouterr().out
+
+    class OtherTask(TeacherStudentTask):
+        name = "other"
+
+        def meta(self):
+            return {"task": self.name, "model": {f"field_{i}": i for i in range(200)}}  # a long config
+
+    with pytest.raises(CheckpointMismatchError) as e:
+        train.run(OtherTask(np.ones(D, np.float32)), loop_config(num_train_steps=9), workdir)
+    message = str(e.value)
+    assert "of task 'teacher_student', not 'other'" in message and len(message) < 300, message
 
 
 def test_the_loss_sees_the_frozen_values_and_no_gradient_flows_into_them():
@@ -141,22 +145,43 @@ def test_a_task_optimizer_replaces_adamw(tmp_path):
     np.testing.assert_array_equal(np.asarray(params["w"]), np.zeros(D))  # its optimizer trains nothing
 
 
-def test_tasks_are_found_by_convention_and_an_unknown_one_lists_them(tmp_path):
+def test_the_base_class_gives_every_hook_a_default():
+    """What a task does not define, the loop still calls: replicated specs, no frozen inputs, AdamW, no
+    activation estimate, no extra evaluation, nothing at the end; loss and eval_sums come from sums."""
+
+    class Minimal(Task):
+        def sums(self, params, batch, rng, frozen):
+            return {"loss": jnp.sum(params["w"] * batch["x"]), "tokens": jnp.float32(2.0), "hits": jnp.float32(3.0),
+                    "hits_n": jnp.float32(4.0)}
+
+    task, params, batch = Minimal(), {"w": jnp.ones((3,))}, {"x": jnp.arange(3.0)}
+    assert task.param_specs(params) == {"w": jax.sharding.PartitionSpec()}
+    assert task.frozen_inputs() is None and task.activation_bytes(4, 128) == 0 and task.extra_eval(params, None) == {}
+    assert isinstance(task.optimizer(loop_config()), optax.GradientTransformation)
+    assert task.on_end(params, None) is None and task.meta() == {"task": "task"}
+    objective, sums = task.loss(params, batch, None, None)
+    assert float(objective) == 3.0 and float(sums["loss"]) == 3.0  # no "objective": the loss is differentiated
+    assert set(task.eval_sums(params, batch, None)) == {"loss", "tokens", "hits", "hits_n"}
+    from training.step import per_count
+
+    assert {k: float(v) for k, v in per_count(sums).items()} == {"loss": 1.5, "hits": 0.75}  # by tokens, by hits_n
+
+    class WithObjective(Minimal):
+        def sums(self, params, batch, rng, frozen):
+            return {**super().sums(params, batch, rng, frozen), "objective": jnp.sum(10 * params["w"] * batch["x"])}
+
+    objective, sums = WithObjective().loss(params, batch, None, None)
+    assert float(objective) == 30.0 and "objective" not in sums and "objective" not in WithObjective().eval_sums(
+        params, batch, None)
+    with pytest.raises(NotImplementedError):
+        task.init_params(None)
+
+
+def test_tasks_are_found_by_import_and_an_unknown_one_lists_them(tmp_path):
     found = tasks.available()
-    assert {"jamba_lm", "generate", "sensebert_pretrain", "sensebert_tagging", "sensebert_wic"} <= set(found)
-    assert "sensebert_common" not in found and "sensebert_predict" not in found  # export neither Task nor run
+    assert {"jamba_lm", "generate", "sensebert_pretrain", "sensebert_finetune", "aux_tuning"} <= set(found)
+    assert "convert" not in found and "sensebert_predict" not in found  # command lines: export neither Task nor run
     with pytest.raises(tasks.UnknownTaskError, match=r"unknown task 'nope'.*'jamba_lm'"):
         tasks.run(loop_config(task="nope"), str(tmp_path))
-
-
-def test_task_exports_are_read_from_top_level_definitions_only(tmp_path, monkeypatch):
-    (tmp_path / "a.py").write_text('"""A task.\n\n    def run(config, workdir) in an indented docstring line."""\n'
-                                   "class Task(Base):\n    def run(self): ...\n")
-    (tmp_path / "b.py").write_text("def run_pool(x): ...\nrunner = 1\nTaskish = 2\nif Task == 3: pass\n"
-                                   "    def run(config, workdir): ...\n")
-    (tmp_path / "c.py").write_text("from x import JambaTask\nTask: type = JambaTask\nrun=lambda c, w: None\n")
-    monkeypatch.setattr(tasks, "_HERE", str(tmp_path))
-    assert tasks._exports("a") == {"Task"}
-    assert tasks._exports("b") == set()
-    assert tasks._exports("c") == {"Task", "run"}
-    assert tasks.available() == ["a", "c"]
+    with pytest.raises(tasks.UnknownTaskError, match="tasks/convert.py exports neither Task nor run"):
+        tasks.run(loop_config(task="convert"), str(tmp_path))

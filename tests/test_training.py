@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import tasks
+from common.tokenizers import TokenizerError
 from configs import jamba_mini, jamba_tiny
 from tasks.jamba_lm import JambaLMTask
 from training import train
@@ -142,7 +143,7 @@ def test_missing_and_empty_data_files_are_named(tmp_path):
 
 
 def test_tokenizer_larger_than_the_vocabulary_is_named(tmp_path):
-    with pytest.raises(DataError, match="2048 tokens but the model's vocab_size is 1000"):
+    with pytest.raises(TokenizerError, match="2048 tokens but the model's vocab_size is 1000"):
         tasks.run(small_config(**{"model.vocab_size": 1000}), str(tmp_path))
 
 

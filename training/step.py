@@ -14,13 +14,21 @@ def init_state(task, optimizer, rng):
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params), "rng": rng}
 
 
+def per_count(sums: dict, maximum=jnp.maximum) -> dict:
+    """Each sum k divided by its count "k_n" if there is one, else by "tokens" (the counts left out; a
+    count below 1 counts as 1). `maximum`: jnp's on arrays, Python's `max` on host floats."""
+    tokens = maximum(sums["tokens"], 1.0)
+    return {k: v / (maximum(sums[f"{k}_n"], 1.0) if f"{k}_n" in sums else tokens)
+            for k, v in sums.items() if k != "tokens" and not k.endswith("_n")}
+
+
 def make_train_step(task, optimizer, grad_accum_steps: int):
     """train_step(state, batch, frozen=None) -> (new state, metrics). Gradients are taken of the
     parameters alone: `frozen` (the task's frozen inputs) is data to the loss."""
 
     def micro_grads(params, batch, rng, frozen):
-        (objective, metrics), grads = jax.value_and_grad(task.loss, has_aux=True)(params, batch, rng, frozen)
-        return grads, {"objective": objective, **metrics}
+        (objective, sums), grads = jax.value_and_grad(task.loss, has_aux=True)(params, batch, rng, frozen)
+        return grads, {"objective": objective, **sums}
 
     def train_step(state, batch, frozen=None):
         rng = jax.random.fold_in(state["rng"], state["step"])
@@ -41,7 +49,7 @@ def make_train_step(task, optimizer, grad_accum_steps: int):
         grads = jax.tree.map(lambda g: g / tokens, grads)  # the token-weighted mean over the whole batch
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = {k: v / tokens for k, v in sums.items() if k != "tokens"}
+        metrics = per_count(sums)
         metrics.update(tokens=sums["tokens"], grad_norm=optax.global_norm(grads))
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "rng": state["rng"]}, metrics
 

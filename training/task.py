@@ -1,26 +1,36 @@
-"""The contract between a task and the one training loop (`training.train.run`).
+"""The contract between a task and the one training loop (`training.train.run`): the `Task` base class.
 
 A task owns its model, data, loss and evaluation; the loop owns everything else (mesh, sharded
 init, optimizer state, restore-or-init, the jitted step, metrics, checkpoints, progress), the same
-way for every model. `tasks/<name>.py` exports the class as `Task`.
+way for every model. `tasks/<name>.py` exports its subclass as `Task`. A subclass implements
+`init_params`, `dataset` (or `train_dataset` and `eval_dataset`) and `sums`; every other method has a
+default here, so the loop calls each one unconditionally.
+
+`sums` is the one per-batch computation: summed quantities over the batch's targets. The loop
+differentiates its "objective" (or "loss" when there is none) in training, reports each other sum k
+divided by its count "k_n" (or by "tokens") as a training metric, and, at evaluation (rng None),
+reports "loss" / "tokens" as eval_loss (and eval_perplexity) and every other sum likewise as eval_k.
 
 Frozen inputs (big_vision's distillation pattern: the teacher loaded beside the student) are arrays
 the loss needs that nothing trains, such as the frozen LM of auxiliary tuning. The loop passes them
-to `loss` and `eval_sums` as an argument that is never differentiated (`jax.value_and_grad` of the
-parameters alone, so no activations of their forward pass are kept for a backward pass), gives them
-no optimizer state, places them by their own logical specs, and never writes them into run
-checkpoints: the run's metadata records their source and digest, and a resume against other frozen
-arrays is refused by name.
+to `sums` as an argument that is never differentiated (`jax.value_and_grad` of the parameters alone,
+so no activations of their forward pass are kept for a backward pass), gives them no optimizer
+state, places them by their own logical specs, and never writes them into run checkpoints: the
+run's metadata records their source and digest, and a resume against other frozen arrays is refused
+by name.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import PartitionSpec
+
+from training.optim import make_optimizer
 
 Params = Any  # a pytree of arrays
 
@@ -37,49 +47,75 @@ class FrozenInputs:
         return {"source": self.source, "digest": self.digest or digest_of(self.arrays)}
 
 
-@runtime_checkable
-class Task(Protocol):
-    name: str
+class Task:
+    """What a task gives the loop. Subclasses set `name` and implement the four methods that raise."""
 
-    def meta(self) -> dict:
-        """JSON-able description that a checkpoint must match to be resumed (task, model config)."""
+    name: str = "task"
+    eval_split: str = "validation"  # the split `eval_dataset` reads
 
+    # --- what every task implements -------------------------------------------------------------------
     def init_params(self, rng: jax.Array) -> Params:
         """The trainable parameters, freshly initialised (or loaded: a fine-tuning start)."""
+        raise NotImplementedError
 
-    def loss(self, params: Params, batch: dict, rng: jax.Array | None, frozen: Any) -> tuple[jax.Array, dict]:
-        """(objective summed over targets, metrics summed likewise); metrics include "tokens", the
-        number of targets (the loop divides by it). `frozen` is `frozen_inputs().arrays` or None."""
+    def dataset(self, split: str, train: bool, process_index: int, process_count: int):
+        """A grain IterDataset of dict batches of `split`: this process's rows of each global batch; for
+        training endless and shuffled, for evaluation one pass whose last batch may end in all-zero rows,
+        which must count for nothing."""
+        raise NotImplementedError
 
     def train_dataset(self, process_index: int, process_count: int):
-        """A grain IterDataset of dict batches: this process's rows of each global batch."""
+        return self.dataset("train", True, process_index, process_count)
 
     def eval_dataset(self, process_index: int, process_count: int):
-        """The same for evaluation; batches may end in all-zero rows, which must count for nothing."""
+        return self.dataset(self.eval_split, False, process_index, process_count)
 
-    def eval_sums(self, params: Params, batch: dict, frozen: Any) -> dict:
-        """{"nll": sum, "tokens": count, optional sums k with counts "k_n"} (eval_loss, eval_k)."""
+    def sums(self, params: Params, batch: dict, rng: jax.Array | None, frozen: Any) -> dict[str, jax.Array]:
+        """Sums over the batch's targets: "loss" (e.g. the summed NLL), "tokens" (the number of targets),
+        optionally "objective" (what training differentiates, if not "loss"), and any other sum k with an
+        optional count "k_n". rng is None at evaluation (no dropout); `frozen` is `frozen_inputs().arrays`."""
+        raise NotImplementedError
 
-    def on_end(self, params: Params, frozen: Any) -> None:
-        """Called once when training completes (e.g. print a sample)."""
+    # --- what the loop calls, derived from `sums` -------------------------------------------------------
+    def loss(self, params: Params, batch: dict, rng: jax.Array | None, frozen: Any) -> tuple[jax.Array, dict]:
+        """(the objective to differentiate, the sums beside it)."""
+        sums = dict(self.sums(params, batch, rng, frozen))
+        return sums.pop("objective", sums["loss"]), sums
 
+    def eval_sums(self, params: Params, batch: dict, frozen: Any) -> dict[str, jax.Array]:
+        sums = dict(self.sums(params, batch, None, frozen))
+        sums.pop("objective", None)
+        return sums
 
-class OptionalTaskMethods(Protocol):
-    """What a task may add; the loop checks with hasattr."""
+    # --- hooks with defaults ---------------------------------------------------------------------------------
+    def meta(self) -> dict:
+        """JSON-able description that a checkpoint must match to be resumed (task, model config)."""
+        return {"task": self.name}
 
-    def param_specs(self) -> Any:
-        """Logical PartitionSpecs of the parameters (default: replicated)."""
+    def param_specs(self, params: Params) -> Any:
+        """Logical PartitionSpecs of the parameters (`params` may be abstract); default: replicated."""
+        return jax.tree.map(lambda _: PartitionSpec(), params)
 
     def frozen_inputs(self) -> FrozenInputs | None:
-        """Arrays the loss needs that are not trained (default: none)."""
-
-    def extra_eval(self, params: Params, frozen: Any) -> dict:
-        """Evaluation the jitted eval_sums cannot do (sampling, text matching), run on the host at each
-        eval; each value k is reported as eval_k."""
+        """Arrays the loss needs that are not trained; default: none."""
+        return None
 
     def optimizer(self, config) -> Any:
-        """An optax transformation replacing `training.optim.make_optimizer(config)` (e.g. one that
-        trains only part of the parameters)."""
+        """The optax transformation that trains the parameters; default: AdamW as the config says."""
+        return make_optimizer(config)
+
+    def activation_bytes(self, rows: int, seq_len: int) -> int:
+        """Estimated activation memory of a training step for `rows` rows per device (the memory
+        pre-flight adds it to the state's bytes); default: 0 (unknown)."""
+        return 0
+
+    def extra_eval(self, params: Params, frozen: Any) -> dict[str, float]:
+        """Evaluation the jitted `sums` cannot do (sampling, text matching), run on the host at each eval;
+        each value k is reported as eval_k. Default: none."""
+        return {}
+
+    def on_end(self, params: Params, frozen: Any) -> None:
+        """Called once when training completes (e.g. print a sample); default: nothing."""
 
 
 def digest_of(tree) -> str:
