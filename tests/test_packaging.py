@@ -23,7 +23,7 @@ def test_the_wheel_holds_the_packages_the_data_and_the_commands(tmp_path):
         names = set(z.namelist())
         entry_points = next(z.read(n).decode() for n in names if n.endswith("entry_points.txt"))
     for needed in ("main.py", "configs/jamba_tiny.py", "kernels/ssm_pallas_tpu.py", "common/layers.py",
-                   "jamba_jax/model.py", "sensebert_jax/lexicon.json.gz", "training/task.py", "tasks/jamba_lm.py",
+                   "jamba_jax/model.py", "common/wordnet_lexicon.json.gz", "training/task.py", "tasks/jamba_lm.py",
                    "data/tokenizer/tokenizer.json", "data/wordnet_corpus/train.txt.gz",
                    "data/sensebert_eval/tagging.jsonl.gz", "data/sensebert_wordpiece/vocab.txt",
                    "aux_tuning/model.py", "active_learning/strategies.py", "data/egal_pools/pseudowords.jsonl.gz"):
@@ -32,9 +32,27 @@ def test_the_wheel_holds_the_packages_the_data_and_the_commands(tmp_path):
         assert f"{command} =" in entry_points, command
 
 
-def test_main_runs_from_another_directory(tmp_path):
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), "--config.dry_run=True",
-                          f"--workdir={tmp_path / 'w'}"], capture_output=True, text=True, cwd=tmp_path, timeout=300,
-                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+def main_in(directory, *args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args], capture_output=True, text=True,
+                          cwd=directory, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def test_main_runs_from_another_directory_and_names_bundled_configs(tmp_path):
+    """From a directory without configs/ (as an installed command runs), --config takes a bundled config by
+    its repository path or by its name."""
+    out = main_in(tmp_path, "--config=configs/jamba_tiny.py", "--config.dry_run=True", f"--workdir={tmp_path / 'w'}")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "dry run: 3,359,384 parameters" in out.stdout
+    out = main_in(tmp_path, "--config=sensebert_tiny", "--config.dry_run=True", f"--workdir={tmp_path / 'w'}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "dry run: 1,377,664 parameters" in out.stdout
+
+
+def test_help_describes_the_program_and_lists_the_config_fields(tmp_path):
+    out = main_in(tmp_path, "--help")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.startswith("Trains, evaluates or runs any task") and "usage:" in out.stdout
+    for field in ("--config.num_train_steps", "--config.model.hidden_size", "--config.data.tokenizer"):
+        assert field in out.stdout, field
+    out = main_in(tmp_path, "--config=generate", "--help")
+    assert out.returncode == 0 and "--config.prompt" in out.stdout and "--config.seq_len" not in out.stdout

@@ -88,7 +88,7 @@ def test_memory_preflight_refuses_jamba_mini_on_one_cpu_device_quickly_without_a
 
 def test_other_command_lines_give_one_line_errors(tmp_path):
     out, _ = run("-m", "tasks.convert", "orbax-to-hf", "--src", str(tmp_path / "nothing"), "--dst", str(tmp_path / "o"))
-    assert_one_line_error(out, "nothing", "training checkpoint")
+    assert_one_line_error(out, "nothing", "training workdir")
     out, _ = run("-m", "tasks.sensebert_predict", "--workdir", str(tmp_path / "nothing"), "a sentence")
     assert_one_line_error(out, "no such checkpoint directory")
     out, _ = run(MAIN, f"--config={ROOT}/configs/generate.py", f"--config.checkpoint={tmp_path / 'nothing'}")
