@@ -69,16 +69,16 @@ def evaluate_frozen_lm(lm: str, seed: int) -> dict:
     for i, batch in enumerate(make_iterator(task.eval_dataset(0, 1))):
         if i >= config.eval_batches:
             break
-        sums = step(params, batch)
-        nll, tokens = nll + float(sums["nll"]), tokens + float(sums["tokens"])
+        sums = step(params, batch, None)
+        nll, tokens = nll + float(sums["loss"]), tokens + float(sums["tokens"])
     return {"eval_loss": nll / tokens, "eval_perplexity": float(np.exp(nll / tokens)), **{
-        f"eval_{k}": v for k, v in task.extra_eval(params).items()}}
+        f"eval_{k}": v for k, v in task.extra_eval(params, None).items()}}
 
 
 def flops_per_token(lm_dir: str) -> dict[str, float]:
     import jamba_jax
     from configs import aux_tuning_tiny
-    from tasks.generate import load_checkpoint
+    from jamba_jax import load_checkpoint
 
     lm_cfg, _ = load_checkpoint(lm_dir)
     aux_fields = aux_tuning_tiny.get_config().model.to_dict()

@@ -27,7 +27,7 @@ def _measure(model: str, scanned: bool) -> dict:
     import jamba_jax
 
     fields = importlib.import_module(f"configs.{CONFIGS[model]}").get_config().model.to_dict()
-    fields.update(dtype="bfloat16", remat=True)
+    fields.update(dtype="bfloat16", remat_policy="full")
     if "scan_layers" in jamba_jax.JambaConfig.__dataclass_fields__:
         fields["scan_layers"] = scanned
     elif scanned:

@@ -30,7 +30,7 @@ import numpy as np
 import jamba_jax
 from benchmarks.common import copy_bandwidth, machine, time_fn, write_section
 from configs import jamba_tiny
-from jamba_jax.generation import _decode_loop, default_prefill_chunk
+from jamba_jax.generation import decode_loop, default_prefill_chunk
 
 DECODE_TOKENS = 64
 SHORT_CONTEXT = 256  # the decode step with next to no cache: weights and per-step overheads
@@ -88,7 +88,7 @@ def _decode_figures(model, params, logits, cache, context: int) -> dict:
     cfg = model.cfg
     bw = copy_bandwidth(256 * 2**20)
     done = jnp.zeros((1,), bool)
-    run = lambda: jax.block_until_ready(_decode_loop(  # noqa: E731
+    run = lambda: jax.block_until_ready(decode_loop(  # noqa: E731
         model, params, jax.tree.map(jnp.copy, cache), logits, done, jax.random.PRNGKey(0), DECODE_TOKENS,
         0.0, None, None, None, 0))
     copy_s = time_fn(lambda: jax.block_until_ready(jax.tree.map(jnp.copy, cache)), repeats=3)

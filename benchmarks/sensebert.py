@@ -22,10 +22,9 @@ import numpy as np
 import tasks
 from benchmarks.common import machine, time_fn, write_section
 from configs import sensebert_tagging, sensebert_tiny, sensebert_wic
-from tasks.sensebert_common import read_rows
+from sensebert_jax.finetune import read_rows
+from tasks.sensebert_finetune import SenseBertFinetuneTask
 from tasks.sensebert_pretrain import SenseBertPretrainTask
-from tasks.sensebert_tagging import SupersenseTaggingTask
-from tasks.sensebert_wic import WordInContextTask
 from training.data import make_iterator
 from training.optim import make_optimizer
 from training.step import init_state, make_train_step
@@ -71,15 +70,14 @@ def main(argv=None):
         tasks.run(c, pre)
         pre_eval = last_eval(pre)
         result = {"mlm": pre_eval["eval_loss"]}
-        for task_name, get_config, cls in (("tagging", sensebert_tagging.get_config, SupersenseTaggingTask),
-                                           ("wic", sensebert_wic.get_config, WordInContextTask)):
+        for task_name, get_config in (("tagging", sensebert_tagging.get_config), ("wic", sensebert_wic.get_config)):
             f = get_config()
             f.sensebert.use_supersenses, f.init_checkpoint = use, pre
             f.num_train_steps = f.eval_every_steps = f.save_every_steps = args.finetune_steps
             wd = os.path.join(root, f"{name}_{task_name}")
             tasks.run(f, wd)
             result[task_name] = last_eval(wd)["eval_accuracy"]
-            baselines[task_name] = cls(f).baseline()
+            baselines[task_name] = SenseBertFinetuneTask(f).baseline()
         rows.append((name, result))
         print(name, result, flush=True)
     n_test = {t: len(read_rows(t, "test")) for t in ("tagging", "wic")}
