@@ -132,5 +132,5 @@ def test_sentencepiece_tokenizer(tmp_path):
     tok = load_tokenizer(str(tmp_path / "sp.model"), 512)
     assert (tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id) == (300, 0, 1, 2)
     assert tok.decode(tok.encode("a small dog")) == "a small dog"
-    with pytest.raises(TokenizerError, match="300 tokens but the model's vocab_size is 200"):
+    with pytest.raises(TokenizerError, match="300 tokens but the vocabulary of the model has 200"):
         load_tokenizer(str(tmp_path / "sp.model"), 200)

@@ -143,7 +143,7 @@ def test_missing_and_empty_data_files_are_named(tmp_path):
 
 
 def test_tokenizer_larger_than_the_vocabulary_is_named(tmp_path):
-    with pytest.raises(TokenizerError, match="2048 tokens but the model's vocab_size is 1000"):
+    with pytest.raises(TokenizerError, match="2048 tokens but the vocabulary of the model has 1000"):
         tasks.run(small_config(**{"model.vocab_size": 1000}), str(tmp_path))
 
 

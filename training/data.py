@@ -62,7 +62,7 @@ def _first_bad_utf8(path: str) -> tuple[int, int]:
     return 0, 0
 
 
-def _expand(patterns, field: str) -> list[str]:
+def expand_files(patterns, field: str) -> list[str]:
     patterns = [patterns] if isinstance(patterns, str) else list(patterns or [])
     patterns = [p for p in patterns if p]
     if not patterns:
@@ -76,13 +76,15 @@ def _expand(patterns, field: str) -> list[str]:
     return files
 
 
-def _read_lines(files: list[str], jsonl_field: str | None, errors: str = "strict") -> list[str]:
+def read_lines(files: list[str], jsonl_field: str | None, errors: str = "strict") -> list:
+    """The documents of text files (a line each), or of JSONL files: each line's `jsonl_field`, or with
+    jsonl_field "*" ("path:line", the whole JSON object) pairs. Names the file and line of bad UTF-8 or JSON."""
     if errors not in ENCODING_ERRORS:
         raise DataError(f"config.data.encoding_errors={errors!r}; expected one of {ENCODING_ERRORS}")
     docs = []
     for path in files:
         try:
-            docs += _read_file(path, jsonl_field, errors)
+            docs += read_file(path, jsonl_field, errors)
         except UnicodeDecodeError as e:
             line, byte = _first_bad_utf8(path)
             raise DataError(f"{path}:{line}: invalid UTF-8 at byte {byte} of the line ({e.reason}); fix the file or "
@@ -90,7 +92,7 @@ def _read_lines(files: list[str], jsonl_field: str | None, errors: str = "strict
     return docs
 
 
-def _read_file(path: str, jsonl_field: str | None, errors: str) -> list[str]:
+def read_file(path: str, jsonl_field: str | None, errors: str) -> list:
     docs = []
     with _open_text(path, errors) as f:
         for i, line in enumerate(f):
@@ -100,9 +102,13 @@ def _read_file(path: str, jsonl_field: str | None, errors: str) -> list[str]:
                 docs.append(line.rstrip("\n"))
                 continue
             try:
-                docs.append(json.loads(line)[jsonl_field])
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise TypeError(f"a JSON {type(record).__name__}")
+                docs.append((f"{path}:{i + 1}", record) if jsonl_field == "*" else record[jsonl_field])
             except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise DataError(f"{path}:{i + 1}: not a JSON object with a {jsonl_field!r} field ({e})") from e
+                what = "a JSON object" if jsonl_field == "*" else f"a JSON object with a {jsonl_field!r} field"
+                raise DataError(f"{path}:{i + 1}: not {what} ({e})") from e
     if not docs:
         raise DataError(f"data file {path} holds no documents (it is empty)")
     return docs
@@ -122,15 +128,25 @@ class _TfdsText:
         return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
+def json_records(data_cfg, split: str) -> list[tuple[str, dict]]:
+    """("path:line", JSON object) of every line of the split's JSONL files (config.data.source = "jsonl")."""
+    if data_cfg.source != "jsonl":
+        raise DataError(f"config.data.format={data_cfg.get('format', 'text')!r} reads JSONL files: set "
+                        f"config.data.source='jsonl' (it is {data_cfg.source!r})")
+    field = "data.train_files" if split == "train" else "data.validation_files"
+    files = expand_files(data_cfg.train_files if split == "train" else data_cfg.validation_files, field)
+    return read_lines(files, "*", data_cfg.get("encoding_errors", "strict"))
+
+
 def text_source(data_cfg, split: str):
     """A random-access sequence of document strings for `split` ('train' or 'validation')."""
     kind = data_cfg.source
     if kind == "bundled":
-        return _read_lines([os.path.join(BUNDLED_CORPUS, f"{split}.txt.gz")], None)
+        return read_lines([os.path.join(BUNDLED_CORPUS, f"{split}.txt.gz")], None)
     if kind in ("text", "jsonl"):
         field = "data.train_files" if split == "train" else "data.validation_files"
-        files = _expand(data_cfg.train_files if split == "train" else data_cfg.validation_files, field)
-        return _read_lines(files, data_cfg.text_field if kind == "jsonl" else None,
+        files = expand_files(data_cfg.train_files if split == "train" else data_cfg.validation_files, field)
+        return read_lines(files, data_cfg.text_field if kind == "jsonl" else None,
                            data_cfg.get("encoding_errors", "strict"))
     if kind == "tfds":
         import tensorflow_datasets as tfds
