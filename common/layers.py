@@ -47,7 +47,9 @@ class Dense(nn.Module):
 
     An ExpertsInt8-quantised kernel (int8, beside a `kernel_scale` [prod(features)] parameter) is
     dequantised inside the matmul (`kernels.int8_matmul`): the presence of the scale in the
-    parameters is the quantised flag, so one module serves both trees.
+    parameters is the quantised flag, so one module serves both trees. Likewise LoRA adapters
+    (`kernel_lora_a` [in, r], `kernel_lora_b` [r, *features], jamba_jax.lora) add (x A) B, with dropout of
+    rate `lora_dropout` on x when the apply has a "dropout" rng (training).
     """
 
     features: int | Sequence[int]
@@ -56,6 +58,7 @@ class Dense(nn.Module):
     param_dtype: Any = jnp.float32
     use_bias: bool = False
     kernel_init: Any = nn.initializers.normal(stddev=0.02)
+    lora_dropout: float = 0.0
 
     @nn.compact
     def __call__(self, x):
@@ -68,6 +71,11 @@ class Dense(nn.Module):
                             scale.reshape(-1)).reshape(x.shape[:-1] + feats)
         else:
             y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=((x.ndim - 1,), (0,)))
+        if self.has_variable("params", "kernel_lora_a"):
+            a, b = self.get_variable("params", "kernel_lora_a"), self.get_variable("params", "kernel_lora_b")
+            if self.lora_dropout > 0 and self.has_rng("dropout"):
+                x = nn.Dropout(self.lora_dropout)(x, deterministic=False)
+            y = y + jnp.tensordot(x.astype(self.dtype) @ a.astype(self.dtype), b.astype(self.dtype), axes=1)
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
                               feats, self.param_dtype)

@@ -31,7 +31,8 @@ _SCAN_IMPLS = ("auto",) + IMPLS
 REMAT_POLICIES = ("none", "full", "save_dots", "save_attention_and_moe_outputs")  # see jamba_jax.remat
 # fields that do not change the weights: a fine-tuning run or a generator may set them freely
 EXECUTION_FIELDS = ("dtype", "scan_impl", "attention_impl", "moe_impl", "remat_policy", "scan_layers",
-                    "moe_capacity_factor")
+                    "moe_capacity_factor", "lora_dropout")
+WEIGHT_NEUTRAL_FIELDS = EXECUTION_FIELDS + ("param_dtype",)  # ... and the storage dtype, a cast
 
 # Keys that transformers writes into every config.json (PretrainedConfig bookkeeping) or that
 # older Jamba checkpoints carry; they do not describe the architecture and are ignored on load.
@@ -101,6 +102,7 @@ class JambaConfig(ModelConfigBase):
     moe_impl: str = "auto"  # the experts' grouped matmul, see kernels.grouped_matmul
     remat_policy: str = "none"  # what a decoder layer keeps for the backward pass, see jamba_jax.remat
     scan_layers: bool = False  # the stack as one nn.scan over repeats of the layer cycle (jamba_jax.layout)
+    lora_dropout: float = 0.0  # dropout on the input of LoRA adapters in training (jamba_jax.lora)
     moe_capacity_factor: float = 0.0  # 0 = dropless; else slots per device pair under expert parallelism
     # (expert_parallel), per expert elsewhere (grouped_ffn.expert_capacity): pairs past it add nothing
 
@@ -146,6 +148,7 @@ class JambaConfig(ModelConfigBase):
         need(self.remat_policy in REMAT_POLICIES, "remat_policy", f"must be one of {REMAT_POLICIES}")
         need(self.rms_norm_eps > 0, "rms_norm_eps", "must be positive")
         need(self.moe_capacity_factor >= 0, "moe_capacity_factor", "must be 0 (dropless) or positive")
+        need(0 <= self.lora_dropout < 1, "lora_dropout", "must lie in [0, 1)")
         need(not self.scan_layers or self.num_hidden_layers % self.layer_cycle == 0, "scan_layers",
              f"needs num_hidden_layers ({self.num_hidden_layers}) to be a multiple of the layer cycle "
              f"({self.layer_cycle}: the attention and expert periods' least common multiple)")
@@ -215,6 +218,15 @@ class JambaConfig(ModelConfigBase):
             raise ConfigError(f"config.json has fields JambaConfig does not know: {unknown}")
         kwargs = {k: v for k, v in d.items() if k in names}
         return cls(**kwargs, **overrides)
+
+    def weight_neutral(self) -> dict[str, Any]:
+        """The fields that do not change the weights (WEIGHT_NEUTRAL_FIELDS) and their values."""
+        return {k: getattr(self, k) for k in WEIGHT_NEUTRAL_FIELDS}
+
+    def with_weight_neutral(self, fields: dict[str, Any]) -> JambaConfig:
+        """This config with the fields of `fields` that do not change the weights taken from it (a fine-tuning
+        run's: the checkpoint gives the architecture, the run its numerics and execution)."""
+        return self.replace(**{k: v for k, v in fields.items() if k in WEIGHT_NEUTRAL_FIELDS})
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The `config.json` dict transformers' JambaConfig reads."""

@@ -33,21 +33,29 @@ from jax.sharding import PartitionSpec as P
 
 from common.sharding import axes_size, current_mesh, fitted_spec, spec_axes
 from jamba_jax.grouped_ffn import combine_local, permute, unpermute
+from kernels.grouped_matmul import ExpertWeight
 
 
-def expert_parallel_moe(x_TxE, top_idx_TxK, top_w_TxK, weights, scales, act, impl="auto",
-                        capacity_factor: float = 0.0):
+def _weight_specs(ew: ExpertWeight, spec: P) -> ExpertWeight:
+    """The shard_map specs of an ExpertWeight whose w is split as `spec` = (experts, in, out): the scale like the
+    output, LoRA's A like the input (rank whole), B like the output."""
+    ex, d_in, d_out = spec
+    return ExpertWeight(spec, None if ew.scale is None else P(ex, d_out),
+                        None if ew.lora_a is None else P(ex, d_in, None),
+                        None if ew.lora_b is None else P(ex, None, d_out))
+
+
+def expert_parallel_moe(x_TxE, top_idx_TxK, top_w_TxK, weights, act, impl="auto", capacity_factor: float = 0.0):
     """sum_k top_w[t, k] * FFN_{top_idx[t, k]}(x[t]) with the experts sharded as the rules say.
 
-    weights: (gate [X, E, F], up [X, E, F], down [X, F, E]); scales: None or their int8 scales
-    ([X, F], [X, F], [X, E]), sharded with them.
+    weights: the (gate, up, down) `kernels.grouped_matmul.ExpertWeight`s (w [X, E, F], [X, E, F], [X, F, E];
+    ExpertsInt8 scales and LoRA adapters sharded with their experts).
     """
     mesh = current_mesh()
     t = top_idx_TxK.shape[0]
-    w_gate, w_up, w_down = weights
     tok_spec = fitted_spec((t,), ("batch",), mesh)
-    gate_spec = fitted_spec(w_gate.shape, ("exp", "embed", "mlp"), mesh)
-    down_spec = fitted_spec(w_down.shape, ("exp", "mlp", "embed"), mesh)
+    gate_spec = fitted_spec(weights[0].w.shape, ("exp", "embed", "mlp"), mesh)
+    down_spec = fitted_spec(weights[2].w.shape, ("exp", "mlp", "embed"), mesh)
     # fsdp: the weights enter with `embed` whole (XLA all-gathers them at the boundary, and
     # reduce-scatters their gradients back): ZeRO-3
     gate_spec, down_spec = P(gate_spec[0], None, gate_spec[2]), P(down_spec[0], down_spec[1], None)
@@ -55,27 +63,22 @@ def expert_parallel_moe(x_TxE, top_idx_TxK, top_w_TxK, weights, scales, act, imp
     n_ep = axes_size(mesh, ep_axes)
     all_to_all = bool(ep_axes) and set(ep_axes) <= set(tok_axes)
 
-    def body(x, idx, w, wg, wu, wd, *sc):
-        local = (wg, wu, wd)
-        e_loc = wg.shape[0]
-        sc = sc or None
+    def body(x, idx, w, local):
+        e_loc = local[0].w.shape[0]
         if all_to_all:
-            out = _all_to_all_experts(x, idx, w, local, sc, act, impl, ep_axes, n_ep, e_loc, capacity_factor)
+            out = _all_to_all_experts(x, idx, w, local, act, impl, ep_axes, n_ep, e_loc, capacity_factor)
         else:
             if ep_axes:  # choices of another device's experts -> "no expert" here
                 first = jax.lax.axis_index(ep_axes) * e_loc
                 idx = jnp.where((idx >= first) & (idx < first + e_loc), idx - first, e_loc)
-            out = combine_local(x, idx, w, local, act, sc, impl, capacity_factor)
+            out = combine_local(x, idx, w, local, act, impl, capacity_factor)
             if ep_axes:
                 out = jax.lax.psum(out, ep_axes)
         return jax.lax.psum(out, mlp_axes) if mlp_axes else out
 
-    args = [x_TxE, top_idx_TxK, top_w_TxK, w_gate, w_up, w_down]
-    specs = [P(tok_spec[0], None)] * 3 + [gate_spec, gate_spec, down_spec]
-    if scales is not None:
-        args += list(scales)
-        specs += [P(gate_spec[0], gate_spec[2])] * 2 + [P(down_spec[0], None)]
-    return jax.shard_map(body, mesh=mesh, in_specs=tuple(specs), out_specs=P(tok_spec[0], None))(*args)
+    specs = tuple(_weight_specs(ew, sp) for ew, sp in zip(weights, (gate_spec, gate_spec, down_spec), strict=True))
+    return jax.shard_map(body, mesh=mesh, in_specs=(P(tok_spec[0], None),) * 3 + (specs,),
+                         out_specs=P(tok_spec[0], None))(x_TxE, top_idx_TxK, top_w_TxK, tuple(weights))
 
 
 def capacity(pairs: int, n_ep: int, capacity_factor: float) -> int:
@@ -85,7 +88,7 @@ def capacity(pairs: int, n_ep: int, capacity_factor: float) -> int:
     return max(1, min(pairs, math.ceil(capacity_factor * pairs / n_ep)))
 
 
-def _all_to_all_experts(x_TxE, idx_TxK, w_TxK, weights, scales, act, impl, ep_axes, n_ep, e_loc, capacity_factor):
+def _all_to_all_experts(x_TxE, idx_TxK, w_TxK, weights, act, impl, ep_axes, n_ep, e_loc, capacity_factor):
     t, e = x_TxE.shape
     m = idx_TxK.size
     slots = capacity(m, n_ep, capacity_factor)
@@ -99,7 +102,7 @@ def _all_to_all_experts(x_TxE, idx_TxK, w_TxK, weights, scales, act, impl, ep_ax
     recv_x = jax.lax.all_to_all(send_x, ep_axes, 0, 0, tiled=True)  # [source, slot, E]
     recv_e = jax.lax.all_to_all(send_e, ep_axes, 0, 0, tiled=True)
     ones = jnp.ones((n_ep * slots, 1), x_TxE.dtype)
-    y = combine_local(recv_x.reshape(-1, e), recv_e.reshape(-1, 1), ones, weights, act, scales, impl)
+    y = combine_local(recv_x.reshape(-1, e), recv_e.reshape(-1, 1), ones, weights, act, impl)
     back = jax.lax.all_to_all(y.reshape(n_ep, slots, e), ep_axes, 0, 0, tiled=True)  # [destination, slot, E]
     y_M = back.at[dest_M, slot_M].get(mode="fill", fill_value=0)  # a dropped pair contributes 0
     return unpermute(y_M, perm, w_TxK, t)

@@ -44,14 +44,14 @@ def expert_capacity(pairs: int, num_experts: int, capacity_factor: float) -> int
     return max(1, math.ceil(capacity_factor * pairs / num_experts))
 
 
-def combine_local(x_TxE, top_idx_TxK, top_w_TxK, weights, act, scales=None, impl: str = "auto",
-                  capacity_factor: float = 0.0):
+def combine_local(x_TxE, top_idx_TxK, top_w_TxK, weights, act, impl: str = "auto", capacity_factor: float = 0.0):
     """Top-k mixture of the given experts on local tokens: sum_k w_k FFN_{idx_k}(x); a choice whose
     expert id is num_experts (not among these experts) contributes 0. Dropless, unless
     `capacity_factor` > 0: then each expert takes its first `expert_capacity(...)` pairs in token
-    order and the rest contribute 0 (the residual carries their tokens), as under a pod's capacity."""
+    order and the rest contribute 0 (the residual carries their tokens), as under a pod's capacity.
+    weights: the (gate, up, down) `kernels.grouped_matmul.ExpertWeight`s."""
     t = top_idx_TxK.shape[0]
-    n_exp = weights[0].shape[0]
+    n_exp = weights[0].w.shape[0]
     impl = expert_ffn_impl(impl, t, n_exp)
     perm = permute(top_idx_TxK)
     group_sizes_X = jnp.bincount(perm.expert_M, length=n_exp).astype(jnp.int32)
@@ -61,6 +61,6 @@ def combine_local(x_TxE, top_idx_TxK, top_w_TxK, weights, act, scales=None, impl
         kept_choice = jnp.zeros((m,), bool).at[perm.order_M].set(rank_M < expert_capacity(m, n_exp, capacity_factor))
         top_w_TxK = jnp.where(kept_choice.reshape(top_w_TxK.shape), top_w_TxK, 0)
     if impl == "dense":
-        return dense_expert_ffn(x_TxE, top_idx_TxK, top_w_TxK, weights, act, scales)
-    y_MxE = grouped_ffn(x_TxE[perm.token_M], group_sizes_X, perm.expert_M, weights, act, scales, impl)
+        return dense_expert_ffn(x_TxE, top_idx_TxK, top_w_TxK, weights, act)
+    y_MxE = grouped_ffn(x_TxE[perm.token_M], group_sizes_X, perm.expert_M, weights, act, impl)
     return unpermute(y_MxE, perm, top_w_TxK, t)

@@ -22,7 +22,8 @@ from jamba_jax.config import JambaConfig
 def dense(cfg: JambaConfig, features: int | Sequence[int], axes, name: str, use_bias: bool = False, **kw) -> Dense:
     """A Dense in the config's dtypes and initialiser."""
     return Dense(features, axes, dtype=cfg.compute_dtype, param_dtype=cfg.weights_dtype, use_bias=use_bias,
-                 kernel_init=kw.pop("kernel_init", normal_init(cfg.initializer_range)), name=name, **kw)
+                 kernel_init=kw.pop("kernel_init", normal_init(cfg.initializer_range)), name=name,
+                 lora_dropout=cfg.lora_dropout, **kw)
 
 
 def rms_norm(cfg: JambaConfig, name: str, axis_name: str | None = "norm") -> RMSNorm:

@@ -102,6 +102,21 @@ class MambaMixer(nn.Module):
         return MambaCache(jnp.zeros((batch, cfg.mamba_d_conv - 1, cfg.mamba_d_inner), cfg.compute_dtype),
                           jnp.zeros((batch, cfg.mamba_d_inner, cfg.mamba_d_state), jnp.float32))
 
+    def _dt_proj(self, dt_BxLxR):
+        """(dt_BxLxR @ dt_proj, with a LoRA adapter's (dt A) B when the parameters hold one; dt_proj's bias,
+        which the scan adds in float32)."""
+        cfg, r, d_inner, pdtype = self.cfg, self.cfg.mamba_dt_rank, self.cfg.mamba_d_inner, self.cfg.weights_dtype
+        dt_kernel_init = nn.initializers.uniform(scale=2 * r ** -0.5)
+        dt_kernel = self.param("dt_proj_kernel", nn.with_logical_partitioning(
+            lambda key, s, d: dt_kernel_init(key, s, d) - r ** -0.5, (None, "mamba_inner")), (r, d_inner), pdtype)
+        dt_bias = self.param("dt_proj_bias", nn.with_logical_partitioning(_dt_bias_init(), ("mamba_inner",)),
+                             (d_inner,), pdtype)
+        dt = dt_BxLxR @ dt_kernel.astype(cfg.compute_dtype)  # [B, L, I]
+        if self.has_variable("params", "dt_proj_kernel_lora_a"):  # LoRA adapters (jamba_jax.lora)
+            a, b = (self.get_variable("params", f"dt_proj_kernel_lora_{x}").astype(cfg.compute_dtype) for x in "ab")
+            dt = dt + (dt_BxLxR @ a) @ b
+        return dt, dt_bias
+
     @nn.compact
     def __call__(self, x_BxLxE, valid_BxL=None, segment_ids_BxL=None, state=None):
         cfg = self.cfg
@@ -132,12 +147,7 @@ class MambaMixer(nn.Module):
         dt = rms_norm(cfg, "dt_layernorm", axis_name=None)(dt)
         B = rms_norm(cfg, "b_layernorm", axis_name=None)(B)
         C = rms_norm(cfg, "c_layernorm", axis_name=None)(C)
-        dt_kernel_init = nn.initializers.uniform(scale=2 * r ** -0.5)
-        dt_kernel = self.param("dt_proj_kernel", nn.with_logical_partitioning(
-            lambda key, s, d: dt_kernel_init(key, s, d) - r ** -0.5, (None, "mamba_inner")), (r, d_inner), pdtype)
-        dt_bias = self.param("dt_proj_bias", nn.with_logical_partitioning(_dt_bias_init(), ("mamba_inner",)),
-                             (d_inner,), pdtype)
-        dt = dt @ dt_kernel.astype(dtype)  # [B, L, I]; the bias is added in float32 in the scan
+        dt, dt_bias = self._dt_proj(dt)
 
         a_log = self.param("A_log", nn.with_logical_partitioning(
             lambda key, s, d: jnp.log(jnp.broadcast_to(jnp.arange(1, n + 1, dtype=d), s)), ("mamba_inner", None)),

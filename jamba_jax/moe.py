@@ -20,13 +20,15 @@ from jamba_jax.config import JambaConfig
 from jamba_jax.expert_parallel import expert_parallel_moe
 from jamba_jax.grouped_ffn import combine_local
 from jamba_jax.layers import dense
+from kernels.grouped_matmul import ExpertWeight
 
 _F32 = jnp.float32
 
 
 class Experts(nn.Module):
     """Stacked SwiGLU experts [num_experts, ...] applied dropless: every (token, choice) pair is
-    computed, none is dropped, and no [tokens, num_experts, ...] tensor is built."""
+    computed, none is dropped, and no [tokens, num_experts, ...] tensor is built. ExpertsInt8 scales and
+    LoRA adapters beside a weight (`<name>_scale`, `<name>_lora_a` / `_lora_b`) are applied where found."""
 
     cfg: JambaConfig
     impl: str | None = None  # kernels.grouped_matmul.FFN_IMPLS; None: the config's moe_impl
@@ -36,29 +38,27 @@ class Experts(nn.Module):
         cfg = self.cfg
         n_exp, e, f = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
         dtype = cfg.compute_dtype
-
         quantized = self.has_variable("params", "gate_proj_scale")  # ExpertsInt8: int8 weights + scales
-
         init = normal_init(cfg.initializer_range)
 
         def weight(name, shape, axes):
             w = self.param(name, nn.with_logical_partitioning(init, axes), shape, cfg.weights_dtype)
-            return w if quantized else w.astype(dtype)
+            extra = {}
+            if quantized:
+                extra["scale"] = self.get_variable("params", f"{name}_scale")
+            if self.has_variable("params", f"{name}_lora_a"):
+                extra.update(lora_a=self.get_variable("params", f"{name}_lora_a"),
+                             lora_b=self.get_variable("params", f"{name}_lora_b"))
+            return ExpertWeight(w if quantized else w.astype(dtype), **extra)
 
-        w_gate = weight("gate_proj", (n_exp, e, f), ("exp", "embed", "mlp"))  # [X, E, F]
-        w_up = weight("up_proj", (n_exp, e, f), ("exp", "embed", "mlp"))
-        w_down = weight("down_proj", (n_exp, f, e), ("exp", "mlp", "embed"))  # [X, F, E]
-        scales = None
-        if quantized:
-            scales = tuple(self.get_variable("params", f"{n}_scale") for n in ("gate_proj", "up_proj", "down_proj"))
-
-        weights, act, x_TxE = (w_gate, w_up, w_down), activation(cfg.hidden_act), x_TxE.astype(dtype)
-        top_w_TxK = top_w_TxK.astype(dtype)
+        weights = (weight("gate_proj", (n_exp, e, f), ("exp", "embed", "mlp")),  # [X, E, F]
+                   weight("up_proj", (n_exp, e, f), ("exp", "embed", "mlp")),
+                   weight("down_proj", (n_exp, f, e), ("exp", "mlp", "embed")))  # [X, F, E]
+        act, x_TxE, top_w_TxK = activation(cfg.hidden_act), x_TxE.astype(dtype), top_w_TxK.astype(dtype)
         impl = self.impl or cfg.moe_impl
         if current_mesh() is not None:  # tokens sharded over the batch axes, experts over `expert`
-            return expert_parallel_moe(x_TxE, top_idx_TxK, top_w_TxK, weights, scales, act, impl,
-                                       cfg.moe_capacity_factor)
-        return combine_local(x_TxE, top_idx_TxK, top_w_TxK, weights, act, scales, impl, cfg.moe_capacity_factor)
+            return expert_parallel_moe(x_TxE, top_idx_TxK, top_w_TxK, weights, act, impl, cfg.moe_capacity_factor)
+        return combine_local(x_TxE, top_idx_TxK, top_w_TxK, weights, act, impl, cfg.moe_capacity_factor)
 
 
 class SparseMoE(nn.Module):

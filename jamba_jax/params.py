@@ -38,8 +38,9 @@ def abstract_variables(cfg: JambaConfig) -> dict[str, Any]:
 
 
 def abstract_params(cfg: JambaConfig) -> dict[str, Any]:
-    """Plain (unboxed) parameter tree of ShapeDtypeStructs."""
-    return nn.unbox(abstract_variables(cfg))
+    """Plain (unboxed) parameter tree of ShapeDtypeStructs (no sharding constraint: callable under a mesh)."""
+    return jax.tree.map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, abstract_variables(cfg),
+                        is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
 def param_logical_specs(cfg: JambaConfig, params=None) -> dict[str, Any]:

@@ -34,7 +34,9 @@ def quantize_int8(w, xp=jnp):
     """Per-output-channel symmetric int8 of w [..., in, out]: (q int8 [..., in, out], scale f32 [..., out])."""
     w32 = w.astype(xp.float32)
     amax = xp.max(xp.abs(w32), axis=-2)
-    scale = xp.where(amax > 0, amax / 127.0, 1.0).astype(xp.float32)
+    # x (1/127) rather than / 127: XLA rewrites a division by a constant as this product, so numpy (a
+    # checkpoint quantised as it streams in) and jax give the same scales bit for bit
+    scale = xp.where(amax > 0, amax * np.float32(1.0 / 127.0), 1.0).astype(xp.float32)
     q = xp.clip(xp.round(w32 / scale[..., None, :]), -127, 127).astype(xp.int8)
     return q, scale
 

@@ -3,8 +3,10 @@ one of several implementations with the same result (`expert_ffn_impl` picks; `g
 `dense_expert_ffn` run them).
 
 Notation: M rows (token, choice pairs sorted so each expert's rows are contiguous), T tokens, K
-choices per token, X experts, E model width (the FFN's input and output), F expert hidden width;
-weights gate, up [X, E, F], down [X, F, E]; ExpertsInt8 scales [X, F] (gate, up) and [X, E] (down).
+choices per token, X experts, E model width (the FFN's input and output), F expert hidden width, R a LoRA
+rank. Each of the three weights is an `ExpertWeight`: gate, up w [X, E, F], down w [X, F, E]; optionally
+their ExpertsInt8 scales ([X, F], [X, F], [X, E]) and LoRA adapters (A [X, in, R], B [X, R, out]: the
+expert's rows get (x A) B on top, jamba_jax.lora).
 
   ragged   `jax.lax.ragged_dot` over the sorted rows: what GPU and TPU lower to a real grouped GEMM.
   blocked  the sorted rows padded per expert to whole blocks of `block` rows, then one `lax.map` over
@@ -24,6 +26,8 @@ static number of blocks on them.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -48,13 +52,32 @@ def expert_ffn_impl(impl: str, num_tokens: int, num_experts: int) -> str:
     return "dense" if num_tokens * num_experts <= DENSE_MAX_ROWS else "blocked"
 
 
-def _ffn_ragged(x_MxE, group_sizes_X, expert_of_M, w_gate, w_up, w_down, act, scales=None):
-    def mm(x, w, s):  # int8 weights: the convert fuses into the grouped GEMM, rows scaled by their expert
-        y = jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes_X)
-        return y if s is None else (y * s[expert_of_M]).astype(x.dtype)
+class ExpertWeight(NamedTuple):
+    """One of the experts' three weights, with what its matmul adds (module docstring)."""
 
-    sg, su, sd = scales or (None, None, None)
-    return mm(checkpoint_name(act(mm(x_MxE, w_gate, sg)) * mm(x_MxE, w_up, su), HIDDEN_NAME), w_down, sd)
+    w: jax.Array  # [X, in, out], int8 when `scale` is given
+    scale: jax.Array | None = None  # [X, out] ExpertsInt8 scales
+    lora_a: jax.Array | None = None  # [X, in, R]
+    lora_b: jax.Array | None = None  # [X, R, out]
+
+
+def _ffn(x, weights, act, mm):
+    """down(act(gate(x)) * up(x)) with `mm(x, ExpertWeight)` the grouped product."""
+    gate, up, down = weights
+    return mm(checkpoint_name(act(mm(x, gate)) * mm(x, up), HIDDEN_NAME), down)
+
+
+def _ffn_ragged(x_MxE, group_sizes_X, expert_of_M, weights, act):
+    def mm(x, ew):  # int8 weights: the convert fuses into the grouped GEMM, rows scaled by their expert
+        y = jax.lax.ragged_dot(x, ew.w.astype(x.dtype), group_sizes_X)
+        if ew.scale is not None:
+            y = (y * ew.scale[expert_of_M]).astype(x.dtype)
+        if ew.lora_a is not None:
+            xa = jax.lax.ragged_dot(x, ew.lora_a.astype(x.dtype), group_sizes_X)
+            y = y + jax.lax.ragged_dot(xa, ew.lora_b.astype(x.dtype), group_sizes_X)
+        return y
+
+    return _ffn(x_MxE, weights, act, mm)
 
 
 def _block_rows(m: int, x: int) -> int:
@@ -63,9 +86,9 @@ def _block_rows(m: int, x: int) -> int:
     return 1 << (target.bit_length() - 1)
 
 
-def _ffn_blocked(x_MxE, group_sizes_X, expert_of_M, w_gate, w_up, w_down, act, scales=None):
+def _ffn_blocked(x_MxE, group_sizes_X, expert_of_M, weights, act):
     m, e = x_MxE.shape
-    n_exp = w_gate.shape[0]
+    n_exp = weights[0].w.shape[0]
     blk = _block_rows(m, n_exp)
     n_blocks = -(-(m + n_exp * (blk - 1)) // blk)  # static bound on the padded row count
     padded_X = -(-group_sizes_X // blk) * blk
@@ -77,15 +100,14 @@ def _ffn_blocked(x_MxE, group_sizes_X, expert_of_M, w_gate, w_up, w_down, act, s
     block_expert = jnp.minimum(jnp.searchsorted(jnp.cumsum(padded_X), jnp.arange(n_blocks) * blk, side="right"),
                                n_exp - 1)
 
-    def mm(x, w, s, ex):
-        return x @ w[ex] if s is None else int8_matmul(x, w[ex], s[ex])
-
-    sg, su, sd = scales or (None, None, None)
-
     def one_block(args):
         xb, ex = args
-        hidden = checkpoint_name(act(mm(xb, w_gate, sg, ex)) * mm(xb, w_up, su, ex), HIDDEN_NAME)
-        return mm(hidden, w_down, sd, ex)
+
+        def mm(x, ew):
+            y = x @ ew.w[ex] if ew.scale is None else int8_matmul(x, ew.w[ex], ew.scale[ex])
+            return y if ew.lora_a is None else y + (x @ ew.lora_a[ex].astype(x.dtype)) @ ew.lora_b[ex].astype(x.dtype)
+
+        return _ffn(xb, weights, act, mm)
 
     # Every block is computed, the empty ones too: skipping them with lax.cond deadlocks XLA:CPU's
     # collectives when this runs inside an expert-parallel shard_map's backward pass.
@@ -93,23 +115,25 @@ def _ffn_blocked(x_MxE, group_sizes_X, expert_of_M, w_gate, w_up, w_down, act, s
     return y.reshape(n_blocks * blk, -1).at[dest_M].get(mode="fill", fill_value=0)
 
 
-def grouped_ffn(x_MxE, group_sizes_X, expert_of_M, weights, act, scales=None, impl: str = "blocked"):
+def grouped_ffn(x_MxE, group_sizes_X, expert_of_M, weights, act, impl: str = "blocked"):
     """FFN_{expert_of_M[m]}(x[m]) for rows sorted by expert (`group_sizes_X` rows each, then rows of no
-    expert): impl "ragged" or "blocked" (module docstring)."""
+    expert): impl "ragged" or "blocked" (module docstring); weights: (gate, up, down) ExpertWeights."""
     ffn = {"ragged": _ffn_ragged, "blocked": _ffn_blocked}[impl]
-    return ffn(x_MxE, group_sizes_X, expert_of_M, *weights, act, scales)
+    return ffn(x_MxE, group_sizes_X, expert_of_M, weights, act)
 
 
-def dense_expert_ffn(x_TxE, top_idx_TxK, top_w_TxK, weights, act, scales=None):
+def dense_expert_ffn(x_TxE, top_idx_TxK, top_w_TxK, weights, act):
     """sum_k w_k FFN_{idx_k}(x) by running every token through every expert (ids of no expert give 0)."""
-    w_gate, w_up, w_down = weights
-    n_exp = w_gate.shape[0]
+    n_exp = weights[0].w.shape[0]
 
-    def mm(x, w, s):  # x [X, T, in], w [X, in, out]: the experts a batch dimension, each weight read in place
-        return jnp.einsum("xti,xio->xto", x, w) if s is None else jax.vmap(int8_matmul)(x, w, s)
+    def mm(x, ew):  # x [X, T, in], w [X, in, out]: the experts a batch dimension, each weight read in place
+        y = jnp.einsum("xti,xio->xto", x, ew.w) if ew.scale is None else jax.vmap(int8_matmul)(x, ew.w, ew.scale)
+        if ew.lora_a is None:
+            return y
+        xa = jnp.einsum("xti,xir->xtr", x, ew.lora_a.astype(x.dtype))
+        return y + jnp.einsum("xtr,xro->xto", xa, ew.lora_b.astype(x.dtype))
 
-    sg, su, sd = scales or (None, None, None)
     x_XxTxE = jnp.broadcast_to(x_TxE, (n_exp, *x_TxE.shape))
-    y_XxTxE = mm(checkpoint_name(act(mm(x_XxTxE, w_gate, sg)) * mm(x_XxTxE, w_up, su), HIDDEN_NAME), w_down, sd)
+    y_XxTxE = _ffn(x_XxTxE, weights, act, mm)
     chosen_TxKxX = jax.nn.one_hot(top_idx_TxK, n_exp, dtype=y_XxTxE.dtype)  # id X (no expert): a row of zeros
     return jnp.einsum("tk,tkx,xte->te", top_w_TxK.astype(y_XxTxE.dtype), chosen_TxKxX, y_XxTxE)

@@ -164,12 +164,42 @@ def test_blocked_dense_and_ragged_grouped_matmuls_agree(num_experts, top_k, toke
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=impl)
 
 
+def test_expert_adapters_agree_across_implementations_and_equal_the_merged_weights():
+    """LoRA adapters on the experts' three weights (jamba_jax.lora: A [X, in, r], B [X, r, out]): the ragged,
+    blocked and dense forms give the same outputs and adapter gradients, and those of the experts with the
+    merged weights W + A B."""
+    from jamba_jax.moe import Experts
+
+    cfg = CFG.replace(num_experts=4, num_experts_per_tok=2)
+    r = np.random.RandomState(11)
+    x = jnp.asarray(r.randn(24, cfg.hidden_size), jnp.float32)
+    idx = jnp.asarray(np.stack([r.choice(4, 2, replace=False) for _ in range(24)]))
+    w = jnp.asarray(r.rand(24, 2), jnp.float32)
+    base = nn.unbox(Experts(cfg, impl="ragged").init(jax.random.PRNGKey(0), x, idx, w))["params"]
+    adapters = {}
+    for n in ("gate_proj", "up_proj", "down_proj"):
+        _, d_in, out = base[n].shape
+        adapters[f"{n}_lora_a"] = jnp.asarray(r.randn(4, d_in, 3) * 0.3, jnp.float32)
+        adapters[f"{n}_lora_b"] = jnp.asarray(r.randn(4, 3, out) * 0.3, jnp.float32)
+    merged = {n: base[n] + adapters[f"{n}_lora_a"] @ adapters[f"{n}_lora_b"] for n in base}
+    want = Experts(cfg, impl="ragged").apply({"params": merged}, x, idx, w)
+    grads = {}
+    for impl in ("ragged", "blocked", "dense"):
+        f = lambda a, impl=impl: Experts(cfg, impl=impl).apply({"params": {**base, **a}}, x, idx, w)  # noqa: E731
+        np.testing.assert_allclose(f(adapters), want, rtol=1e-5, atol=1e-5, err_msg=impl)
+        grads[impl] = jax.grad(lambda a, f=f: jnp.sum(jnp.sin(f(a))))(adapters)
+        assert float(jnp.abs(grads[impl]["gate_proj_lora_b"]).max()) > 0
+    for impl in ("blocked", "dense"):
+        for k in adapters:
+            np.testing.assert_allclose(grads[impl][k], grads["ragged"][k], rtol=1e-4, atol=1e-5, err_msg=f"{impl} {k}")
+
+
 def test_dense_experts_for_few_tokens_skip_choices_of_no_expert():
     """The CPU runs few tokens (decoding) densely; a choice of expert id num_experts (an expert on
     another device) adds nothing there, as in the blocked form."""
     from jamba_jax.grouped_ffn import combine_local
     from jamba_jax.moe import Experts
-    from kernels.grouped_matmul import expert_ffn_impl
+    from kernels.grouped_matmul import ExpertWeight, expert_ffn_impl
 
     cfg = CFG.replace(num_experts=4, num_experts_per_tok=2)
     assert expert_ffn_impl("auto", 1, 4) == "dense" and expert_ffn_impl("auto", 96, 4) == "blocked"
@@ -178,7 +208,7 @@ def test_dense_experts_for_few_tokens_skip_choices_of_no_expert():
     idx = jnp.asarray([[0, 4], [4, 2], [1, 3]])
     w = jnp.asarray(r.rand(3, 2), jnp.float32)
     params = nn.unbox(Experts(cfg, impl="ragged").init(jax.random.PRNGKey(0), x, idx, w))["params"]
-    weights = tuple(params[n] for n in ("gate_proj", "up_proj", "down_proj"))
+    weights = tuple(ExpertWeight(params[n]) for n in ("gate_proj", "up_proj", "down_proj"))
     got = combine_local(x, idx, w, weights, jax.nn.silu, impl="dense")
     want = combine_local(x, idx, w, weights, jax.nn.silu, impl="blocked")
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
