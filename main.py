@@ -17,6 +17,7 @@ from absl import app, flags, logging
 import configs
 from common.cli import (
     ConfigArgumentError,
+    command_line_fields,
     config_argument,
     describe_config_error,
     help_text,
@@ -63,6 +64,8 @@ def main(argv):
     import tasks
     from training import distributed
 
+    with config.unlocked():  # which fields the command line set (a fine-tuning start refuses some: tasks/jamba_lm.py)
+        config.cli_overrides = command_line_fields(sys.argv)
     distributed.initialize(config)  # multi-host: before JAX touches a device
     tasks.run(config, FLAGS.workdir)
 

@@ -119,7 +119,8 @@ def restore_run_params(path: str, abstract_params, step: int | None = None) -> t
     """(meta, params, step) from the newest intact checkpoint of a training workdir (or its
     checkpoints/ directory), or from `step`. Only the subtree of the parameters that
     `abstract_params` describes is restored (a partial tree is fine: e.g. a pre-trained encoder
-    without its heads), onto the first device; None restores no parameters. Read-only: a damaged
+    without its heads), in its leaves' dtypes, onto their shardings (a ShapeDtypeStruct's `sharding`; the
+    first device where there is none); None restores no parameters. Read-only: a damaged
     newer step is skipped with a warning, not moved. Raises CheckpointNotFoundError when there is
     no checkpoint (or no such step)."""
     root = checkpoints_root(path)
@@ -160,9 +161,10 @@ def _newest_restorable(mngr, root: str, abstract_params, wanted: int | None) -> 
 
 
 def _restore_params(mngr, step: int, abstract_params):
-    item = {"params": jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), abstract_params)}
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(dtype=s.dtype, sharding=device), item)
+    item = {"params": jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=getattr(
+        s, "sharding", None) or device), abstract_params)}
+    restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(dtype=s.dtype, sharding=s.sharding), item)
     state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=item, restore_args=restore_args, partial_restore=True))).state
     return state["params"]

@@ -64,6 +64,11 @@ def with_config_path(argv, resolve) -> list[str]:
     return argv
 
 
+def command_line_fields(argv) -> tuple[str, ...]:
+    """The dotted config fields that --config.<field>=value arguments set ("model.hidden_size", ...)."""
+    return tuple(a[len("--config."):].split("=", 1)[0] for a in argv[1:] if a.startswith("--config."))
+
+
 def load_config_file(path: str):
     """The ConfigDict of a config file's get_config()."""
     spec = importlib.util.spec_from_file_location("_user_config", path)

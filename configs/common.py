@@ -45,6 +45,9 @@ def training_config():
     c.data.train_split = "train"  # tfds: split for training
     c.data.validation_split = "test"  # tfds: split for eval
     c.data.tokenizer = ""  # tokenizer.json or SentencePiece .model ("" = the bundled 2048-token BPE)
+    c.data.format = "text"  # text | chat (JSONL conversations) | prompt_completion (JSONL): training.sft_data
+    c.data.train_on = "assistant"  # chat / prompt_completion: the loss on the assistant's tokens | "all"
+    c.data.overlong = "truncate"  # chat / prompt_completion: a record longer than seq_len is cut ("truncate") | "drop"
 
     c.mesh = ml_collections.ConfigDict()  # device mesh (common.sharding); sizes multiply to the device count
     c.mesh.data = -1  # data parallel (-1 = the devices the other axes leave)
@@ -59,3 +62,16 @@ def training_config():
     c.distributed.num_processes = -1  # explicit cluster: number of processes
     c.distributed.process_id = -1  # explicit cluster: this process's index
     return c
+
+
+def lm_start_fields(config):
+    """The Jamba LM task's fields for starting from a checkpoint (fine-tuning); a config adds them."""
+    config.init_from = ""  # HF directory, converted orbax directory or training workdir to start from ("": init)
+    config.init_step = -1  # init_from a training workdir: its step (-1: the newest intact one)
+    config.lora = ml_collections.ConfigDict()  # LoRA adapters on a frozen init_from (jamba_jax.lora)
+    config.lora.rank = 0  # 0: full fine-tuning (no adapters)
+    config.lora.alpha = 16.0  # the update is scaled by alpha / rank
+    config.lora.dropout = 0.0  # dropout on the adapters' input in training
+    config.lora.targets = "q_proj,k_proj,v_proj,o_proj,in_proj,out_proj"  # jamba_jax.lora.TARGETS, comma-separated
+    config.lora.base_quantize = ""  # "experts_int8": the frozen base's expert and MLP weights in int8
+    return config

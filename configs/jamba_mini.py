@@ -2,11 +2,11 @@
 
 import ml_collections
 
-from configs.common import training_config
+from configs.common import lm_start_fields, training_config
 
 
 def get_config():
-    config = training_config()
+    config = lm_start_fields(training_config())
     config.num_train_steps = 100_000  # optimizer steps
     config.batch_size = 512  # global batch (sequences)
     config.seq_len = 4096  # tokens per row (2M tokens per step)

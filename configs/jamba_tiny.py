@@ -3,11 +3,11 @@ bundled WordNet corpus with the bundled 2048-token BPE; a few minutes on a 2-cor
 
 import ml_collections
 
-from configs.common import training_config
+from configs.common import lm_start_fields, training_config
 
 
 def get_config():
-    config = training_config()
+    config = lm_start_fields(training_config())
     config.num_train_steps = 300  # about 2-3 minutes on 2 CPU cores
     config.batch_size = 16  # packed rows per step
     config.seq_len = 128  # tokens per row

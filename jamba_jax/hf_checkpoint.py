@@ -174,8 +174,9 @@ class _Assembler:
     repeats too) fills a numpy buffer piece by piece and becomes a device array once complete, the
     buffer then freed; an ExpertsInt8 weight is quantised as it is stored."""
 
-    def __init__(self, cfg: JambaConfig, quantize: str | None, path: str):
+    def __init__(self, cfg: JambaConfig, quantize: str | None, path: str, shardings=None):
         self.params: dict[str, Any] = {}
+        self._shardings = shardings
         self._pending: dict[tuple[str, ...], list] = {}  # path -> [numpy buffer, pieces still to come]
         self._quant_paths = {}
         if quantize:
@@ -185,15 +186,24 @@ class _Assembler:
                 raise QuantizationError(f"{path}: the config has no mixture-of-experts layer to quantise")
             self._quant_paths = {p + (name,): scale for p, name, scale in quantized_weights(cfg, include_mlp=True)}
 
+    def _place(self, fpath, value_np):
+        """A device array of value_np: on the default device, or over its sharding, each device's part
+        copied from the host array (every process reads the tensor; no process holds more than one)."""
+        if self._shardings is None:
+            return jnp.asarray(value_np)
+        sharding = get_path(self._shardings, fpath)
+        return jax.make_array_from_callback(value_np.shape, sharding, lambda index: value_np[index])
+
     def _store(self, fpath, value_np):
         if fpath in self._quant_paths:
             from jamba_jax.quantization import quantize_int8
 
             q, scale = quantize_int8(value_np, xp=np)
-            set_path(self.params, fpath, jnp.asarray(q))
-            set_path(self.params, fpath[:-1] + (self._quant_paths[fpath],), jnp.asarray(scale))
+            scale_path = fpath[:-1] + (self._quant_paths[fpath],)
+            set_path(self.params, fpath, self._place(fpath, q))
+            set_path(self.params, scale_path, self._place(scale_path, scale))
         else:
-            set_path(self.params, fpath, jnp.asarray(value_np))
+            set_path(self.params, fpath, self._place(fpath, value_np))
 
     def add(self, entry: Entry, value, flax_shape: tuple[int, ...]) -> None:
         if not entry.index:
@@ -208,11 +218,14 @@ class _Assembler:
             self._store(entry.path, self._pending.pop(entry.path)[0])
 
 
-def load_hf_checkpoint(path: str, quantize: str | None = None, **config_overrides) -> tuple[JambaConfig, dict]:
-    """Reads a local HF Jamba directory. `config_overrides` set our fields (dtype, param_dtype, ...).
+def load_hf_checkpoint(path: str, quantize: str | None = None, shardings=None,
+                       **config_overrides) -> tuple[JambaConfig, dict]:
+    """Reads a local HF Jamba directory. `config_overrides` set our fields (dtype, param_dtype, scan_layers, ...).
 
     quantize="experts_int8" quantises each expert stack and dense MLP weight as soon as it is read
-    (jamba_jax.quantization), so the full-precision model never sits in memory.
+    (jamba_jax.quantization), so the full-precision model never sits in memory. `shardings` (a tree like
+    the params, quantised or not) places each tensor directly over its devices as it completes: the train
+    state of a fine-tuning run is built this way, one tensor on the host at a time.
     Returns (cfg, params) with params a plain nested dict of arrays in `cfg.param_dtype`.
     """
     cfg = read_hf_config(path, **config_overrides)
@@ -220,7 +233,7 @@ def load_hf_checkpoint(path: str, quantize: str | None = None, **config_override
         raise CheckpointError(f"quantize={quantize!r}; the supported scheme is 'experts_int8'")
     shapes = abstract_params(cfg)
     table = {e.hf_key: e for e in param_table(cfg)}
-    assembler = _Assembler(cfg, quantize, path)
+    assembler = _Assembler(cfg, quantize, path, shardings)
     files = _checked_files(path, table)
     bar = tqdm(total=len(table), desc=f"loading {os.path.basename(os.path.normpath(path))}", unit="tensor",
                disable=None, leave=False)  # disable=None: shown on a terminal only

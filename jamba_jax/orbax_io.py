@@ -54,14 +54,17 @@ def save_params(cfg: JambaConfig, params: dict[str, Any], directory: str) -> Non
         ckptr.wait_until_finished()
 
 
-def load_params(directory: str, **overrides) -> tuple[JambaConfig, dict[str, Any]]:
-    """Restores (cfg, params); `overrides` set our config fields (e.g. param_dtype="bfloat16")."""
+def load_params(directory: str, shardings=None, **overrides) -> tuple[JambaConfig, dict[str, Any]]:
+    """Restores (cfg, params); `overrides` set our config fields (e.g. param_dtype="bfloat16"; not the layer
+    layout: `scan_layers` is the saved one); `shardings` (a tree like the params) places each array."""
     directory = os.path.abspath(directory)
     cfg = load_config(directory, **overrides)
     target = os.path.join(directory, PARAMS_DIR)
     if not os.path.isdir(target):
         raise CheckpointError(f"{directory}: no {PARAMS_DIR}/ orbax checkpoint")
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), abstract_params(cfg))
+    if shardings is not None:
+        abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, shardings)
     quantized = os.path.exists(os.path.join(directory, QUANT_FILE))
     if quantized:
         from jamba_jax.quantization import check_quantized, quantize_experts_int8

@@ -6,6 +6,8 @@ own process.
       [--steps 5] [--stop-after K] [--sample] [--save-every 3]
       [--coordinator HOST:PORT --num-processes N --process-id I]
 
+      [--lora-from CHECKPOINT] [--chat FILE.jsonl]
+
 Prints one line "RESULT {json}" with the train losses by step (process 0).
 """
 
@@ -25,6 +27,8 @@ ap.add_argument("--save-every", type=int, default=3)
 ap.add_argument("--coordinator", default="")
 ap.add_argument("--num-processes", type=int, default=-1)
 ap.add_argument("--process-id", type=int, default=-1)
+ap.add_argument("--lora-from", default="", help="train LoRA adapters (on every target) on this checkpoint")
+ap.add_argument("--chat", default="", help="a chat JSONL file to train on (config.data.format='chat')")
 args = ap.parse_args()
 
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
@@ -40,6 +44,12 @@ config = small_config(num_train_steps=args.steps, save_every_steps=args.save_eve
                       keep_checkpoints=3, batch_size=8,
                       sample_prompt="dog:" if args.sample else "", sample_tokens=8)
 config.mesh.data = 1
+if args.lora_from:
+    config.init_from, config.lora.rank = args.lora_from, 4
+    config.lora.targets = "q_proj,o_proj,in_proj,dt_proj,gate_proj,experts.gate_proj,experts.up_proj,experts.down_proj"
+if args.chat:
+    config.data.source, config.data.format = "jsonl", "chat"
+    config.data.train_files = config.data.validation_files = args.chat
 for axis, size in json.loads(args.mesh).items():
     config.mesh[axis] = size
 config.distributed.coordinator_address = args.coordinator

@@ -59,7 +59,7 @@ def test_quantized_scales_shard_with_their_weights():
 
 
 # --- training across meshes (subprocesses) ---------------------------------------------------------
-def _run(workdir, devices, mesh, *extra, processes=None):
+def run_worker(workdir, devices, mesh, *extra, processes=None):
     cmd = [sys.executable, WORKER, "--devices", str(devices), "--mesh", json.dumps(mesh), "--workdir", str(workdir),
            *extra]
     env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
@@ -87,10 +87,10 @@ def _run(workdir, devices, mesh, *extra, processes=None):
 
 @pytest.fixture(scope="module")
 def one_device(tmp_path_factory):
-    return _run(tmp_path_factory.mktemp("one"), 1, {"data": 1}, "--sample")
+    return run_worker(tmp_path_factory.mktemp("one"), 1, {"data": 1}, "--sample")
 
 
-def _assert_same_run(run, reference):
+def assert_same_run(run, reference):
     losses, params, _ = run
     ref_losses, ref_params, _ = reference
     assert sorted(losses) == [1, 2, 3, 4, 5]
@@ -111,22 +111,22 @@ MESHES = [{"data": 8}, pytest.param({"expert": 4, "data": 2}, marks=pytest.mark.
 @pytest.mark.parametrize("mesh", MESHES, ids=["data8", "expert4xdata2", "tensor2xexpert2xdata2"])
 def test_five_steps_on_a_mesh_equal_one_device(mesh, one_device, tmp_path):
     extra = ("--sample",) if "expert" in mesh else ()
-    run = _run(tmp_path, 8, mesh, *extra)
-    _assert_same_run(run, one_device)
+    run = run_worker(tmp_path, 8, mesh, *extra)
+    assert_same_run(run, one_device)
     if extra:  # generation under the mesh: experts run with replicated tokens (batch of 1)
         assert run[2] == one_device[2] and run[2]
 
 
 def test_checkpoint_restores_onto_another_mesh(one_device, tmp_path):
     """Steps 1-3 on fsdp=4 x data=2 (checkpoint at 3), steps 4-5 resumed on tensor=2 x expert=2 x data=2."""
-    first, _, _ = _run(tmp_path, 8, {"fsdp": 4, "data": 2}, "--stop-after", "3")
+    first, _, _ = run_worker(tmp_path, 8, {"fsdp": 4, "data": 2}, "--stop-after", "3")
     np.testing.assert_allclose([first[s] for s in (1, 2, 3)], [one_device[0][s] for s in (1, 2, 3)], rtol=1e-5)
-    _assert_same_run(_run(tmp_path, 8, {"tensor": 2, "expert": 2, "data": 2}), one_device)
+    assert_same_run(run_worker(tmp_path, 8, {"tensor": 2, "expert": 2, "data": 2}), one_device)
 
 
 @pytest.mark.slow  # two processes compiling the same program (about 90 s)
 def test_two_processes_equal_one(one_device, tmp_path):
-    _assert_same_run(_run(tmp_path, 4, {"expert": 2, "fsdp": 2, "data": 2}, processes=2), one_device)
+    assert_same_run(run_worker(tmp_path, 4, {"expert": 2, "fsdp": 2, "data": 2}, processes=2), one_device)
 
 
 _IN_MESH = r'''

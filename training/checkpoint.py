@@ -22,6 +22,7 @@ from common.checkpoints import ITEMS, CheckpointDamagedError, check_integrity, d
 from common.errors import UserError
 
 MAX_LISTED_DIFFERENCES = 4  # of a mismatched configuration, the error names these many
+PROVENANCE = "provenance"  # a meta entry recorded with every checkpoint but not compared on resume
 
 
 class CheckpointMismatchError(UserError):
@@ -110,7 +111,8 @@ class Checkpointer:
             raise CheckpointMismatchError(
                 f"{self.directory} holds a checkpoint (step {step}) of task {saved.get('task')!r}, not "
                 f"{meta.get('task')!r}: use a new --workdir")
-        diffs = config_differences(saved, meta)
+        diffs = config_differences({k: v for k, v in saved.items() if k != PROVENANCE},
+                                   {k: v for k, v in meta.items() if k != PROVENANCE})
         if diffs:
             listed = "; ".join(diffs[:MAX_LISTED_DIFFERENCES])
             more = f" (and {len(diffs) - MAX_LISTED_DIFFERENCES} more)" if len(diffs) > MAX_LISTED_DIFFERENCES else ""

@@ -67,9 +67,13 @@ def memory_plan(task, optimizer, config, mesh, rules, abstract=None) -> dict[str
     opt = shard_bytes(abstract["opt_state"], opt_specs, mesh, rules)
     rows = max(config.batch_size // config.grad_accum_steps // max(batch_shards(mesh, rules), 1), 1)
     acts = task.activation_bytes(rows, config.get("seq_len", 0))
+    frozen, frozen_bytes = task.frozen_inputs(), 0
+    if frozen is not None:
+        fspecs = frozen.specs if frozen.specs is not None else jax.tree.map(lambda _: P(), frozen.arrays)
+        frozen_bytes = shard_bytes(frozen.arrays, fspecs, mesh, rules)
     return {"abstract": abstract, "params": params, "opt_state": opt, "grads": params, "activations": acts,
-            "total": 2 * params + opt + acts, "param_bytes": tree_bytes(abstract["params"]),
-            "opt_state_bytes": tree_bytes(abstract["opt_state"])}
+            "frozen": frozen_bytes, "total": 2 * params + opt + acts + frozen_bytes,
+            "param_bytes": tree_bytes(abstract["params"]), "opt_state_bytes": tree_bytes(abstract["opt_state"])}
 
 
 def device_memory_bytes() -> tuple[int, str]:
@@ -90,6 +94,7 @@ def check_memory(task, optimizer, config, mesh, rules) -> dict[str, Any]:
     if plan["total"] <= 0.9 * limit:
         return plan
     state_total = 2 * plan["param_bytes"] + plan["opt_state_bytes"]  # params, gradients, optimizer state
+    state_total += plan["frozen"] * mesh.size  # (the frozen inputs' shards, over all devices)
     devices = math.ceil(state_total / (0.9 * limit))
     advice = (f"the parameters, gradients and optimizer state alone need at least {devices} such devices: "
               "shard them (e.g. --config.mesh.fsdp=-1 with the expert axis, as in the README's pod commands)"
@@ -99,7 +104,8 @@ def check_memory(task, optimizer, config, mesh, rules) -> dict[str, Any]:
     raise MemoryPlanError(
         f"this run needs about {plan['total'] / GIB:,.1f} GiB per device on mesh {dict(mesh.shape)} (params "
         f"{plan['params'] / GIB:,.1f} + optimizer state {plan['opt_state'] / GIB:,.1f} + gradients "
-        f"{plan['grads'] / GIB:,.1f} + activations ~{plan['activations'] / GIB:,.1f}) but a device holds "
+        f"{plan['grads'] / GIB:,.1f} + activations ~{plan['activations'] / GIB:,.1f} + frozen inputs "
+        f"{plan['frozen'] / GIB:,.1f}) but a device holds "
         f"{limit / GIB:,.1f} GiB ({where}); {advice}; --config.dry_run=True prints the sizes without allocating")
 
 
@@ -120,7 +126,8 @@ def dry_run(task, optimizer, config) -> dict[str, Any]:
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(plan["abstract"]["params"]))
     report = {"params": n_params, "param_bytes": plan["param_bytes"], "opt_state_bytes": plan["opt_state_bytes"],
               "devices": n_devices, "mesh": sizes, "param_bytes_per_device": plan["params"],
-              "opt_state_bytes_per_device": plan["opt_state"], "activation_bytes_per_device": plan["activations"]}
+              "opt_state_bytes_per_device": plan["opt_state"], "activation_bytes_per_device": plan["activations"],
+              "frozen_bytes_per_device": plan["frozen"]}
     print_dry_run(report)
     return report
 
@@ -133,4 +140,6 @@ def print_dry_run(r: dict) -> None:
           f"GiB + optimizer state {r['opt_state_bytes_per_device'] / GIB:.2f} GiB = "
           f"{(r['param_bytes_per_device'] + r['opt_state_bytes_per_device']) / GIB:.2f} GiB; a step adds "
           f"gradients {r['param_bytes_per_device'] / GIB:.2f} GiB and activations "
-          f"~{r['activation_bytes_per_device'] / GIB:.2f} GiB")
+          f"~{r['activation_bytes_per_device'] / GIB:.2f} GiB"
+          + (f"; frozen inputs (not trained) {r['frozen_bytes_per_device'] / GIB:.2f} GiB"
+             if r["frozen_bytes_per_device"] else ""))

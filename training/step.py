@@ -9,9 +9,13 @@ import jax.numpy as jnp
 import optax
 
 
-def init_state(task, optimizer, rng):
-    params = task.init_params(rng)
+def state_from_params(optimizer, params, rng):
+    """A fresh train state (step 0, the optimizer's initial state) around `params`."""
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params), "rng": rng}
+
+
+def init_state(task, optimizer, rng):
+    return state_from_params(optimizer, task.init_params(rng), rng)
 
 
 def per_count(sums: dict, maximum=jnp.maximum) -> dict:

@@ -37,10 +37,11 @@ Params = Any  # a pytree of arrays
 
 @dataclasses.dataclass(frozen=True)
 class FrozenInputs:
-    arrays: Any  # pytree of arrays the loss reads and nothing trains
+    arrays: Any  # pytree of arrays the loss reads and nothing trains (with `load`: their ShapeDtypeStructs)
     source: str  # where they came from (a checkpoint path and step), recorded in run checkpoints
     specs: Any = None  # logical PartitionSpecs of `arrays` (None: replicated on every device)
     digest: str = ""  # identifies the values; `digest_of(arrays)` when left empty
+    load: Any = None  # load(shardings) -> the arrays placed on them (a checkpoint streamed onto the mesh)
 
     def record(self) -> dict[str, str]:
         """What run checkpoints record of these inputs (a resume must find the same)."""
@@ -55,8 +56,14 @@ class Task:
 
     # --- what every task implements -------------------------------------------------------------------
     def init_params(self, rng: jax.Array) -> Params:
-        """The trainable parameters, freshly initialised (or loaded: a fine-tuning start)."""
+        """The trainable parameters, freshly initialised (their shapes also come from here)."""
         raise NotImplementedError
+
+    def initial_params(self, shardings) -> Params | None:
+        """A fine-tuning start: the parameters loaded from a checkpoint straight into `shardings` (the
+        train state's, a tree like the parameters), or None (default) to start from `init_params`. Called
+        only when the run has no checkpoint of its own to resume."""
+        return None
 
     def dataset(self, split: str, train: bool, process_index: int, process_count: int):
         """A grain IterDataset of dict batches of `split`: this process's rows of each global batch; for
@@ -89,7 +96,8 @@ class Task:
 
     # --- hooks with defaults ---------------------------------------------------------------------------------
     def meta(self) -> dict:
-        """JSON-able description that a checkpoint must match to be resumed (task, model config)."""
+        """JSON-able description that a checkpoint must match to be resumed (task, model config); a top-level
+        "provenance" entry is recorded but not compared (where a fine-tuning run started from)."""
         return {"task": self.name}
 
     def param_specs(self, params: Params) -> Any:

@@ -43,7 +43,7 @@ from training.data import make_iterator
 from training.memory import check_memory, dry_run
 from training.metrics import MetricsWriter, progress_bar
 from training.optim import learning_rate_schedule
-from training.step import init_state, make_train_step, per_count
+from training.step import init_state, make_train_step, per_count, state_from_params
 
 REQUIRED_FIELDS = ("seed", "num_train_steps", "batch_size", "grad_accum_steps", "learning_rate", "warmup_steps",
                    "min_lr_ratio", "weight_decay", "adam_b1", "adam_b2", "adam_eps", "grad_clip_norm",
@@ -109,7 +109,8 @@ def place_frozen(task, mesh, rules) -> tuple[Any, dict | None]:
         return None, None
     specs = frozen.specs if frozen.specs is not None else jax.tree.map(lambda _: P(), frozen.arrays)
     shardings = tree_shardings(frozen.arrays, specs, mesh, rules)
-    return jax.device_put(frozen.arrays, shardings), frozen.record()
+    arrays = frozen.load(shardings) if frozen.load is not None else jax.device_put(frozen.arrays, shardings)
+    return arrays, frozen.record()
 
 
 def run(task, config, workdir: str, stop_after: int | None = None) -> dict[str, Any]:
@@ -148,10 +149,13 @@ class _Run:
         target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, shardings)
         restored, self.state, data_state = self.ckpt.restore_latest(target, self.meta)
         self.resumed = restored is not None
-        if restored is None:
-            self.state = jax.jit(init_fn, out_shardings=shardings)(rng)
-        else:
+        if restored is not None:
             print(f"resumed from {self.ckpt.directory} at step {restored}")
+        elif (start := task.initial_params(shardings["params"])) is not None:  # a fine-tuning start
+            self.state = jax.jit(functools.partial(state_from_params, optimizer), out_shardings=shardings,
+                                 donate_argnums=(0,))(start, rng)
+        else:
+            self.state = jax.jit(init_fn, out_shardings=shardings)(rng)
         self.data_iter = make_iterator(self.train_ds, data_state)
         self.train_step = jax.jit(make_train_step(task, optimizer, config.grad_accum_steps), donate_argnums=(0,),
                                   out_shardings=(shardings, None))
