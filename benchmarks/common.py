@@ -24,6 +24,21 @@ def time_fn(fn, warmup: int = 1, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
+def time_interleaved(fns, warmup: int = 1, rounds: int = 5) -> list[float]:
+    """Median seconds of each of `fns` (each blocking until done), timed in alternation, one call of each per
+    round: a slow phase of a shared machine then slows every side alike instead of whichever ran in it."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times = [[] for _ in fns]
+    for _ in range(rounds):
+        for fn, ts in zip(fns, times, strict=True):
+            start = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - start)
+    return [statistics.median(ts) for ts in times]
+
+
 def copy_bandwidth(nbytes: int, repeats: int = 5) -> float:
     """Bytes/s of an elementwise pass over an `nbytes` float32 array, read once and written once, in place (the
     input donated): a fresh output would be first-touched on every call, and on a CPU those page faults, not
@@ -73,3 +88,24 @@ def tiny_models(**hf_overrides):
         hf.save_pretrained(d)
         cfg, params = jamba_jax.load_hf_checkpoint(d)
     return hf, cfg, params
+
+
+def torch_train_step(model, trainable, config, ids):
+    """One transformers training step on `ids` as our loop takes it: forward with router logits (next-token
+    loss + the router aux loss), backward, global-norm clipping, torch AdamW on `trainable` with the config's
+    settings. Returns the function that runs it."""
+    import torch
+
+    trainable = list(trainable)
+    opt = torch.optim.AdamW(trainable, lr=config.learning_rate, betas=(config.adam_b1, config.adam_b2),
+                            weight_decay=config.weight_decay)
+    ids_t = torch.tensor(ids, dtype=torch.long)
+
+    def run():
+        opt.zero_grad()
+        out = model(ids_t, labels=ids_t, output_router_logits=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip_norm)
+        opt.step()
+
+    return run

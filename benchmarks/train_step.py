@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from benchmarks.common import machine, time_fn, write_section  # noqa: E402
+from benchmarks.common import machine, time_fn, torch_train_step, write_section  # noqa: E402
 from configs import jamba_tiny  # noqa: E402
 from tasks.jamba_lm import JambaLMTask  # noqa: E402
 from training.optim import make_optimizer  # noqa: E402
@@ -49,16 +49,7 @@ def main(argv=None):
     hf_kwargs["use_mambapy"] = True
     torch.manual_seed(0)
     hf = transformers.JambaForCausalLM(transformers.JambaConfig(**hf_kwargs)).train()
-    opt = torch.optim.AdamW(hf.parameters(), lr=config.learning_rate, betas=(config.adam_b1, config.adam_b2),
-                            weight_decay=config.weight_decay)
-    ids_t = torch.tensor(ids, dtype=torch.long)
-
-    def theirs():
-        opt.zero_grad()
-        out = hf(ids_t, labels=ids_t, output_router_logits=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(hf.parameters(), config.grad_clip_norm)
-        opt.step()
+    theirs = torch_train_step(hf, hf.parameters(), config, ids)
 
     t_ours = time_fn(ours, warmup=2, repeats=args.repeats)
     t_hf = time_fn(theirs, warmup=1, repeats=args.repeats)
