@@ -1,6 +1,10 @@
-"""Shared fixtures: small random transformers Jamba checkpoints saved with `save_pretrained`."""
+"""Shared fixtures: small random transformers Jamba checkpoints saved with `save_pretrained`, and for
+fine-tuning one with the bundled tokenizer beside it and a chat file."""
 
+import gzip
+import json
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -18,6 +22,8 @@ import pytest  # noqa: E402
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+
+from common.tokenizers import BUNDLED_TOKENIZER  # noqa: E402
 
 SMALL = dict(vocab_size=97, hidden_size=32, intermediate_size=40, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, attn_layer_period=2, attn_layer_offset=1,
@@ -49,3 +55,29 @@ def make_hf_model(tmp_path, seed=0, **overrides):
 
 def random_ids(shape, vocab, seed=0):
     return np.random.RandomState(seed).randint(3, vocab, shape).astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A checkpoint transformers wrote (the bundled tokenizer's vocabulary), with that tokenizer (and its chat
+    template) beside it."""
+    model, path = make_hf_model(tmp_path_factory.mktemp("hf"), seed=3, vocab_size=2048)
+    with torch.no_grad():  # logits of std ~1, not ~0.1: a final norm before lm_head bounds the logits by lm_head's
+        model.lm_head.weight.mul_(10.0)  # scale, and at init no adapter could move the loss far from ln(vocab)
+    model.save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(os.path.join(os.path.dirname(BUNDLED_TOKENIZER), name), os.path.join(path, name))
+    return model, path
+
+
+@pytest.fixture(scope="module")
+def chat_file(tmp_path_factory):
+    """Definitions as a conversation each, from the bundled corpus ("lemma: definition; examples")."""
+    with gzip.open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "wordnet_corpus",
+                                "validation.txt.gz"), "rt") as f:
+        docs = [d for d in f.read().splitlines() if ": " in d][:200]
+    rows = [{"messages": [{"role": "user", "content": f"Define {d.split(': ')[0].split(',')[0]}."},
+                          {"role": "assistant", "content": d.split(": ", 1)[1].split(";")[0]}]} for d in docs]
+    path = tmp_path_factory.mktemp("chat") / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)

@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import make_hf_model
 from test_sft_data import CONVERSATIONS
 from test_training import read_metrics, small_config, train_losses
 
@@ -23,32 +22,6 @@ from jamba_jax.lora import LoraConfig, LoraError, init_adapters, merged_weights,
 from tasks.jamba_lm import JambaLMTask
 from training import train
 from training.data import make_iterator
-
-
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    """A checkpoint transformers wrote (the bundled tokenizer's vocabulary), with that tokenizer (and its chat
-    template) beside it."""
-    model, path = make_hf_model(tmp_path_factory.mktemp("hf"), seed=3, vocab_size=2048)
-    with torch.no_grad():  # logits of std ~1, not ~0.1: a final norm before lm_head bounds the logits by lm_head's
-        model.lm_head.weight.mul_(10.0)  # scale, and at init no adapter could move the loss far from ln(vocab)
-    model.save_pretrained(path)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copyfile(os.path.join(os.path.dirname(load_tokenizer("", 2048).path), name), os.path.join(path, name))
-    return model, path
-
-
-@pytest.fixture(scope="module")
-def chat_file(tmp_path_factory):
-    """Definitions as a conversation each, from the bundled corpus ("lemma: definition; examples")."""
-    with gzip.open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "wordnet_corpus",
-                                "validation.txt.gz"), "rt") as f:
-        docs = [d for d in f.read().splitlines() if ": " in d][:200]
-    rows = [{"messages": [{"role": "user", "content": f"Define {d.split(': ')[0].split(',')[0]}."},
-                          {"role": "assistant", "content": d.split(": ", 1)[1].split(";")[0]}]} for d in docs]
-    path = tmp_path_factory.mktemp("chat") / "chat.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 def ft_config(init_from, chat=None, **overrides):
@@ -82,6 +55,27 @@ def test_step_zero_loss_from_a_transformers_checkpoint_equals_transformers(hf_di
         ids = torch.tensor(np.asarray(batch["inputs"]), dtype=torch.long)
         want = float(hf(ids, labels=ids).loss)
     np.testing.assert_allclose(float(sums["loss"] / sums["tokens"]), want, rtol=0, atol=1e-4)
+
+
+def test_full_fine_tuning_resumes_from_its_own_checkpoint_not_init_from(hf_dir, chat_file, tmp_path):
+    import tasks
+    from common.checkpoints import restore_run_params
+
+    hf, path = hf_dir
+    shutil.copytree(path, tmp_path / "hf")
+    full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
+    tasks.run(ft_config(path, chat_file), full)
+    config = ft_config(str(tmp_path / "hf"), chat_file)
+    train.run(JambaLMTask(config), config, resumed, stop_after=10)
+    with torch.no_grad():  # the start's weights change after step 10: the resumed run must not see it
+        hf.lm_head.weight.mul_(2.0)
+        hf.save_pretrained(str(tmp_path / "hf"))
+        hf.lm_head.weight.mul_(0.5)
+    tasks.run(ft_config(str(tmp_path / "hf"), chat_file), resumed)
+    a, b = train_losses(full), train_losses(resumed)
+    assert [a[s] for s in range(11, 21)] == [b[s] for s in range(11, 21)] and a[1] == b[1]
+    provenance = restore_run_params(resumed, None)[0]["provenance"]
+    assert provenance["init_from"] == str(tmp_path / "hf") and len(provenance["digest"]) == 32
 
 
 def test_a_start_takes_the_checkpoints_model_and_refuses_weight_changes(hf_dir):
@@ -302,49 +296,6 @@ def test_lora_on_an_int8_base_starts_as_the_int8_model_and_exports_dequantised(h
     assert "gate_proj_scale" not in merged["model"]["layers_0"]["feed_forward"]["experts"]
     np.testing.assert_allclose(np.asarray(jamba_jax.JambaForCausalLM(merged_cfg).apply({"params": merged}, ids).logits),
                                our_logits(workdir, np.asarray(ids)), rtol=0, atol=1e-4)
-
-
-GOOD_LINE = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}'
-BAD_INPUTS = {  # name: (chat file lines or None, extra flags, what the one line names)
-    "malformed_chat_line": ([GOOD_LINE, '{"messages": [{"role": "user", "content": "hi"'], [],
-                            ["chat.jsonl:2", "JSON"]),
-    "unknown_role": (['{"messages": [{"role": "human", "content": "hi"}, {"role": "assistant", "content": "yo"}]}'],
-                     [], ["chat.jsonl:1", "role 'human'", "system, user, assistant"]),
-    "no_assistant_turn": (['{"messages": [{"role": "user", "content": "hi"}]}'], [],
-                          ["chat.jsonl:1", "no assistant"]),
-    "init_from_not_a_checkpoint": (None, ["--config.init_from={d}"], ["holds neither config.json"]),
-    "vocabulary_mismatch": (None, ["--config.init_from={small}"], ["has 2048 tokens but the vocabulary of", "has 97",
-                                                                   "config.data.tokenizer"]),
-}
-
-
-@pytest.fixture(scope="module")
-def small_vocab_dir(tmp_path_factory):
-    """A transformers checkpoint of 97 tokens and no tokenizer of its own (the bundled one has 2048)."""
-    return make_hf_model(tmp_path_factory.mktemp("small"), seed=0)[1]
-
-
-@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
-def test_bad_fine_tuning_inputs_fail_in_one_line_and_write_nothing(case, hf_dir, chat_file, small_vocab_dir,
-                                                                   tmp_path):
-    from test_user_errors import MAIN, assert_one_line_error, run
-
-    lines, flags, needles = BAD_INPUTS[case]
-    chat = chat_file
-    if lines is not None:
-        chat = str(tmp_path / "chat.jsonl")
-        with open(chat, "w") as f:
-            f.write("\n".join(lines) + "\n")
-    (tmp_path / "empty").mkdir()
-    workdir = tmp_path / "w"
-    workdir.mkdir()
-    (workdir / "metrics.jsonl").write_text("kept\n")  # an earlier run's: nothing may write over it
-    flags = [f.format(d=tmp_path / "empty", small=small_vocab_dir) for f in flags]
-    out, _ = run(MAIN, "--config=jamba_tiny", f"--config.init_from={hf_dir[1]}", "--config.data.source=jsonl",
-                 "--config.data.format=chat", f"--config.data.train_files={chat}",
-                 f"--config.data.validation_files={chat}", "--config.lora.rank=4", *flags, f"--workdir={workdir}")
-    assert_one_line_error(out, *needles)
-    assert sorted(os.listdir(workdir)) == ["metrics.jsonl"] and (workdir / "metrics.jsonl").read_text() == "kept\n"
 
 
 def test_chat_generation_reads_a_lora_workdir(lora_run):

@@ -1,6 +1,7 @@
 """Errors a user can cause, through the command lines as a user meets them: one line on stderr,
 `error: ...` naming the field, file or step and what was expected, exit status 2, no traceback;
---verbose shows the traceback. Also the memory pre-flight and the files' permissions."""
+--verbose shows the traceback. Also the memory pre-flight, the files' permissions, and fine-tuning's bad
+inputs (chat lines, a start that is not a checkpoint, a vocabulary that does not fit)."""
 
 import os
 import subprocess
@@ -8,6 +9,7 @@ import sys
 import time
 
 import pytest
+from conftest import make_hf_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN = os.path.join(ROOT, "main.py")
@@ -123,3 +125,45 @@ def test_generation_from_a_workdir_is_quiet(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("dog:")
     assert "read only" not in out.stderr and "WARNING" not in out.stderr.upper(), out.stderr[-2000:]
+
+
+# --- fine-tuning (hf_dir and chat_file: conftest.py) ----------------------------------------------
+GOOD_LINE = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}'
+BAD_INPUTS = {  # name: (chat file lines or None, extra flags, what the one line names)
+    "malformed_chat_line": ([GOOD_LINE, '{"messages": [{"role": "user", "content": "hi"'], [],
+                            ["chat.jsonl:2", "JSON"]),
+    "unknown_role": (['{"messages": [{"role": "human", "content": "hi"}, {"role": "assistant", "content": "yo"}]}'],
+                     [], ["chat.jsonl:1", "role 'human'", "system, user, assistant"]),
+    "no_assistant_turn": (['{"messages": [{"role": "user", "content": "hi"}]}'], [],
+                          ["chat.jsonl:1", "no assistant"]),
+    "init_from_not_a_checkpoint": (None, ["--config.init_from={d}"], ["holds neither config.json"]),
+    "vocabulary_mismatch": (None, ["--config.init_from={small}"], ["has 2048 tokens but the vocabulary of", "has 97",
+                                                                   "config.data.tokenizer"]),
+}
+
+
+@pytest.fixture(scope="module")
+def small_vocab_dir(tmp_path_factory):
+    """A transformers checkpoint of 97 tokens and no tokenizer of its own (the bundled one has 2048)."""
+    return make_hf_model(tmp_path_factory.mktemp("small"), seed=0)[1]
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_fine_tuning_inputs_fail_in_one_line_and_write_nothing(case, hf_dir, chat_file, small_vocab_dir,
+                                                                   tmp_path):
+    lines, flags, needles = BAD_INPUTS[case]
+    chat = chat_file
+    if lines is not None:
+        chat = str(tmp_path / "chat.jsonl")
+        with open(chat, "w") as f:
+            f.write("\n".join(lines) + "\n")
+    (tmp_path / "empty").mkdir()
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    (workdir / "metrics.jsonl").write_text("kept\n")  # an earlier run's: nothing may write over it
+    flags = [f.format(d=tmp_path / "empty", small=small_vocab_dir) for f in flags]
+    out, _ = run(MAIN, "--config=jamba_tiny", f"--config.init_from={hf_dir[1]}", "--config.data.source=jsonl",
+                 "--config.data.format=chat", f"--config.data.train_files={chat}",
+                 f"--config.data.validation_files={chat}", "--config.lora.rank=4", *flags, f"--workdir={workdir}")
+    assert_one_line_error(out, *needles)
+    assert sorted(os.listdir(workdir)) == ["metrics.jsonl"] and (workdir / "metrics.jsonl").read_text() == "kept\n"
