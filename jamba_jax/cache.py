@@ -23,7 +23,8 @@ from jamba_jax.mamba import MambaMixer
 
 @flax.struct.dataclass
 class HybridCache:
-    index: jax.Array  # int32 scalar: tokens written so far (the next token's position)
+    index: jax.Array  # int32 scalar: tokens written so far (the next token's position); or [B], one per row
+    # (a serving engine's slots, each at its own length; decoding only: `JambaForCausalLM.decode`)
     valid: jax.Array  # bool [B, S]: slots holding real tokens (left padding and unwritten slots do not)
     layers: tuple  # per layer (scanned: per cycle position, stacked): a KVCache or a MambaCache
 

@@ -12,6 +12,7 @@ so that whoever freezes or fine-tunes a checkpoint can record where it came from
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 
@@ -141,3 +142,15 @@ def checkpoint_tokenizer(path) -> str:
         own = os.path.join(source.path, "tokenizer.json")
         return own if os.path.exists(own) else ""
     return _run_meta(source).get("provenance", {}).get("tokenizer", "")
+
+
+def checkpoint_end_tokens(source: CheckpointSource, tokenizer) -> int | list[int] | None:
+    """The ids that end a reply: the tokenizer's <eos>, and the end tokens an HF checkpoint's
+    generation_config.json names (Jamba-1.5's end of message); an int, a list, or None."""
+    ids = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
+    path = os.path.join(source.path, "generation_config.json")
+    if source.kind == "hf" and os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            listed = json.load(f).get("eos_token_id")
+        ids += [i for i in (listed if isinstance(listed, list) else [listed]) if isinstance(i, int) and i not in ids]
+    return ids[0] if len(ids) == 1 else (ids or None)

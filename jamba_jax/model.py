@@ -236,13 +236,20 @@ class JambaForCausalLM(nn.Module):
         the last position's logits [B, V] and the updated cache."""
         check_token_ids(input_ids, self.cfg.vocab_size)
         valid = jnp.ones(input_ids.shape, bool) if attention_mask is None else attention_mask.astype(bool)
-        key_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, cache.index))
-        mask = AttentionMask.cached(key_valid, cache.index, input_ids.shape[1])
+        if jnp.ndim(cache.index) == 1:  # a position per row (serving slots): one token each, decode only
+            if input_ids.shape[1] != 1:
+                raise ValueError(f"a cache with a position per row takes one token per row, got {input_ids.shape}")
+            key_valid = cache.valid.at[jnp.arange(input_ids.shape[0]), cache.index].set(valid[:, 0], mode="drop")
+            mask = AttentionMask(key_valid)  # a row's real keys all precede its new token
+        else:
+            key_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, cache.index))
+            mask = AttentionMask.cached(key_valid, cache.index, input_ids.shape[1])
         hidden, head, _, new_layers = self._forward(input_ids, valid, mask, None, cache.layers, cache.index,
                                                     embed_offsets)
         new_cache = HybridCache(cache.index + input_ids.shape[1], key_valid, new_layers)
         return StepOutput(hidden[:, -1] @ head, new_cache)
 
     def decode(self, token_ids_B, cache: HybridCache, embed_offsets=None) -> StepOutput:
-        """One new token per row ([B]) into `cache`: its logits [B, V] and the updated cache."""
+        """One new token per row ([B]) into `cache`: its logits [B, V] and the updated cache. The cache's
+        index may be one position per row ([B], each row at its own length: `serving`'s slots)."""
         return self.prefill(token_ids_B[:, None], cache, embed_offsets=embed_offsets)

@@ -14,8 +14,6 @@ generation_config.json names (Jamba-1.5's end of message).
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 
 import jax
@@ -24,19 +22,8 @@ import numpy as np
 
 from common.tokenizers import load_tokenizer, text_streamer
 from jamba_jax import GenerationError, JambaForCausalLM, check_generation_args, generate, load_checkpoint
-from jamba_jax.checkpoint import checkpoint_tokenizer, locate_checkpoint
+from jamba_jax.checkpoint import checkpoint_end_tokens, checkpoint_tokenizer, locate_checkpoint
 from jamba_jax.hf_checkpoint import CheckpointError
-
-
-def end_tokens(source, tokenizer) -> int | list[int] | None:
-    """<eos>, and the end tokens of an HF checkpoint's generation_config.json."""
-    ids = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
-    path = os.path.join(source.path, "generation_config.json")
-    if source.kind == "hf" and os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            listed = json.load(f).get("eos_token_id")
-        ids += [i for i in (listed if isinstance(listed, list) else [listed]) if isinstance(i, int) and i not in ids]
-    return ids[0] if len(ids) == 1 else (ids or None)
 
 
 def prompt_ids(config, tokenizer) -> list[int]:
@@ -66,7 +53,7 @@ def run(config, workdir: str) -> np.ndarray:
         sys.stdout.write(config.prompt)
         sys.stdout.flush()
     out = generate(JambaForCausalLM(cfg), params, jnp.asarray(ids), **sampling,
-                   eos_token_id=end_tokens(source, tokenizer), pad_token_id=tokenizer.pad_id,
+                   eos_token_id=checkpoint_end_tokens(source, tokenizer), pad_token_id=tokenizer.pad_id,
                    rng=jax.random.PRNGKey(config.seed), prefill_chunk=config.prefill_chunk or None,
                    callback=text_streamer(tokenizer))
     sys.stdout.write("\n")

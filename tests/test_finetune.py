@@ -334,10 +334,11 @@ def test_mini_lora_dry_runs_optimizer_state_is_under_one_percent_and_qlora_fits_
 
 
 def test_chat_generation_stops_at_the_checkpoints_end_tokens(hf_dir, tmp_path):
-    from tasks.generate import end_tokens
+    from jamba_jax.checkpoint import checkpoint_end_tokens
 
     _, path = hf_dir
     tok = load_tokenizer("", 2048)
     shutil.copytree(path, tmp_path / "hf")
     (tmp_path / "hf" / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
-    assert end_tokens(jamba_jax.locate_checkpoint(str(tmp_path / "hf")), tok) == [2, 7]  # <eos>, end of message
+    ends = checkpoint_end_tokens(jamba_jax.locate_checkpoint(str(tmp_path / "hf")), tok)
+    assert ends == [2, 7]  # <eos>, end of message

@@ -9,7 +9,7 @@ import os
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODELS = {"jamba_jax", "sensebert_jax", "aux_tuning", "active_learning"}
+MODELS = {"jamba_jax", "sensebert_jax", "aux_tuning", "active_learning", "serving"}
 PROJECT = {"kernels", "common", "training", "tasks", "configs", "data", "benchmarks", "main"} | MODELS
 # what each package may import from the project (third-party imports are free)
 ALLOWED = {
@@ -19,6 +19,7 @@ ALLOWED = {
     "sensebert_jax": {"kernels", "common", "sensebert_jax"},
     "aux_tuning": {"kernels", "common", "aux_tuning", "jamba_jax"},  # wraps a Jamba as its frozen LM
     "active_learning": {"kernels", "common", "active_learning"},
+    "serving": {"kernels", "common", "jamba_jax", "serving"},  # the engine and server over a Jamba
     "training": {"kernels", "common", "training"},
     "tasks": {"kernels", "common", "training", "tasks"} | MODELS,
     "configs": {"configs"},

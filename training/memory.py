@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from typing import Any
 
 import flax.linen as nn
@@ -18,6 +17,7 @@ from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
 from common.errors import UserError
+from common.memory import GIB, device_memory_bytes
 from common.sharding import (
     MESH_AXES,
     MeshError,
@@ -29,8 +29,6 @@ from common.sharding import (
     spec_axes,
 )
 from training.step import init_state
-
-GIB = 2**30
 
 
 class MemoryPlanError(UserError):
@@ -74,16 +72,6 @@ def memory_plan(task, optimizer, config, mesh, rules, abstract=None) -> dict[str
     return {"abstract": abstract, "params": params, "opt_state": opt, "grads": params, "activations": acts,
             "frozen": frozen_bytes, "total": 2 * params + opt + acts + frozen_bytes,
             "param_bytes": tree_bytes(abstract["params"]), "opt_state_bytes": tree_bytes(abstract["opt_state"])}
-
-
-def device_memory_bytes() -> tuple[int, str]:
-    """(bytes one device can hold, where the figure comes from): the allocator's limit on GPU / TPU;
-    on CPU the host's memory shared by the local devices."""
-    stats = jax.local_devices()[0].memory_stats() or {}
-    if stats.get("bytes_limit"):
-        return int(stats["bytes_limit"]), f"{jax.local_devices()[0].device_kind} memory"
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return total // jax.local_device_count(), f"host memory / {jax.local_device_count()} CPU devices"
 
 
 def check_memory(task, optimizer, config, mesh, rules) -> dict[str, Any]:

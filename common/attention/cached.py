@@ -5,6 +5,9 @@ Few new query rows (new tokens x G <= FEW_ROWS: decoding) on the blockwise path 
 as it was before the step's write, in one pass, and over their own keys apart, the two merged by
 log-sum-exp; the write comes after the reads, so XLA updates the donated cache in place instead of
 copying it. Anything else (prefill chunks, the Pallas kernels) is `attention` over the updated cache.
+
+With an index per row ([B]: a serving engine's slots, each sequence at its own length) one new token per row
+is written at its row's index and attends over its row's real keys (`per_row_cached_attention`).
 """
 
 from __future__ import annotations
@@ -43,11 +46,34 @@ def _write(k_cache, v_cache, k_new, v_new, at):
             jax.lax.dynamic_update_slice(v_cache, v_new.astype(v_cache.dtype), start))
 
 
+def per_row_cached_attention(q_BxLxHxGxD, k_new_BxHxLxD, v_new_BxHxLxD, k_cache_BxHxSxD, v_cache_BxHxSxD, index_B,
+                             mask: AttentionMask):
+    """One new token per row written at its row's own slot index_B[b] (an index past the cache drops the
+    write), then its query over the row's real keys in one pass. `mask.k_valid` marks them (the new slot
+    included); every real key precedes the new token, so no causal term is needed."""
+    b, length, nkv, g, d = q_BxLxHxGxD.shape
+    if length != 1:
+        raise ValueError(f"per-row cache positions take one new token per row, got {length}")
+    dtype = q_BxLxHxGxD.dtype
+    rows_B = jnp.arange(b)
+    k_cache = k_cache_BxHxSxD.at[rows_B, :, index_B].set(k_new_BxHxLxD[:, :, 0].astype(k_cache_BxHxSxD.dtype),
+                                                         mode="drop")
+    v_cache = v_cache_BxHxSxD.at[rows_B, :, index_B].set(v_new_BxHxLxD[:, :, 0].astype(v_cache_BxHxSxD.dtype),
+                                                         mode="drop")
+    s_len = k_cache.shape[2]
+    q_rows = rows(q_BxLxHxGxD * jnp.asarray(d ** -0.5, dtype), plan(1, s_len, 1, s_len, g))[0]
+    out, _ = one_pass(q_rows, k_cache.astype(dtype), v_cache.astype(dtype), AttentionMask(mask.k_valid), g)
+    return unrows(out[None], 1, g).astype(dtype), k_cache, v_cache
+
+
 def cached_attention(q_BxLxHxGxD, k_new_BxHxLxD, v_new_BxHxLxD, k_cache_BxHxSxD, v_cache_BxHxSxD, index,
                      mask: AttentionMask, impl: str = "auto"):
     """Attention of L new tokens over a cache they are written into at slot `index` (module docstring):
     (out [B, L, H, G, D], updated k cache, updated v cache). `mask` is `AttentionMask.cached` over the
-    updated cache."""
+    updated cache. An `index` of shape [B] is a position per row (`per_row_cached_attention`)."""
+    if jnp.ndim(index) == 1:
+        return per_row_cached_attention(q_BxLxHxGxD, k_new_BxHxLxD, v_new_BxHxLxD, k_cache_BxHxSxD, v_cache_BxHxSxD,
+                                        index, mask)
     b, length, nkv, g, d = q_BxLxHxGxD.shape
     dtype = q_BxLxHxGxD.dtype
     if length * g > FEW_ROWS or resolve_attention_impl(impl, g, d) != "blockwise":

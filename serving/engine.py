@@ -1,0 +1,295 @@
+"""The continuous-batching engine: a fixed number of slots over one slot-indexed hybrid cache
+(`serving.slots`), and one loop in which every step
+
+  (a) empties cancelled requests' slots, admits waiting requests into free slots (their state reset)
+      and feeds prompts a piece at a time, first come first served, within `max_num_batched_tokens`
+      less the decoding slots (so prompt pieces interleave with decode steps);
+  (b) runs one compiled decode step over every slot: each decoding slot samples its next token with its
+      own settings from its logits and runs it through the model at its own position;
+  (c) hands each request its new tokens and text, and retires those that end (end token, stop string,
+      max_tokens), freeing their slots.
+
+Every shape is fixed at start-up (slots x max_model_len; prompt pieces of power-of-two lengths), and
+`warmup()` compiles every program before the first request, so a steady load compiles nothing. The
+start-up pre-flight refuses slots x length that cannot fit the device in one line with the figures.
+The loop runs in a thread of its own (`start` / `stop`); `submit` and `cancel` may come from any thread,
+and a request's `on_output` is called from the engine's thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import threading
+import time
+from collections import deque
+
+import jax
+import numpy as np
+
+from common.errors import UserError
+from common.memory import GIB, device_memory_bytes
+from jamba_jax.cache import cache_bytes
+from jamba_jax.params import forward_bytes_per_token
+from serving.metrics import EngineMetrics
+from serving.request import DECODE, FINISHED, PREFILL, Output, Request
+from serving.sampling import RequestError, SamplingParams
+from serving.slots import decode_slots, init_slots, next_piece, piece_sizes, prefill_slot, reset_slot
+
+_compiled = [0]  # XLA compilations in this process since the import
+
+
+def _count_compile(event: str, duration: float, **_) -> None:
+    if event == "/jax/core/compile/backend_compile_duration":
+        _compiled[0] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compile)
+
+
+def compilations() -> int:
+    """XLA compilations in this process so far (to show a steady load compiles nothing)."""
+    return _compiled[0]
+
+
+class EngineConfigError(UserError):
+    """Engine settings that cannot work (sizes, or slots x length that cannot fit the device)."""
+
+
+class QueueFullError(UserError):
+    """The waiting queue is full: the request is refused (HTTP 503)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    max_num_seqs: int = 8  # slots: sequences decoded together
+    max_model_len: int = 2048  # tokens per slot (prompt + output)
+    max_num_batched_tokens: int = 512  # tokens per step: decoding slots + prompt pieces
+    prefill_chunk: int = 256  # the longest prompt piece (a power of two)
+    max_queue: int = 1024  # waiting requests beyond which new ones are refused
+    cache_dtype: str | None = None  # KV cache dtype (None: the model's compute dtype)
+
+    def check(self) -> None:
+        for name in ("max_num_seqs", "max_model_len", "max_num_batched_tokens", "prefill_chunk", "max_queue"):
+            if getattr(self, name) < 1:
+                raise EngineConfigError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.prefill_chunk & (self.prefill_chunk - 1):
+            raise EngineConfigError(f"prefill_chunk={self.prefill_chunk} must be a power of two")
+
+
+def memory_needed(cfg, params, config: EngineConfig) -> dict[str, int]:
+    """Bytes the engine holds on a device: weights, the slot cache, logits, one step's activations."""
+    weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    cache = cache_bytes(cfg, config.max_num_seqs, config.max_model_len, config.cache_dtype or cfg.compute_dtype)
+    per_token = forward_bytes_per_token(cfg)
+    steps = per_token * (config.prefill_chunk + config.max_num_seqs) + 2 * config.max_num_seqs * cfg.vocab_size * 4
+    return {"weights": weights, "cache": cache["total"], "activations": steps,
+            "total": weights + cache["total"] + steps}
+
+
+def check_memory(cfg, params, config: EngineConfig) -> dict[str, int]:
+    """Refuses (EngineConfigError) settings whose cache and weights cannot fit a device, in one line."""
+    need = memory_needed(cfg, params, config)
+    limit, where = device_memory_bytes()
+    if need["total"] > 0.9 * limit:
+        raise EngineConfigError(
+            f"max_num_seqs={config.max_num_seqs} x max_model_len={config.max_model_len} needs about "
+            f"{need['total'] / GIB:,.1f} GiB (weights {need['weights'] / GIB:,.1f} + KV and Mamba cache "
+            f"{need['cache'] / GIB:,.1f} + activations {need['activations'] / GIB:,.1f}) but a device holds "
+            f"{limit / GIB:,.1f} GiB ({where}); lower --config.max_num_seqs or --config.max_model_len")
+    return need
+
+
+class Engine:
+    def __init__(self, model, params, tokenizer, config: EngineConfig | None = None, end_ids=()):
+        config = config or EngineConfig()
+        config.check()
+        self.model, self.params, self.tokenizer, self.config = model, params, tokenizer, config
+        self.memory = check_memory(model.cfg, params, config)
+        self.end_ids = frozenset(int(i) for i in end_ids)
+        self.metrics = EngineMetrics()
+        s = config.max_num_seqs
+        self.cache, self.logits = init_slots(model.cfg, s, config.max_model_len, config.cache_dtype)
+        self.slots: list[Request | None] = [None] * s
+        self.waiting: deque[Request] = deque()
+        self._sampling = {k: np.zeros(s, d) for k, d in
+                          [("temperature", np.float32), ("top_k", np.int32), ("top_p", np.float32),
+                           ("seed", np.int32), ("step", np.int32)]}
+        self._ids = itertools.count()
+        self._seeds = np.random.default_rng()
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.steps = 0
+
+    # ---- requests (any thread) ----
+    def submit(self, prompt_ids, sampling: SamplingParams | None = None, on_output=None,
+               request_id: str | None = None) -> Request:
+        """Queues a request; raises RequestError (bad parameters, prompt too long) or QueueFullError."""
+        prompt_ids, sampling = [int(t) for t in prompt_ids], sampling or SamplingParams()
+        vocab, limit = self.model.cfg.vocab_size, self.config.max_model_len
+        sampling.check(vocab)
+        if not prompt_ids:
+            raise RequestError("the prompt is empty", "prompt")
+        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
+            raise RequestError(f"prompt token ids must lie in [0, {vocab})", "prompt")
+        if len(prompt_ids) + sampling.max_tokens > limit:
+            raise RequestError(f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({sampling.max_tokens}) "
+                               f"exceeds the model's context of {limit} tokens (max_model_len)", "max_tokens")
+        if sampling.seed is None:
+            sampling = dataclasses.replace(sampling, seed=int(self._seeds.integers(2**31)))
+        request = Request(request_id or f"req-{next(self._ids)}", prompt_ids, sampling, on_output)
+        with self._cv:
+            if len(self.waiting) >= self.config.max_queue:
+                self.metrics.rejected.inc()
+                raise QueueFullError(f"the queue holds {self.config.max_queue} waiting requests (max_queue)")
+            self.waiting.append(request)
+            self.metrics.waiting.set(len(self.waiting))
+            self._cv.notify()
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Ends the request at the next step (its slot freed); a finished request is left as it is."""
+        with self._cv:
+            request.cancelled = True
+            self._cv.notify()
+
+    # ---- the loop (the engine's thread) ----
+    def step(self) -> bool:
+        """One engine step (module docstring); False when there was nothing to do."""
+        with self._cv:
+            self._retire_cancelled()
+            self._admit()
+            busy = [r for r in self.slots if r is not None]
+        if not busy:
+            return False
+        decoding = [r for r in busy if r.state == DECODE]
+        self._prefill([r for r in busy if r.state == PREFILL], self.config.max_num_batched_tokens - len(decoding))
+        decoding = [r for r in busy if r.state == DECODE]  # with the prompts just completed
+        if decoding:
+            self._decode(decoding)
+        self.steps += 1
+        return True
+
+    def _retire_cancelled(self) -> None:
+        for r in [r for r in self.waiting if r.cancelled]:
+            self.waiting.remove(r)
+            self._deliver(r, r.finish("cancelled"))
+        for r in self.slots:
+            if r is not None and r.cancelled and not r.finished:
+                self._deliver(r, r.finish("cancelled"))
+                self._release(r)
+
+    def _admit(self) -> None:
+        for slot, held in enumerate(self.slots):
+            if held is None and self.waiting:
+                r = self.waiting.popleft()
+                self.cache = reset_slot(self.model.cfg, self.cache, np.int32(slot))
+                r.slot, r.state = slot, PREFILL
+                self.slots[slot] = r
+                for k in ("temperature", "top_k", "top_p", "seed"):
+                    self._sampling[k][slot] = getattr(r.sampling, k)
+        self.metrics.waiting.set(len(self.waiting))
+        self.metrics.running.set(sum(r is not None for r in self.slots))
+
+    def _prefill(self, requests: list[Request], budget: int) -> None:
+        budget = max(budget, 1)  # prompts always advance
+        for r in requests:
+            while budget > 0 and r.prefilled < len(r.prompt_ids):
+                n = next_piece(len(r.prompt_ids) - r.prefilled, self.config.prefill_chunk, budget)
+                piece = np.asarray([r.prompt_ids[r.prefilled:r.prefilled + n]], np.int32)  # (numpy: no convert program)
+                self.logits, self.cache = prefill_slot(self.model, self.params, self.cache, self.logits,
+                                                       np.int32(r.slot), piece)
+                r.prefilled += n
+                budget -= n
+            if r.prefilled == len(r.prompt_ids):
+                r.state = DECODE
+                self.metrics.prompt_tokens.inc(len(r.prompt_ids))
+
+    def _decode(self, decoding: list[Request]) -> None:
+        active = np.zeros(len(self.slots), bool)
+        for r in decoding:
+            active[r.slot] = True
+            self._sampling["step"][r.slot] = len(r.token_times)
+        s = self._sampling
+        tokens, self.logits, self.cache = decode_slots(self.model, self.params, self.cache, self.logits, active,
+                                                       s["temperature"], s["top_k"], s["top_p"], s["seed"], s["step"])
+        tokens = np.asarray(tokens)
+        for r in decoding:
+            if r.cancelled:
+                continue  # retired at the next step
+            self._deliver(r, r.add_token(int(tokens[r.slot]), self.end_ids, self.tokenizer.decode))
+            self.metrics.generation_tokens.inc()
+            if r.finished:
+                with self._cv:
+                    self._release(r)
+
+    def _release(self, r: Request) -> None:
+        self.slots[r.slot] = None
+        self.metrics.running.set(sum(x is not None for x in self.slots))
+
+    def _deliver(self, r: Request, out: Output) -> None:
+        if r.finished:
+            self.metrics.finished(r)
+        if r.on_output is not None:
+            r.on_output(r, out)
+
+    # ---- running ----
+    def warmup(self) -> float:
+        """Compiles every program a load can need (each prompt piece length, the decode step, the reset) on
+        slot 0, then empties it; returns the seconds it took."""
+        t0 = time.perf_counter()
+        sizes = [n for n in piece_sizes(self.config.prefill_chunk) if n < self.config.max_model_len]
+        for n in sizes:
+            self.cache = reset_slot(self.model.cfg, self.cache, np.int32(0))
+            self.logits, self.cache = prefill_slot(self.model, self.params, self.cache, self.logits, np.int32(0),
+                                                   np.zeros((1, n), np.int32))
+        s = self._sampling
+        out = decode_slots(self.model, self.params, self.cache, self.logits, np.zeros(len(self.slots), bool),
+                           s["temperature"], s["top_k"], s["top_p"], s["seed"], s["step"])
+        _, self.logits, self.cache = jax.block_until_ready(out)
+        self.cache = jax.block_until_ready(reset_slot(self.model.cfg, self.cache, np.int32(0)))
+        return time.perf_counter() - t0
+
+    def run_until_idle(self) -> None:
+        """Steps until no request waits or runs (without the thread: tests, benchmarks)."""
+        while self.step():
+            pass
+
+    def start(self) -> None:
+        """Runs the loop in a daemon thread until `stop`."""
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="jamba-engine", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stopping and not self.waiting and all(r is None for r in self.slots):
+                    self._cv.wait()
+                if self._stopping and not self.waiting and all(r is None for r in self.slots):
+                    return
+            self.step()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Lets the running and waiting requests finish (drains), then ends the loop."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and all(r is None for r in self.slots)
+
+    def generate(self, prompts, sampling: SamplingParams | list[SamplingParams]) -> list[Request]:
+        """Runs `prompts` (lists of token ids) to the end on this thread; the finished requests, in order."""
+        many = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
+        requests = [self.submit(p, s) for p, s in zip(prompts, many, strict=True)]
+        self.run_until_idle()
+        return requests
+
+
+__all__ = ["Engine", "EngineConfig", "EngineConfigError", "FINISHED", "QueueFullError", "compilations"]

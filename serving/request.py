@@ -1,0 +1,94 @@
+"""A request in the serving engine: its prompt and sampling settings, the tokens and text it has produced,
+and the rule that decides when it ends (an end token, a stop string, max_tokens, a cancellation).
+
+Text is produced incrementally: after each token the output is decoded whole and the part not yet emitted
+is handed on, except a tail that could still become a stop string (up to the longest stop string less
+one character) or an unfinished UTF-8 character, which waits for the next token. A stop string ends the
+output where it begins, even when it spans several tokens; the token that completed it counts as generated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Callable
+
+from serving.sampling import SamplingParams
+
+WAITING, PREFILL, DECODE, FINISHED = "waiting", "prefill", "decode", "finished"
+
+
+@dataclasses.dataclass
+class Output:
+    """What one engine step adds to a request: new text and token ids, and its finish reason once it ends."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None  # None while running; "stop", "length" or "cancelled"
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    on_output: Callable[[Request, Output], None] | None = None  # called from the engine's thread
+    state: str = WAITING
+    slot: int | None = None
+    prefilled: int = 0  # prompt tokens in the slot's cache so far
+    output_ids: list[int] = dataclasses.field(default_factory=list)
+    text: str = ""  # the output text so far (cut at a stop string)
+    emitted: int = 0  # characters of `text` handed on
+    finish_reason: str | None = None
+    cancelled: bool = False
+    arrival: float = dataclasses.field(default_factory=time.perf_counter)
+    token_times: list[float] = dataclasses.field(default_factory=list)
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+    @property
+    def finished(self) -> bool:
+        return self.state == FINISHED
+
+    def add_token(self, token: int, end_ids: frozenset, decode: Callable[[list[int]], str]) -> Output:
+        """Takes the token just sampled; returns what it adds (finishing the request when it ends it)."""
+        self.token_times.append(time.perf_counter())
+        s = self.sampling
+        if (token in end_ids and not s.ignore_eos) or token in s.stop_token_ids:
+            return self.finish("stop")  # an end token is not part of the output
+        self.output_ids.append(token)
+        self.text = decode(self.output_ids)
+        for stop in s.stop:
+            at = self.text.find(stop, max(self.emitted - len(stop), 0))
+            if at >= 0:
+                self.text = self.text[:at]
+                return self.finish("stop", [token])
+        if len(self.output_ids) >= s.max_tokens:
+            return self.finish("length", [token])
+        hold = max((len(x) for x in s.stop), default=1) - 1
+        end = len(self.text) - hold
+        while end > self.emitted and self.text[end - 1] == "\ufffd":  # a character still missing bytes
+            end -= 1
+        return self._emit(end, [token], None)
+
+    def finish(self, reason: str, token_ids: list[int] | None = None) -> Output:
+        self.state, self.finish_reason = FINISHED, reason
+        out = self._emit(len(self.text), token_ids or [], reason)
+        self.done.set()
+        return out
+
+    def _emit(self, end: int, token_ids: list[int], reason: str | None) -> Output:
+        end = max(end, self.emitted)
+        out = Output(self.text[self.emitted:end], token_ids, reason)
+        self.emitted = end
+        return out
+
+    # timing, for the metrics and benchmarks
+    @property
+    def time_to_first_token(self) -> float | None:
+        return self.token_times[0] - self.arrival if self.token_times else None
+
+    @property
+    def inter_token_latencies(self) -> list[float]:
+        t = self.token_times
+        return [b - a for a, b in zip(t[:-1], t[1:], strict=True)]

@@ -1,0 +1,211 @@
+"""The continuous-batching engine (serving/): each request's tokens equal what `generate()` gives it alone,
+under staggered arrivals, slot reuse, stop strings, cancellations and a soak of random requests, with
+nothing compiled after the warm-up."""
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jamba_jax
+import serving.engine
+from common.tokenizers import load_tokenizer
+from jamba_jax.cache import HybridCache
+from serving import Engine, EngineConfig, EngineConfigError, QueueFullError, RequestError, SamplingParams
+from serving.sampling import sample_rows
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def served(hf_dir):
+    _, path = hf_dir
+    cfg, params = jamba_jax.load_checkpoint(path)
+    model = jamba_jax.JambaForCausalLM(cfg)
+    return model, params, load_tokenizer(os.path.join(path, "tokenizer.json"), cfg.vocab_size)
+
+
+def make_engine(served, **kw):
+    model, params, tok = served
+    config = dict(max_num_seqs=3, max_model_len=64, max_num_batched_tokens=8, prefill_chunk=8)
+    engine = Engine(model, params, tok, EngineConfig(**{**config, **kw}), end_ids=[tok.eos_id])
+    engine.warmup()
+    return engine
+
+
+def alone(served, prompt, n):
+    """The tokens `generate()` gives the prompt alone, greedy, cut after the end token."""
+    model, params, tok = served
+    out = jamba_jax.generate(model, params, np.asarray([prompt]), max_new_tokens=n, eos_token_id=tok.eos_id,
+                             prefill_chunk=1)[0].tolist()
+    return out[:out.index(tok.eos_id)] if tok.eos_id in out else out
+
+
+def prompts(n, seed=0, longest=20):
+    rng = np.random.default_rng(seed)
+    return [[1] + rng.integers(3, 2048, size=int(rng.integers(0, longest))).tolist() for _ in range(n)]
+
+
+def test_staggered_arrivals_give_each_request_the_tokens_of_generate_alone(served):
+    engine = make_engine(served)
+    before = serving.compilations()
+    ps, lengths = prompts(7, seed=1), [5, 12, 3, 9, 16, 1, 7]
+    requests = []
+    for p, n in zip(ps, lengths, strict=True):  # a new request every other step, while others prefill or decode
+        requests.append(engine.submit(p, dataclasses.replace(GREEDY, max_tokens=n, ignore_eos=True)))
+        engine.step()
+        engine.step()
+    engine.run_until_idle()
+    assert serving.compilations() == before  # the warm-up compiled every program the load needed
+    for p, n, r in zip(ps, lengths, requests, strict=True):
+        model, params, _ = served
+        want = jamba_jax.generate(model, params, np.asarray([p]), max_new_tokens=n, prefill_chunk=1)[0].tolist()
+        assert r.output_ids == want and r.finish_reason == "length"
+    assert engine.idle and engine.slots == [None] * 3
+
+
+def test_a_reused_slot_starts_from_a_clean_state(served, monkeypatch):
+    """One slot, two requests in turn: the second's tokens are its own, and its last logits are the full
+    forward pass's over its prompt and output; they are not when the reset leaves the first request's Mamba
+    states in the slot (so the test notices a missing reset)."""
+    model, params, _ = served
+    first, second = prompts(2, seed=2)
+
+    def second_after_first():
+        engine = make_engine(served, max_num_seqs=1)
+        out = engine.generate([first, second], dataclasses.replace(GREEDY, max_tokens=12, ignore_eos=True))
+        full = model.apply({"params": params}, np.asarray([second + out[1].output_ids]))
+        return out[1].output_ids, np.abs(np.asarray(engine.logits[0]) - np.asarray(full.logits[0, -1])).max()
+
+    tokens, gap = second_after_first()
+    model_, params_, _ = served
+    assert tokens == jamba_jax.generate(model_, params_, np.asarray([second]), max_new_tokens=12,
+                                        prefill_chunk=1)[0].tolist()
+    assert gap < 1e-4
+
+    def keep_mamba_states(cfg, cache, slot):  # forgets the keys and the position only
+        return HybridCache(cache.index.at[slot].set(0), cache.valid.at[slot].set(False), cache.layers)
+
+    monkeypatch.setattr(serving.engine, "reset_slot", jax.jit(keep_mamba_states, static_argnums=0))
+    assert second_after_first()[1] > 1e-3
+
+
+def test_stop_strings_spanning_tokens_end_the_text_where_they_begin(served):
+    _, _, tok = served
+    prompt = prompts(1, seed=3)[0]
+    ids = alone(served, prompt, 24)
+    pieces = [tok.decode(ids[:i + 1]) for i in range(len(ids))]
+    # a stop string made of the end of one token's text and the start of the next one's
+    i = next(i for i in range(2, len(ids) - 1) if len(pieces[i]) - len(pieces[i - 1]) >= 2
+             and len(pieces[i + 1]) - len(pieces[i]) >= 2 and pieces[i + 1].startswith(pieces[i]))
+    stop = pieces[i][-2:] + pieces[i + 1][len(pieces[i]):len(pieces[i]) + 2]
+    text = tok.decode(ids)
+    at = text.find(stop)
+    streamed = []
+    engine = make_engine(served)
+    r = engine.submit(prompt, dataclasses.replace(GREEDY, max_tokens=24, stop=(stop,)),
+                      on_output=lambda _, out: streamed.append(out.text))
+    engine.run_until_idle()
+    assert r.finish_reason == "stop" and r.text == text[:at]
+    assert "".join(streamed) == r.text  # the stream never showed a part of the stop string
+    assert r.output_ids == ids[:len(r.output_ids)] and stop in tok.decode(r.output_ids)
+    assert stop not in tok.decode(r.output_ids[:-1])  # it ended at the token that completed the stop string
+
+
+def test_cancellation_frees_the_slot_for_the_next_request(served):
+    engine = make_engine(served, max_num_seqs=1)
+    first, second = prompts(2, seed=4)
+    long = engine.submit(first, dataclasses.replace(GREEDY, max_tokens=40, ignore_eos=True))
+    waiting = engine.submit(second, dataclasses.replace(GREEDY, max_tokens=10))
+    for _ in range(6):
+        engine.step()
+    assert engine.slots[0] is long and len(long.output_ids) > 0
+    engine.cancel(long)
+    engine.step()
+    assert long.finish_reason == "cancelled" and long.done.is_set() and engine.slots[0] is waiting
+    engine.run_until_idle()
+    assert waiting.output_ids == alone(served, second, 10)
+    cancelled = engine.metrics.requests.labels("cancelled")._value.get()
+    assert cancelled == 1 and engine.idle
+
+
+def test_requests_that_cannot_run_are_refused_by_name(served):
+    engine = make_engine(served, max_queue=2)
+    with pytest.raises(RequestError, match="exceeds the model's context of 64") as e:
+        engine.submit([1] * 60, SamplingParams(max_tokens=8))
+    assert e.value.param == "max_tokens"
+    for bad, param in [(dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"),
+                       (dict(max_tokens=0), "max_tokens"), (dict(stop=("",)), "stop")]:
+        with pytest.raises(RequestError) as e:
+            engine.submit([1, 5], SamplingParams(**bad))
+        assert e.value.param == param
+    with pytest.raises(RequestError, match="token ids"):
+        engine.submit([1, 99999])
+    engine.submit([1, 5])
+    engine.submit([1, 6])
+    with pytest.raises(QueueFullError):
+        engine.submit([1, 7])
+
+
+def test_slots_that_cannot_fit_the_device_are_refused_with_the_figures(served):
+    model, params, tok = served
+    with pytest.raises(EngineConfigError, match=r"max_num_seqs=4096 x max_model_len=1048576 needs about .* GiB"):
+        Engine(model, params, tok, EngineConfig(max_num_seqs=4096, max_model_len=2**20))
+    with pytest.raises(EngineConfigError, match="power of two"):
+        Engine(model, params, tok, EngineConfig(prefill_chunk=48))
+
+
+def test_each_row_samples_with_its_own_settings():
+    logits = jax.random.normal(jax.random.PRNGKey(0), (4, 50)) * 3
+    greedy = np.asarray(jnp.argmax(logits, -1))
+    rows = lambda t, k, p, seed, step: np.asarray(sample_rows(logits, jnp.asarray(t, jnp.float32), jnp.asarray(k),
+                                                              jnp.asarray(p, jnp.float32), jnp.asarray(seed),
+                                                              jnp.asarray(step)))
+    zeros = [0, 0, 0, 0]
+    # temperature 0, top_k 1 and a tiny top_p are all greedy; the seed fixes a row's draws
+    assert (rows([0, 1, 1, 1], [0, 1, 0, 0], [1, 1, 1e-6, 1], zeros, zeros)[:3] == greedy[:3]).all()
+    a = rows([1] * 4, zeros, [1] * 4, [7, 7, 8, 8], zeros)
+    b = rows([1] * 4, zeros, [1] * 4, [7, 9, 8, 8], zeros)
+    assert a[0] == b[0] and (a[2:] == b[2:]).all()  # a row's draw depends on its own seed only
+    draws = np.stack([rows([1] * 4, [3] * 4, [1] * 4, zeros, [s] * 4) for s in range(40)])
+    top3 = np.argsort(-np.asarray(logits), -1)[:, :3]
+    assert all(set(draws[:, r]) <= set(top3[r]) for r in range(4)) and len(set(draws[:, 0])) > 1
+
+
+def test_a_soak_of_random_requests_loses_nothing_and_returns_the_slots(served):
+    """64 requests of random lengths arriving over time, some cancelled, some with stop strings: every
+    request not cancelled has the tokens of generate() alone (cut where its stop string or end token
+    ends it), every request ends once, and the slots, queue and cache come back empty."""
+    _, _, tok = served
+    engine = make_engine(served, max_num_seqs=4, max_num_batched_tokens=12)
+    rng = np.random.default_rng(5)
+    ps = prompts(64, seed=6)
+    wants = [alone(served, p, 16) for p in ps]
+    stops = [(tok.decode(w)[3:5],) if i % 5 == 0 and len(tok.decode(w)) > 6 else () for i, w in enumerate(wants)]
+    endings = []
+    requests = []
+    for i, p in enumerate(ps):
+        params = dataclasses.replace(GREEDY, max_tokens=int(rng.integers(1, 17)), stop=stops[i])
+        requests.append(engine.submit(p, params, on_output=lambda r, out: endings.append(r.id)
+                                      if out.finish_reason else None))
+        if i % 9 == 4:
+            engine.cancel(requests[rng.integers(len(requests))])
+        for _ in range(int(rng.integers(0, 3))):
+            engine.step()
+    engine.run_until_idle()
+    assert sorted(endings) == sorted(r.id for r in requests)  # each ended exactly once
+    for r, want in zip(requests, wants, strict=True):
+        if r.finish_reason == "cancelled":
+            continue
+        assert r.output_ids == want[:len(r.output_ids)]
+        n = len(r.output_ids)
+        if r.finish_reason == "length":
+            assert n == r.sampling.max_tokens
+        elif not r.sampling.stop or r.sampling.stop[0] not in tok.decode(want[:n]):
+            assert n == len(want)  # the end token came next
+    assert sum(r.finish_reason == "cancelled" for r in requests) >= 1
+    assert engine.idle and engine.slots == [None] * 4 and not engine.waiting
+    assert int(engine.metrics.running._value.get()) == 0
