@@ -5,7 +5,8 @@ active learning) from a config file:
 
 runs `tasks/<config.task>.py` (see `tasks`); any config field can be overridden on the command line, and
 --config also takes a bundled config by name (--config=sensebert_tiny). Installed (`pip install .`), the
-same program is `jamba-train`, and `jamba-generate` is it with configs/generate.py as the default config.
+same program is `jamba-train`, and `jamba-generate` / `jamba-serve` are it with configs/generate.py /
+configs/serve.py as the default config.
 Errors you can cause print one line, `error: ...`, and exit with status 2 (--verbose: the traceback).
 """
 
@@ -26,10 +27,12 @@ from common.cli import (
     with_config_path,
 )
 
-# the installed `jamba-generate` command is this program with the generation config as its default
-# (ml_collections reads the default while defining the flag, so the choice is made here)
-DEFAULT_CONFIG = configs.resolve("generate" if os.path.basename(sys.argv[0]).startswith("jamba-generate")
-                                 else "jamba_tiny")
+# the installed `jamba-generate` and `jamba-serve` commands are this program with the generation or the
+# serving config as its default (ml_collections reads the default while defining the flag, so the choice is
+# made here)
+_COMMAND_CONFIGS = {"jamba-generate": "generate", "jamba-serve": "serve"}
+DEFAULT_CONFIG = configs.resolve(next((c for cmd, c in _COMMAND_CONFIGS.items()
+                                       if os.path.basename(sys.argv[0]).startswith(cmd)), "jamba_tiny"))
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "workdir", "Directory for checkpoints, metrics and logs.")
 flags.DEFINE_bool("verbose", False, "Show the traceback of errors the user can cause too (also JAMBA_JAX_VERBOSE=1).")

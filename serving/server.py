@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import socket
 import threading
 import time
@@ -123,11 +124,13 @@ async def _stream(engine: Engine, request, outputs: asyncio.Queue, responses: Re
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A listening socket (port 0: a free one, read back with getsockname)."""
+    """A listening socket (port 0: a free one, read back with getsockname); connections made before the
+    server runs wait in its backlog."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
+    sock.listen(2048)
     return sock
 
 
@@ -138,12 +141,18 @@ def make_server(engine: Engine, model_name: str, default_max_tokens: int = 16) -
 
 
 def serve(engine: Engine, sock: socket.socket, model_name: str, default_max_tokens: int = 16) -> None:
-    """Serves until SIGTERM / Ctrl-C (the open requests finish first), then drains and stops the engine."""
+    """Serves until SIGTERM / Ctrl-C (the open requests finish first), then drains and stops the engine and
+    returns (exit status 0). Call it from the main thread."""
+    # uvicorn shuts down gracefully on these, then raises them again under the handlers it found: with these
+    # no-op ones that second delivery ends nothing, so the engine is stopped below and the program exits normally
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
     engine.start()
     try:
         make_server(engine, model_name, default_max_tokens).run(sockets=[sock])
     finally:
         engine.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class ServerThread:
