@@ -24,4 +24,7 @@ def get_config():
     c.quantize = ""  # "experts_int8": the experts' weights int8 (ExpertsInt8) as they load
     c.cache_dtype = ""  # KV cache dtype ("" = the model's compute dtype)
     c.dtype = ""  # compute dtype ("" = the checkpoint's; bfloat16 on accelerators)
+    # the devices present as a mesh (-1: the rest of them): tensor parallel by default; expert > 1 splits the
+    # experts (and their tokens) over devices; the weights and KV heads shard by their logical axes
+    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "expert": 1, "tensor": -1})
     return c

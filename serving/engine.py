@@ -18,23 +18,34 @@ and a request's `on_output` is called from the engine's thread.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
+import math
 import threading
 import time
 from collections import deque
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from common.errors import UserError
 from common.memory import GIB, device_memory_bytes
-from jamba_jax.cache import cache_bytes
-from jamba_jax.params import forward_bytes_per_token
+from common.sharding import DEFAULT_RULES, sharding_context, tree_shardings
+from jamba_jax.params import forward_bytes_per_token, param_logical_specs
 from serving.metrics import EngineMetrics
 from serving.request import DECODE, FINISHED, PREFILL, Output, Request
 from serving.sampling import RequestError, SamplingParams
-from serving.slots import decode_slots, init_slots, next_piece, piece_sizes, prefill_slot, reset_slot
+from serving.slots import (
+    cache_logical_axes,
+    decode_slots,
+    init_slots,
+    next_piece,
+    piece_sizes,
+    prefill_slot,
+    reset_slot,
+)
 
 _compiled = [0]  # XLA compilations in this process since the import
 
@@ -77,19 +88,27 @@ class EngineConfig:
             raise EngineConfigError(f"prefill_chunk={self.prefill_chunk} must be a power of two")
 
 
-def memory_needed(cfg, params, config: EngineConfig) -> dict[str, int]:
-    """Bytes the engine holds on a device: weights, the slot cache, logits, one step's activations."""
-    weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
-    cache = cache_bytes(cfg, config.max_num_seqs, config.max_model_len, config.cache_dtype or cfg.compute_dtype)
+def _device_bytes(tree, shardings=None) -> int:
+    """Bytes one device holds of `tree` (placed by `shardings`, a matching tree; None: whole)."""
+    if shardings is None:
+        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+    return sum(math.prod(sh.shard_shape(x.shape)) * x.dtype.itemsize
+               for x, sh in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings), strict=True))
+
+
+def memory_needed(cfg, params, config: EngineConfig, param_shardings=None, cache_shardings=None) -> dict[str, int]:
+    """Bytes the engine holds on a device: weights, the slot cache, logits, one step's activations (the
+    weights and the cache as sharded, when they are)."""
+    weights = _device_bytes(params, param_shardings)
+    cache = jax.eval_shape(lambda: init_slots(cfg, config.max_num_seqs, config.max_model_len, config.cache_dtype))[0]
+    cache = _device_bytes(cache, cache_shardings)
     per_token = forward_bytes_per_token(cfg)
     steps = per_token * (config.prefill_chunk + config.max_num_seqs) + 2 * config.max_num_seqs * cfg.vocab_size * 4
-    return {"weights": weights, "cache": cache["total"], "activations": steps,
-            "total": weights + cache["total"] + steps}
+    return {"weights": weights, "cache": cache, "activations": steps, "total": weights + cache + steps}
 
 
-def check_memory(cfg, params, config: EngineConfig) -> dict[str, int]:
+def check_memory(need: dict[str, int], config: EngineConfig) -> dict[str, int]:
     """Refuses (EngineConfigError) settings whose cache and weights cannot fit a device, in one line."""
-    need = memory_needed(cfg, params, config)
     limit, where = device_memory_bytes()
     if need["total"] > 0.9 * limit:
         raise EngineConfigError(
@@ -101,15 +120,30 @@ def check_memory(cfg, params, config: EngineConfig) -> dict[str, int]:
 
 
 class Engine:
-    def __init__(self, model, params, tokenizer, config: EngineConfig | None = None, end_ids=()):
+    def __init__(self, model, params, tokenizer, config: EngineConfig | None = None, end_ids=(), mesh=None,
+                 rules=DEFAULT_RULES):
+        """`mesh` (a jax Mesh of more than one device): the weights and the cache sharded by their logical axes
+        under `rules` (tensor and expert parallel as the mesh's axes say), every program run under it."""
         config = config or EngineConfig()
         config.check()
-        self.model, self.params, self.tokenizer, self.config = model, params, tokenizer, config
-        self.memory = check_memory(model.cfg, params, config)
+        cfg, s = model.cfg, config.max_num_seqs
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.mesh = mesh if mesh is not None and mesh.size > 1 else None
+        self.rules = rules
+        cache_abstract = jax.eval_shape(lambda: init_slots(cfg, s, config.max_model_len, config.cache_dtype))
+        shardings = (None, None)
+        if self.mesh is not None:
+            shardings = (tree_shardings(params, param_logical_specs(cfg, params), self.mesh, rules),
+                         tree_shardings(cache_abstract[0], cache_logical_axes(cfg, cache_abstract[0]), self.mesh,
+                                        rules))
+        self.memory = check_memory(memory_needed(cfg, params, config, *shardings), config)
+        self.params = params if self.mesh is None else jax.device_put(params, shardings[0])
+        self.cache, self.logits = init_slots(cfg, s, config.max_model_len, config.cache_dtype)
+        if self.mesh is not None:
+            self.cache = jax.device_put(self.cache, shardings[1])
+            self.logits = jax.device_put(self.logits, NamedSharding(self.mesh, PartitionSpec()))
         self.end_ids = frozenset(int(i) for i in end_ids)
         self.metrics = EngineMetrics()
-        s = config.max_num_seqs
-        self.cache, self.logits = init_slots(model.cfg, s, config.max_model_len, config.cache_dtype)
         self.slots: list[Request | None] = [None] * s
         self.waiting: deque[Request] = deque()
         self._sampling = {k: np.zeros(s, d) for k, d in
@@ -121,6 +155,10 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.steps = 0
+
+    def _on_mesh(self):
+        """The context every program runs in: the mesh and its rules, or nothing."""
+        return contextlib.nullcontext() if self.mesh is None else sharding_context(self.mesh, self.rules)
 
     # ---- requests (any thread) ----
     def submit(self, prompt_ids, sampling: SamplingParams | None = None, on_output=None,
@@ -157,6 +195,10 @@ class Engine:
     # ---- the loop (the engine's thread) ----
     def step(self) -> bool:
         """One engine step (module docstring); False when there was nothing to do."""
+        with self._on_mesh():
+            return self._step()
+
+    def _step(self) -> bool:
         with self._cv:
             self._retire_cancelled()
             self._admit()
@@ -239,6 +281,11 @@ class Engine:
         """Compiles every program a load can need (each prompt piece length, the decode step, the reset) on
         slot 0, then empties it; returns the seconds it took."""
         t0 = time.perf_counter()
+        with self._on_mesh():
+            self._compile_all()
+        return time.perf_counter() - t0
+
+    def _compile_all(self) -> None:
         sizes = [n for n in piece_sizes(self.config.prefill_chunk) if n < self.config.max_model_len]
         for n in sizes:
             self.cache = reset_slot(self.model.cfg, self.cache, np.int32(0))
@@ -249,7 +296,6 @@ class Engine:
                            s["temperature"], s["top_k"], s["top_p"], s["seed"], s["step"])
         _, self.logits, self.cache = jax.block_until_ready(out)
         self.cache = jax.block_until_ready(reset_slot(self.model.cfg, self.cache, np.int32(0)))
-        return time.perf_counter() - t0
 
     def run_until_idle(self) -> None:
         """Steps until no request waits or runs (without the thread: tests, benchmarks)."""

@@ -21,7 +21,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from common.sharding import constrain
 from jamba_jax.cache import HybridCache, init_cache
+from jamba_jax.layers import KVCache
 from jamba_jax.mamba import MambaCache
 from serving.sampling import sample_rows
 
@@ -42,6 +44,25 @@ def init_slots(cfg, num_slots: int, max_model_len: int, dtype=None) -> tuple[Hyb
     cache = init_cache(cfg, num_slots, max_model_len, dtype)
     return cache.replace(index=jnp.zeros((num_slots,), jnp.int32)), jnp.zeros((num_slots, cfg.vocab_size),
                                                                               jnp.float32)
+
+
+def cache_logical_axes(cfg, cache: HybridCache) -> HybridCache:
+    """Logical axis names of every array of the slot cache (slots replicated; under a mesh the KV heads and
+    the Mamba channels split as the attention and Mamba weights that make them)."""
+    lead = ("layers",) if cfg.scan_layers else ()
+
+    def layer(c):
+        if isinstance(c, KVCache):
+            return KVCache(*[lead + (None, "kv_heads", None, None)] * 2)
+        return MambaCache(lead + (None, None, "mamba_inner"), lead + (None, "mamba_inner", None))
+
+    return HybridCache((None,), (None, None), tuple(layer(c) for c in cache.layers))
+
+
+def _pinned(cfg, cache: HybridCache) -> HybridCache:
+    """The cache constrained to its logical axes (a no-op without a mesh): every program returns it (and the
+    logits, replicated) sharded as it came in, so donation holds and the next call compiles nothing new."""
+    return jax.tree.map(constrain, cache, cache_logical_axes(cfg, cache))  # (each array's axes: a whole subtree)
 
 
 def _row_axis(cfg) -> int:
@@ -67,7 +88,8 @@ def prefill_slot(model, params, cache: HybridCache, logits_SxV, slot, ids_1xC):
     """A piece of a prompt [1, C] into slot `slot`'s row at its position: (logits with the slot's row set to
     the piece's last position's, cache)."""
     out = model.apply({"params": params}, ids_1xC, _take_row(model.cfg, cache, slot), method="prefill")
-    return logits_SxV.at[slot].set(out.logits[0].astype(jnp.float32)), _put_row(model.cfg, cache, out.cache, slot)
+    logits = constrain(logits_SxV.at[slot].set(out.logits[0].astype(jnp.float32)), (None, None))
+    return logits, _pinned(model.cfg, _put_row(model.cfg, cache, out.cache, slot))
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2, 3))
@@ -90,7 +112,8 @@ def decode_slots(model, params, cache: HybridCache, logits_SxV, active_S, temper
                    for n, o in zip(out.cache.layers, cache.layers, strict=True))
     new = HybridCache(jnp.where(active_S, out.cache.index, cache.index), jnp.where(keep, out.cache.valid, cache.valid),
                       layers)
-    return tokens, jnp.where(keep, out.logits.astype(jnp.float32), logits_SxV), new
+    logits = constrain(jnp.where(keep, out.logits.astype(jnp.float32), logits_SxV), (None, None))
+    return tokens, logits, _pinned(model.cfg, new)
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(1,))
@@ -105,4 +128,4 @@ def reset_slot(cfg, cache: HybridCache, slot) -> HybridCache:
         return jax.lax.dynamic_update_slice_in_dim(x, jnp.zeros(shape, x.dtype), slot, axis)
 
     layers = tuple(MambaCache(*map(zero_row, c)) if isinstance(c, MambaCache) else c for c in cache.layers)
-    return HybridCache(cache.index.at[slot].set(0), cache.valid.at[slot].set(False), layers)
+    return _pinned(cfg, HybridCache(cache.index.at[slot].set(0), cache.valid.at[slot].set(False), layers))

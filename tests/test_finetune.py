@@ -11,6 +11,7 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
+import openai
 import pytest
 import torch
 from test_sft_data import CONVERSATIONS
@@ -314,6 +315,29 @@ def test_chat_generation_reads_a_lora_workdir(lora_run):
     new = jamba_jax.generate(jamba_jax.JambaForCausalLM(cfg), params, jnp.asarray([ids]), max_new_tokens=6,
                              eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)[0]
     assert out.stdout == tok.decode([int(i) for i in new if i != tok.pad_id]) + "\n"
+
+
+def test_the_server_serves_a_lora_workdir_with_its_adapters_merged(lora_run):
+    """configs/serve.py on a LoRA run: the openai client's chat reply is the merged model's greedy reply."""
+    from configs import serve
+    from serving.server import ServerThread
+    from tasks.serve import build_engine
+
+    workdir, _ = lora_run
+    config = serve.get_config()
+    config.update(checkpoint=workdir, max_model_len=64, max_num_seqs=2, prefill_chunk=16, model_name="lora")
+    engine, _, _ = build_engine(config)
+    engine.warmup()
+    messages = [{"role": "user", "content": "Define dog."}]
+    with ServerThread(engine, "lora") as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key="none", max_retries=0)
+        reply = client.chat.completions.create(model="lora", messages=messages, max_tokens=6, temperature=0)
+    cfg, params = jamba_jax.load_checkpoint(workdir)
+    tok = load_tokenizer("", 2048)
+    new = jamba_jax.generate(jamba_jax.JambaForCausalLM(cfg), params,
+                             jnp.asarray([tok.encode_chat(messages, add_generation_prompt=True)[0]]), max_new_tokens=6,
+                             eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)[0].tolist()
+    assert reply.choices[0].message.content == tok.decode(new[:new.index(tok.eos_id)] if tok.eos_id in new else new)
 
 
 def test_mini_lora_dry_runs_optimizer_state_is_under_one_percent_and_qlora_fits_one_80gb_device(tmp_path):
