@@ -4,8 +4,9 @@
   (a) empties cancelled requests' slots, admits waiting requests into free slots (their state reset)
       and feeds prompts a piece at a time, first come first served, within `max_num_batched_tokens`
       less the decoding slots (so prompt pieces interleave with decode steps);
-  (b) runs one compiled decode step over every slot: each decoding slot samples its next token with its
-      own settings from its logits and runs it through the model at its own position;
+  (b) runs `decode_steps` compiled decode steps over every slot in one device call: each decoding slot
+      samples its next token with its own settings from its logits and runs it through the model at its
+      own position;
   (c) hands each request its new tokens and text, and retires those that end (end token, stop string,
       max_tokens), freeing their slots.
 
@@ -38,11 +39,15 @@ from serving.metrics import EngineMetrics
 from serving.request import DECODE, FINISHED, PREFILL, Output, Request
 from serving.sampling import RequestError, SamplingParams
 from serving.slots import (
+    MIN_BUCKET,
+    bucket,
     cache_logical_axes,
     decode_slots,
+    group_sizes,
     init_slots,
     next_piece,
     piece_sizes,
+    prefill_group,
     prefill_slot,
     reset_slot,
 )
@@ -77,11 +82,13 @@ class EngineConfig:
     max_model_len: int = 2048  # tokens per slot (prompt + output)
     max_num_batched_tokens: int = 512  # tokens per step: decoding slots + prompt pieces
     prefill_chunk: int = 256  # the longest prompt piece (a power of two)
+    decode_steps: int = 4  # decode steps per device call (tokens reach the host, and requests join, between calls)
     max_queue: int = 1024  # waiting requests beyond which new ones are refused
     cache_dtype: str | None = None  # KV cache dtype (None: the model's compute dtype)
 
     def check(self) -> None:
-        for name in ("max_num_seqs", "max_model_len", "max_num_batched_tokens", "prefill_chunk", "max_queue"):
+        for name in ("max_num_seqs", "max_model_len", "max_num_batched_tokens", "prefill_chunk", "max_queue",
+                     "decode_steps"):
             if getattr(self, name) < 1:
                 raise EngineConfigError(f"{name}={getattr(self, name)} must be at least 1")
         if self.prefill_chunk & (self.prefill_chunk - 1):
@@ -143,7 +150,7 @@ class Engine:
             self.cache = jax.device_put(self.cache, shardings[1])
             self.logits = jax.device_put(self.logits, NamedSharding(self.mesh, PartitionSpec()))
         self.end_ids = frozenset(int(i) for i in end_ids)
-        self.metrics = EngineMetrics()
+        self.metrics = EngineMetrics(compilations)
         self.slots: list[Request | None] = [None] * s
         self.waiting: deque[Request] = deque()
         self._sampling = {k: np.zeros(s, d) for k, d in
@@ -155,6 +162,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.steps = 0
+        self._group_sizes = group_sizes(s)
 
     def _on_mesh(self):
         """The context every program runs in: the mesh and its rules, or nothing."""
@@ -235,7 +243,12 @@ class Engine:
         self.metrics.running.set(sum(r is not None for r in self.slots))
 
     def _prefill(self, requests: list[Request], budget: int) -> None:
+        """Prompts within `budget` tokens (at least one piece): new requests' whole prompts in a group, first
+        come first served, then the others' pieces (`serving.slots`)."""
         budget = max(budget, 1)  # prompts always advance
+        group = self._group(requests, budget)
+        if group:
+            budget -= self._prefill_group(group)
         for r in requests:
             while budget > 0 and r.prefilled < len(r.prompt_ids):
                 n = next_piece(len(r.prompt_ids) - r.prefilled, self.config.prefill_chunk, budget)
@@ -244,24 +257,61 @@ class Engine:
                                                        np.int32(r.slot), piece)
                 r.prefilled += n
                 budget -= n
-            if r.prefilled == len(r.prompt_ids):
+            if r.prefilled == len(r.prompt_ids) and r.state == PREFILL:
                 r.state = DECODE
                 self.metrics.prompt_tokens.inc(len(r.prompt_ids))
 
+    def _groupable(self, r: Request) -> bool:
+        """A new request whose prompt fits one chunk, with room for its max_tokens after the padded prompt."""
+        n = len(r.prompt_ids)
+        return (r.prefilled == 0 and n <= self.config.prefill_chunk
+                and bucket(n) + r.sampling.max_tokens <= self.config.max_model_len)
+
+    def _group(self, requests: list[Request], budget: int) -> list[Request]:
+        """The longest first-come run of groupable requests whose padded batch fits `budget` tokens."""
+        group: list[Request] = []
+        for r in requests:
+            if not self._groupable(r):
+                break
+            rows = next(g for g in self._group_sizes if g >= len(group) + 1)
+            if rows * max(bucket(len(x.prompt_ids)) for x in group + [r]) > budget and group:
+                break
+            group.append(r)
+        return group
+
+    def _prefill_group(self, group: list[Request]) -> int:
+        """Prefills the group's prompts in one call; returns the tokens it ran (padding included)."""
+        rows = next(g for g in self._group_sizes if g >= len(group))
+        b = max(bucket(len(r.prompt_ids)) for r in group)
+        ids, mask = np.zeros((rows, b), np.int32), np.zeros((rows, b), np.int32)
+        slots = np.full(rows, len(self.slots), np.int32)  # padding rows: past the cache, dropped
+        for i, r in enumerate(group):
+            ids[i, b - len(r.prompt_ids):], mask[i, b - len(r.prompt_ids):], slots[i] = r.prompt_ids, 1, r.slot
+            r.prefilled = len(r.prompt_ids)
+        self.logits, self.cache = prefill_group(self.model, self.params, self.cache, self.logits, slots, ids, mask)
+        return rows * b
+
     def _decode(self, decoding: list[Request]) -> None:
-        active = np.zeros(len(self.slots), bool)
+        s, k = self._sampling, self.config.decode_steps
+        active, budget = np.zeros(len(self.slots), bool), np.zeros(len(self.slots), np.int32)
         for r in decoding:
             active[r.slot] = True
-            self._sampling["step"][r.slot] = len(r.token_times)
-        s = self._sampling
+            s["step"][r.slot] = len(r.token_times)
+            budget[r.slot] = r.sampling.max_tokens - len(r.output_ids)  # (the call stops the row there)
+        # a prompt fed in pieces continues from its slot's Mamba state: while one waits, decoding must leave the
+        # inactive slots' states alone (a group prefill starts afresh and overwrites them)
+        half_fed = any(r is not None and r.state == PREFILL and not (r.prefilled == 0 and self._groupable(r))
+                       for r in self.slots)
         tokens, self.logits, self.cache = decode_slots(self.model, self.params, self.cache, self.logits, active,
-                                                       s["temperature"], s["top_k"], s["top_p"], s["seed"], s["step"])
-        tokens = np.asarray(tokens)
+                                                       s["temperature"], s["top_k"], s["top_p"], s["seed"], s["step"],
+                                                       budget, k, half_fed)
+        tokens = np.asarray(tokens)  # [k, slots]
         for r in decoding:
-            if r.cancelled:
-                continue  # retired at the next step
-            self._deliver(r, r.add_token(int(tokens[r.slot]), self.end_ids, self.tokenizer.decode))
-            self.metrics.generation_tokens.inc()
+            for token in tokens[:min(k, budget[r.slot]), r.slot]:
+                if r.cancelled or r.finished:
+                    break  # (a cancelled one is retired at the next step)
+                self._deliver(r, r.add_token(int(token), self.end_ids, self.tokenizer.decode))
+                self.metrics.generation_tokens.inc()
             if r.finished:
                 with self._cv:
                     self._release(r)
@@ -286,15 +336,23 @@ class Engine:
         return time.perf_counter() - t0
 
     def _compile_all(self) -> None:
+        lengths = [b for b in piece_sizes(self.config.prefill_chunk) if b >= MIN_BUCKET]
+        lengths = [b for b in lengths or [MIN_BUCKET] if b < self.config.max_model_len]
+        for rows in self._group_sizes:
+            for b in lengths:  # every group shape, its padding rows only (nothing is written)
+                self.logits, self.cache = prefill_group(self.model, self.params, self.cache, self.logits,
+                                                        np.full(rows, len(self.slots), np.int32),
+                                                        np.zeros((rows, b), np.int32), np.ones((rows, b), np.int32))
         sizes = [n for n in piece_sizes(self.config.prefill_chunk) if n < self.config.max_model_len]
         for n in sizes:
             self.cache = reset_slot(self.model.cfg, self.cache, np.int32(0))
             self.logits, self.cache = prefill_slot(self.model, self.params, self.cache, self.logits, np.int32(0),
                                                    np.zeros((1, n), np.int32))
-        s = self._sampling
-        out = decode_slots(self.model, self.params, self.cache, self.logits, np.zeros(len(self.slots), bool),
-                           s["temperature"], s["top_k"], s["top_p"], s["seed"], s["step"])
-        _, self.logits, self.cache = jax.block_until_ready(out)
+        s, idle = self._sampling, np.zeros(len(self.slots), bool)
+        for keep in (False, True):
+            out = decode_slots(self.model, self.params, self.cache, self.logits, idle, s["temperature"], s["top_k"],
+                               s["top_p"], s["seed"], s["step"], idle.astype(np.int32), self.config.decode_steps, keep)
+            _, self.logits, self.cache = jax.block_until_ready(out)
         self.cache = jax.block_until_ready(reset_slot(self.model.cfg, self.cache, np.int32(0)))
 
     def run_until_idle(self) -> None:

@@ -1,6 +1,6 @@
 """The engine's Prometheus metrics (prometheus_client), in a registry of their own so that several engines
 (tests, benchmarks) live in one process: requests by finish reason, queue length, running slots, prompt
-and generated tokens, time to first token, inter-token latency and request latency histograms. The
+and generated tokens, time to first token, inter-token latency and request latency histograms, XLA compilations. The
 server's /metrics exposes `render()`."""
 
 from __future__ import annotations
@@ -11,8 +11,11 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 
 
 class EngineMetrics:
-    def __init__(self):
+    def __init__(self, compilations=None):
         r = self.registry = CollectorRegistry()
+        if compilations is not None:  # steady load compiles nothing: this stays at its post-warm-up value
+            Gauge("jamba_xla_compilations", "XLA compilations in the server process so far",
+                  registry=r).set_function(compilations)
         self.requests = Counter("jamba_requests", "Requests finished, by finish reason", ["finish_reason"],
                                 registry=r)
         self.rejected = Counter("jamba_requests_rejected", "Requests refused because the queue was full",

@@ -58,14 +58,29 @@ class SamplingParams:
 
 def sample_rows(logits_BxV, temperature_B, top_k_B, top_p_B, seed_B, step_B):
     """One token per row [B] int32: argmax where temperature is 0, else a draw from softmax(logits / T)
-    restricted to the top_k tokens (0: all) and then to the smallest set reaching top_p (1: all)."""
+    restricted to the top_k tokens (0: all) and then to the smallest set reaching top_p (1: all). A batch
+    with no sampled row, or no filtered one, skips the draw or the sort (`lax.cond`: one branch runs)."""
     logits = logits_BxV.astype(jnp.float32)
-    vocab = logits.shape[-1]
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     sampling = temperature_B > 0
-    x = logits / jnp.where(sampling, temperature_B, 1.0)[:, None]
+
+    def draw(_):
+        x = logits / jnp.where(sampling, temperature_B, 1.0)[:, None]
+        filtered = sampling & ((top_k_B > 0) | (top_p_B < 1.0))
+        x = jax.lax.cond(jnp.any(filtered), lambda x: _filter(x, top_k_B, top_p_B), lambda x: x, x)
+        keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.PRNGKey(s), n))(seed_B, step_B)
+        drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, x).astype(jnp.int32)
+        return jnp.where(sampling, drawn, greedy)
+
+    return jax.lax.cond(jnp.any(sampling), draw, lambda _: greedy, None)
+
+
+def _filter(x_BxV, top_k_B, top_p_B):
+    """Logits outside each row's top_k (0: all), then outside the smallest set reaching its top_p, at -inf
+    (the float32 minimum)."""
+    vocab = x_BxV.shape[-1]
     neg = jnp.finfo(jnp.float32).min
-    sorted_x = -jnp.sort(-x, axis=-1)  # descending
+    sorted_x = -jnp.sort(-x_BxV, axis=-1)  # descending
     k = jnp.where(top_k_B > 0, jnp.minimum(top_k_B, vocab), vocab)
     kth = jnp.take_along_axis(sorted_x, (k - 1)[:, None], axis=-1)  # [B, 1]
     kept = jnp.where(jnp.arange(vocab)[None] < k[:, None], sorted_x, neg)
@@ -73,7 +88,4 @@ def sample_rows(logits_BxV, temperature_B, top_k_B, top_p_B, seed_B, step_B):
     before = jnp.cumsum(probs, axis=-1) - probs  # mass ranked above each token
     p = jnp.where(top_p_B < 1.0, top_p_B, 2.0)[:, None]  # 1: no cut (rounding must not drop the tail)
     cutoff = jnp.min(jnp.where(before < p, kept, jnp.inf), axis=-1, keepdims=True)
-    x = jnp.where(x < jnp.maximum(kth, cutoff), neg, x)
-    keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.PRNGKey(s), n))(seed_B, step_B)
-    drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, x).astype(jnp.int32)
-    return jnp.where(sampling, drawn, greedy)
+    return jnp.where(x_BxV < jnp.maximum(kth, cutoff), neg, x_BxV)

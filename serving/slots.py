@@ -5,13 +5,18 @@ position per row): the attention layers' KV of `max_model_len` per slot, the Mam
 and SSM state per slot, and beside it the float32 logits of each slot's last position, from which its
 next token is sampled. Every program donates the cache, so it is updated in place:
 
+  prefill_group whole prompts of several requests new to their slots, left-padded to one length, batched
   prefill_slot  a piece of one slot's prompt into its row (a batch-1 prefill on that row, written back)
-  decode_slots  one token for every slot (each with its own sampling settings), run through the model
+  decode_slots  a few tokens for every slot (each with its own sampling settings), run through the model,
+                in one device loop
   reset_slot    a slot made empty before a new sequence: Mamba states zeroed, no real keys, position 0
 
-Prompt pieces have power-of-two lengths (`piece_sizes`): a prompt is fed as the largest pieces that fit,
-so every length is served by log2(chunk) + 1 programs compiled at start-up, and no piece is padded (a
-padded position would decay a Mamba state that continues from the previous piece).
+A new request whose whole prompt fits one chunk (and whose padded prompt leaves room for its max_tokens) is
+prefilled in a group: the prompts that arrived together, left-padded to a power of two (`bucket`) and
+batched (`group_sizes` rows), as generate() prefills a left-padded batch. Any other prompt (a long one, a
+continuation) is fed as exact pieces of power-of-two lengths (`piece_sizes`), the largest that fit: none is
+padded, since a padded position would decay a Mamba state that continues from the previous piece. So every
+load is served by a fixed set of programs, all compiled at start-up.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from jamba_jax.cache import HybridCache, init_cache
 from jamba_jax.layers import KVCache
 from jamba_jax.mamba import MambaCache
 from serving.sampling import sample_rows
+
+MIN_BUCKET = 8  # the shortest padded prompt of a group prefill
 
 
 def piece_sizes(max_chunk: int) -> list[int]:
@@ -65,6 +72,10 @@ def _pinned(cfg, cache: HybridCache) -> HybridCache:
     return jax.tree.map(constrain, cache, cache_logical_axes(cfg, cache))  # (each array's axes: a whole subtree)
 
 
+def _kv_dtype(cache: HybridCache):
+    return next((c.k.dtype for c in cache.layers if isinstance(c, KVCache)), None)
+
+
 def _row_axis(cfg) -> int:
     return 1 if cfg.scan_layers else 0  # scanned layers stack their caches over the repeats first
 
@@ -83,6 +94,39 @@ def _put_row(cfg, cache: HybridCache, row: HybridCache, slot) -> HybridCache:
                        jax.lax.dynamic_update_slice_in_dim(cache.valid, row.valid, slot, 0), layers)
 
 
+def group_sizes(num_slots: int) -> list[int]:
+    """The row counts a group prefill is compiled for: powers of two below num_slots, and num_slots."""
+    return sorted({min(1 << i, num_slots) for i in range(num_slots.bit_length() + 1)})
+
+
+def bucket(length: int, min_bucket: int = MIN_BUCKET) -> int:
+    """The padded length of a whole prompt in a group prefill: the next power of two, at least min_bucket."""
+    return max(min_bucket, 1 << (length - 1).bit_length())
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2, 3))
+def prefill_group(model, params, cache: HybridCache, logits_SxV, slots_G, ids_GxB, mask_GxB):
+    """Whole prompts of G requests new to their slots, left-padded to one length B, in one batched prefill
+    from a fresh state (the padding leaves the real tokens' results as they are: Jamba has no positional
+    embedding, masked keys are unseen and a zero Mamba state stays zero through zeroed inputs). Each row's
+    keys land at [0, B) of its slot, its position is B; rows whose slot index is past the cache are padding
+    of the group and are dropped."""
+    g, b = ids_GxB.shape
+    out = model.apply({"params": params}, ids_GxB, init_cache(model.cfg, g, b, _kv_dtype(cache)),
+                      attention_mask=mask_GxB, method="prefill")
+    lead = (slice(None),) * _row_axis(model.cfg)
+
+    def put(x, new):
+        at = lead + ((slots_G, slice(None), slice(0, b)) if x.ndim - len(lead) == 4 else (slots_G,))
+        return x.at[at].set(new.astype(x.dtype), mode="drop")
+
+    layers = tuple(jax.tree.map(put, c, n) for c, n in zip(cache.layers, out.cache.layers, strict=True))
+    new = HybridCache(cache.index.at[slots_G].set(b, mode="drop"),
+                      cache.valid.at[slots_G, :b].set(mask_GxB.astype(bool), mode="drop"), layers)
+    logits = constrain(logits_SxV.at[slots_G].set(out.logits.astype(jnp.float32), mode="drop"), (None, None))
+    return logits, _pinned(model.cfg, new)
+
+
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2, 3))
 def prefill_slot(model, params, cache: HybridCache, logits_SxV, slot, ids_1xC):
     """A piece of a prompt [1, C] into slot `slot`'s row at its position: (logits with the slot's row set to
@@ -92,12 +136,11 @@ def prefill_slot(model, params, cache: HybridCache, logits_SxV, slot, ids_1xC):
     return logits, _pinned(model.cfg, _put_row(model.cfg, cache, out.cache, slot))
 
 
-@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2, 3))
-def decode_slots(model, params, cache: HybridCache, logits_SxV, active_S, temperature_S, top_k_S, top_p_S, seed_S,
-                 step_S):
-    """Samples every slot's next token from its logits and runs the tokens through the model: (tokens [S],
-    logits, cache). Inactive slots (empty, or still in prefill) keep their position, real keys and logits."""
-    tokens = sample_rows(logits_SxV, temperature_S, top_k_S, top_p_S, seed_S, step_S)
+def _decode_once(model, params, cache: HybridCache, logits_SxV, active_S, sampling, step_S, keep_states: bool):
+    """One token for every active slot: (tokens [S], logits, cache); inactive slots keep their position, real
+    keys and logits, and with `keep_states` their Mamba states (a select over the states costs ~10% of a step
+    of the benchmark model, so it runs only while a prompt in pieces needs it)."""
+    tokens = sample_rows(logits_SxV, *sampling, step_S)
     out = model.apply({"params": params}, tokens, cache, method="decode")
     keep = active_S[:, None]
     axis = _row_axis(model.cfg)
@@ -108,12 +151,34 @@ def decode_slots(model, params, cache: HybridCache, logits_SxV, active_S, temper
         return jnp.where(active_S.reshape(shape), new, old)
 
     # (an inactive slot's KV write lands at its position, unseen and overwritten by what comes next there)
-    layers = tuple(jax.tree.map(keep_rows, n, o) if isinstance(o, MambaCache) else n
+    layers = tuple(jax.tree.map(keep_rows, n, o) if keep_states and isinstance(o, MambaCache) else n
                    for n, o in zip(out.cache.layers, cache.layers, strict=True))
     new = HybridCache(jnp.where(active_S, out.cache.index, cache.index), jnp.where(keep, out.cache.valid, cache.valid),
                       layers)
     logits = constrain(jnp.where(keep, out.logits.astype(jnp.float32), logits_SxV), (None, None))
     return tokens, logits, _pinned(model.cfg, new)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 11, 12), donate_argnums=(2, 3))
+def decode_slots(model, params, cache: HybridCache, logits_SxV, active_S, temperature_S, top_k_S, top_p_S, seed_S,
+                 step_S, budget_S, steps: int = 1, keep_states: bool = True):
+    """`steps` decode steps in one program (a loop on the device: no return to the host between them). In each,
+    every slot still active (active_S, and fewer than budget_S tokens in this call) samples its next token with
+    its own settings and runs it through the model at its own position. Returns (tokens [steps, S], logits,
+    cache); the host reads a row's tokens up to where its request ends (a slot whose request ended mid-call ran
+    on for the rest of it: those tokens are dropped, and its state is reset before the slot is reused).
+    keep_states=False lets inactive slots' Mamba states change: only when none holds a prompt half fed."""
+    sampling = (temperature_S, top_k_S, top_p_S, seed_S)
+
+    def body(k, carry):
+        tokens, logits, cache = carry
+        active = active_S & (k < budget_S)
+        token, logits, cache = _decode_once(model, params, cache, logits, active, sampling, step_S + k, keep_states)
+        return tokens.at[k].set(token), logits, cache
+
+    tokens = jnp.zeros((steps, logits_SxV.shape[0]), jnp.int32)
+    tokens, logits, cache = jax.lax.fori_loop(0, steps, body, (tokens, logits_SxV, cache))
+    return tokens, constrain(logits, (None, None)), _pinned(model.cfg, cache)  # (the loop's outputs, pinned too)
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(1,))
