@@ -60,11 +60,11 @@ def save_checkpoint(directory: str):
 class Server:
     """`main.py --config=configs/serve.py` on a free port, stopped (SIGTERM) on exit."""
 
-    def __init__(self, checkpoint: str, slots: int):
+    def __init__(self, checkpoint: str, slots: int, decode_steps: int):
         cmd = [sys.executable, os.path.join(ROOT, "main.py"), "--config=configs/serve.py",
                f"--config.checkpoint={checkpoint}", "--config.port=0", f"--config.max_num_seqs={slots}",
                f"--config.max_model_len={MAX_MODEL_LEN}", "--config.max_num_batched_tokens=512",
-               "--config.prefill_chunk=128", "--config.model_name=bench"]
+               "--config.prefill_chunk=128", f"--config.decode_steps={decode_steps}", "--config.model_name=bench"]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
         line = ""
@@ -128,10 +128,12 @@ def load_figures(base_url, prompts, outputs, rate, seed=1) -> dict:
     end = max(times[-1] for _, times, _ in results)
     tokens = sum(n for _, _, n in results)
     ttft = [times[0] - sent for sent, times, _ in results]
-    itl = [b - a for _, times, _ in results for a, b in zip(times[:-1], times[1:], strict=True)]
+    gaps = [b - a for _, times, _ in results for a, b in zip(times[:-1], times[1:], strict=True)]
+    tpot = [(times[-1] - times[0]) / (n - 1) for _, times, n in results if n > 1]
     return {"rate": rate, "seconds": end - start, "tokens": tokens, "tok_s": tokens / (end - start),
             "req_s": len(prompts) / (end - start), "ttft": np.percentile(ttft, [50, 99]),
-            "itl": np.percentile(itl, [50, 99]), "exact": tokens == sum(outputs)}
+            "tpot": np.percentile(tpot, [50, 99]), "gaps": np.percentile(gaps, [50, 99]),
+            "exact": tokens == sum(outputs)}
 
 
 def static_batches(checkpoint, prompts, outputs, slots) -> dict:
@@ -205,22 +207,25 @@ def report(args, loads, static, hf, startup):
     rows = "\n".join(
         f"| {load_name(x['rate'])} | "
         f"{x['tok_s']:,.0f} | {x['req_s']:.2f} | {x['ttft'][0] * 1e3:,.0f} / {x['ttft'][1] * 1e3:,.0f} | "
-        f"{x['itl'][0] * 1e3:.1f} / {x['itl'][1] * 1e3:.1f} | {x['compilations']} |" for x in loads)
+        f"{x['tpot'][0] * 1e3:.1f} / {x['tpot'][1] * 1e3:.1f} | {x['gaps'][0] * 1e3:.1f} / {x['gaps'][1] * 1e3:.1f} | "
+        f"{x['compilations']} |" for x in loads)
     burst = next(x for x in loads if not x["rate"])
     return f"""## Serving: continuous batching over HTTP vs static batches and transformers (issue 29)
 
-Command: `python -m benchmarks.serving --requests {args.requests} --slots {args.slots} --rates {' '.join(map(str, args.rates))}`
+Command: `python -m benchmarks.serving --requests {args.requests} --slots {args.slots} --rates {' '.join(map(str, args.rates))} --decode_steps {args.decode_steps}`
 Machine: {machine()}. Model: the 11.6M benchmark Jamba (`benchmarks/long_context.bench_cfg`, float32, random
 weights from transformers with torch seed 0, bundled tokenizer). Server: `main.py --config=configs/serve.py`
 in its own process, {args.slots} slots x {MAX_MODEL_LEN} tokens (`{startup}`).
 Workload: {args.requests} requests, prompts uniform in [8, 96] tokens, outputs log-normal (median 48, clipped
 to [4, 384]; {static['tokens']:,} output tokens in all), greedy, each run to its drawn length
 (`ignore_eos`), sent by the official `openai` client (async, streaming). Tokens/s counts output tokens from the
-first request sent to the last token received; TTFT from a request's send to its first streamed token; ITL
-between streamed tokens.
+first request sent to the last token received; TTFT from a request's send to its first streamed token. The
+server runs {args.decode_steps} decode steps per device call and streams each call's tokens of a request as one
+event, so inter-token latency is given per token (a request's last token time less its first, over its tokens
+less one) and between events (what a reader sees: bursts of up to {args.decode_steps} tokens).
 
-| load | output tok/s | req/s | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | XLA compilations during the load |
-| --- | ---: | ---: | ---: | ---: | ---: |
+| load | output tok/s | req/s | TTFT p50 / p99 (ms) | ITL per token p50 / p99 (ms) | between events p50 / p99 (ms) | XLA compilations during the load |
+| --- | ---: | ---: | ---: | ---: | ---: | ---: |
 {rows}
 
 Peers on the same requests, same process as the figures above were collected in:
@@ -243,14 +248,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--slots", type=int, default=8)
-    parser.add_argument("--rates", type=float, nargs="+", default=[2.0, 4.0, 8.0])
+    parser.add_argument("--rates", type=float, nargs="*", default=[2.0, 4.0, 8.0])
+    parser.add_argument("--decode_steps", type=int, default=8, help="the server's --config.decode_steps")
     parser.add_argument("--no_write", action="store_true", help="print the section, leave BENCHMARKS.md alone")
     args = parser.parse_args(argv)
     prompts, outputs = workload(args.requests)
     with tempfile.TemporaryDirectory() as checkpoint:
         hf = save_checkpoint(checkpoint)
         loads = []
-        with Server(checkpoint, args.slots) as server:
+        with Server(checkpoint, args.slots, args.decode_steps) as server:
             for rate in [0.0] + args.rates:
                 before = server.compilations()
                 figures = load_figures(server.base_url, prompts, outputs, rate)

@@ -19,6 +19,7 @@ def get_config():
     c.max_model_len = 2048  # tokens per slot (prompt + output); sized against device memory at start
     c.max_num_batched_tokens = 512  # tokens per engine step: decoding slots + prompt pieces
     c.prefill_chunk = 256  # the longest prompt piece (a power of two)
+    c.decode_steps = 8  # decode steps per device call (tokens reach clients, and requests join, between calls)
     c.max_queue = 1024  # waiting requests beyond which new ones get HTTP 503
     c.default_max_tokens = 16  # max_tokens of a request that names none (OpenAI's completions default)
     c.quantize = ""  # "experts_int8": the experts' weights int8 (ExpertsInt8) as they load

@@ -82,7 +82,7 @@ class EngineConfig:
     max_model_len: int = 2048  # tokens per slot (prompt + output)
     max_num_batched_tokens: int = 512  # tokens per step: decoding slots + prompt pieces
     prefill_chunk: int = 256  # the longest prompt piece (a power of two)
-    decode_steps: int = 4  # decode steps per device call (tokens reach the host, and requests join, between calls)
+    decode_steps: int = 8  # decode steps per device call (tokens reach the host, and requests join, between calls)
     max_queue: int = 1024  # waiting requests beyond which new ones are refused
     cache_dtype: str | None = None  # KV cache dtype (None: the model's compute dtype)
 
@@ -163,6 +163,7 @@ class Engine:
         self._stopping = False
         self.steps = 0
         self._group_sizes = group_sizes(s)
+        self._inflight = None  # the decode call whose tokens the host has not read yet
 
     def _on_mesh(self):
         """The context every program runs in: the mesh and its rules, or nothing."""
@@ -211,13 +212,17 @@ class Engine:
             self._retire_cancelled()
             self._admit()
             busy = [r for r in self.slots if r is not None]
-        if not busy:
+        if not busy and self._inflight is None:
             return False
         decoding = [r for r in busy if r.state == DECODE]
         self._prefill([r for r in busy if r.state == PREFILL], self.config.max_num_batched_tokens - len(decoding))
-        decoding = [r for r in busy if r.state == DECODE]  # with the prompts just completed
-        if decoding:
-            self._decode(decoding)
+        # the next decode call goes to the device before the previous call's tokens are read: the host's work
+        # on them (text, stop checks, streaming) overlaps the device's. A request that those tokens end runs
+        # on in the new call; its tokens there are dropped, and its slot is reset before reuse.
+        decoding = [r for r in busy if r.state == DECODE and r.scheduled < r.sampling.max_tokens]
+        previous, self._inflight = self._inflight, self._dispatch(decoding) if decoding else None
+        if previous is not None:
+            self._collect(*previous)
         self.steps += 1
         return True
 
@@ -291,13 +296,17 @@ class Engine:
         self.logits, self.cache = prefill_group(self.model, self.params, self.cache, self.logits, slots, ids, mask)
         return rows * b
 
-    def _decode(self, decoding: list[Request]) -> None:
+    def _dispatch(self, decoding: list[Request]):
+        """Starts one decode call (`decode_steps` steps) over the slots; returns what `_collect` reads."""
         s, k = self._sampling, self.config.decode_steps
         active, budget = np.zeros(len(self.slots), bool), np.zeros(len(self.slots), np.int32)
+        rows = []
         for r in decoding:
             active[r.slot] = True
-            s["step"][r.slot] = len(r.token_times)
-            budget[r.slot] = r.sampling.max_tokens - len(r.output_ids)  # (the call stops the row there)
+            s["step"][r.slot] = r.scheduled
+            budget[r.slot] = r.sampling.max_tokens - r.scheduled  # (the call stops the row there)
+            rows.append((r, r.slot, min(k, int(budget[r.slot]))))
+            r.scheduled += rows[-1][2]
         # a prompt fed in pieces continues from its slot's Mamba state: while one waits, decoding must leave the
         # inactive slots' states alone (a group prefill starts afresh and overwrites them)
         half_fed = any(r is not None and r.state == PREFILL and not (r.prefilled == 0 and self._groupable(r))
@@ -305,14 +314,22 @@ class Engine:
         tokens, self.logits, self.cache = decode_slots(self.model, self.params, self.cache, self.logits, active,
                                                        s["temperature"], s["top_k"], s["top_p"], s["seed"], s["step"],
                                                        budget, k, half_fed)
-        tokens = np.asarray(tokens)  # [k, slots]
-        for r in decoding:
-            for token in tokens[:min(k, budget[r.slot]), r.slot]:
+        return tokens, rows
+
+    def _collect(self, tokens, rows) -> None:
+        """Hands each request the tokens a decode call made for it, up to where it ends."""
+        tokens = np.asarray(tokens)  # [decode_steps, slots]
+        for r, slot, n in rows:
+            outs = []
+            for token in tokens[:n, slot]:
                 if r.cancelled or r.finished:
                     break  # (a cancelled one is retired at the next step)
-                self._deliver(r, r.add_token(int(token), self.end_ids, self.tokenizer.decode))
+                outs.append(r.add_token(int(token), self.end_ids, self.tokenizer.decode))
                 self.metrics.generation_tokens.inc()
-            if r.finished:
+            if outs:  # one delivery per call: a stream gets one event for the call's tokens
+                self._deliver(r, Output("".join(o.text for o in outs), [t for o in outs for t in o.token_ids],
+                                        outs[-1].finish_reason))
+            if r.finished and self.slots[slot] is r:
                 with self._cv:
                     self._release(r)
 
@@ -369,9 +386,9 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._stopping and not self.waiting and all(r is None for r in self.slots):
+                while not self._stopping and self.idle:
                     self._cv.wait()
-                if self._stopping and not self.waiting and all(r is None for r in self.slots):
+                if self._stopping and self.idle:
                     return
             self.step()
 
@@ -386,7 +403,7 @@ class Engine:
 
     @property
     def idle(self) -> bool:
-        return not self.waiting and all(r is None for r in self.slots)
+        return not self.waiting and all(r is None for r in self.slots) and self._inflight is None
 
     def generate(self, prompts, sampling: SamplingParams | list[SamplingParams]) -> list[Request]:
         """Runs `prompts` (lists of token ids) to the end on this thread; the finished requests, in order."""

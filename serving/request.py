@@ -37,6 +37,7 @@ class Request:
     state: str = WAITING
     slot: int | None = None
     prefilled: int = 0  # prompt tokens in the slot's cache so far
+    scheduled: int = 0  # tokens asked of decode calls so far (some may not have reached the host yet)
     output_ids: list[int] = dataclasses.field(default_factory=list)
     text: str = ""  # the output text so far (cut at a stop string)
     emitted: int = 0  # characters of `text` handed on

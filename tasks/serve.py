@@ -27,6 +27,7 @@ from serving.server import bind, serve
 def engine_config(config) -> EngineConfig:
     return EngineConfig(max_num_seqs=config.max_num_seqs, max_model_len=config.max_model_len,
                         max_num_batched_tokens=config.max_num_batched_tokens, prefill_chunk=config.prefill_chunk,
+                        decode_steps=config.decode_steps,
                         max_queue=config.max_queue, cache_dtype=config.cache_dtype or None)
 
 
