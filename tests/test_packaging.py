@@ -1,5 +1,5 @@
 """The project installs (`pip install .` / `git+URL`): the wheel holds every package, the bundled data
-and the four commands; and main.py runs from any directory."""
+and the five commands; and main.py runs from any directory."""
 
 import os
 import shutil
@@ -26,9 +26,10 @@ def test_the_wheel_holds_the_packages_the_data_and_the_commands(tmp_path):
                    "jamba_jax/model.py", "common/wordnet_lexicon.json.gz", "training/task.py", "tasks/jamba_lm.py",
                    "data/tokenizer/tokenizer.json", "data/wordnet_corpus/train.txt.gz",
                    "data/sensebert_eval/tagging.jsonl.gz", "data/sensebert_wordpiece/vocab.txt",
-                   "aux_tuning/model.py", "active_learning/strategies.py", "data/egal_pools/pseudowords.jsonl.gz"):
+                   "aux_tuning/model.py", "active_learning/strategies.py", "serving/engine.py", "configs/serve.py",
+                   "data/egal_pools/pseudowords.jsonl.gz"):
         assert needed in names, needed
-    for command in ("jamba-train", "jamba-generate", "jamba-convert", "sensebert-predict"):
+    for command in ("jamba-train", "jamba-generate", "jamba-serve", "jamba-convert", "sensebert-predict"):
         assert f"{command} =" in entry_points, command
 
 
