@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-import math
 import threading
 import time
 from collections import deque
@@ -32,10 +31,10 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from common.errors import UserError
-from common.memory import GIB, device_memory_bytes
 from common.sharding import DEFAULT_RULES, sharding_context, tree_shardings
-from jamba_jax.params import forward_bytes_per_token, param_logical_specs
-from serving.metrics import EngineMetrics
+from jamba_jax.params import param_logical_specs
+from serving.config import EngineConfig, EngineConfigError, check_memory, memory_needed
+from serving.metrics import EngineMetrics, compilations
 from serving.request import DECODE, FINISHED, PREFILL, Output, Request
 from serving.sampling import RequestError, SamplingParams
 from serving.slots import (
@@ -52,78 +51,9 @@ from serving.slots import (
     reset_slot,
 )
 
-_compiled = [0]  # XLA compilations in this process since the import
-
-
-def _count_compile(event: str, duration: float, **_) -> None:
-    if event == "/jax/core/compile/backend_compile_duration":
-        _compiled[0] += 1
-
-
-jax.monitoring.register_event_duration_secs_listener(_count_compile)
-
-
-def compilations() -> int:
-    """XLA compilations in this process so far (to show a steady load compiles nothing)."""
-    return _compiled[0]
-
-
-class EngineConfigError(UserError):
-    """Engine settings that cannot work (sizes, or slots x length that cannot fit the device)."""
-
 
 class QueueFullError(UserError):
     """The waiting queue is full: the request is refused (HTTP 503)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineConfig:
-    max_num_seqs: int = 8  # slots: sequences decoded together
-    max_model_len: int = 2048  # tokens per slot (prompt + output)
-    max_num_batched_tokens: int = 512  # tokens per step: decoding slots + prompt pieces
-    prefill_chunk: int = 256  # the longest prompt piece (a power of two)
-    decode_steps: int = 8  # decode steps per device call (tokens reach the host, and requests join, between calls)
-    max_queue: int = 1024  # waiting requests beyond which new ones are refused
-    cache_dtype: str | None = None  # KV cache dtype (None: the model's compute dtype)
-
-    def check(self) -> None:
-        for name in ("max_num_seqs", "max_model_len", "max_num_batched_tokens", "prefill_chunk", "max_queue",
-                     "decode_steps"):
-            if getattr(self, name) < 1:
-                raise EngineConfigError(f"{name}={getattr(self, name)} must be at least 1")
-        if self.prefill_chunk & (self.prefill_chunk - 1):
-            raise EngineConfigError(f"prefill_chunk={self.prefill_chunk} must be a power of two")
-
-
-def _device_bytes(tree, shardings=None) -> int:
-    """Bytes one device holds of `tree` (placed by `shardings`, a matching tree; None: whole)."""
-    if shardings is None:
-        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
-    return sum(math.prod(sh.shard_shape(x.shape)) * x.dtype.itemsize
-               for x, sh in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings), strict=True))
-
-
-def memory_needed(cfg, params, config: EngineConfig, param_shardings=None, cache_shardings=None) -> dict[str, int]:
-    """Bytes the engine holds on a device: weights, the slot cache, logits, one step's activations (the
-    weights and the cache as sharded, when they are)."""
-    weights = _device_bytes(params, param_shardings)
-    cache = jax.eval_shape(lambda: init_slots(cfg, config.max_num_seqs, config.max_model_len, config.cache_dtype))[0]
-    cache = _device_bytes(cache, cache_shardings)
-    per_token = forward_bytes_per_token(cfg)
-    steps = per_token * (config.prefill_chunk + config.max_num_seqs) + 2 * config.max_num_seqs * cfg.vocab_size * 4
-    return {"weights": weights, "cache": cache, "activations": steps, "total": weights + cache + steps}
-
-
-def check_memory(need: dict[str, int], config: EngineConfig) -> dict[str, int]:
-    """Refuses (EngineConfigError) settings whose cache and weights cannot fit a device, in one line."""
-    limit, where = device_memory_bytes()
-    if need["total"] > 0.9 * limit:
-        raise EngineConfigError(
-            f"max_num_seqs={config.max_num_seqs} x max_model_len={config.max_model_len} needs about "
-            f"{need['total'] / GIB:,.1f} GiB (weights {need['weights'] / GIB:,.1f} + KV and Mamba cache "
-            f"{need['cache'] / GIB:,.1f} + activations {need['activations'] / GIB:,.1f}) but a device holds "
-            f"{limit / GIB:,.1f} GiB ({where}); lower --config.max_num_seqs or --config.max_model_len")
-    return need
 
 
 class Engine:
@@ -150,7 +80,7 @@ class Engine:
             self.cache = jax.device_put(self.cache, shardings[1])
             self.logits = jax.device_put(self.logits, NamedSharding(self.mesh, PartitionSpec()))
         self.end_ids = frozenset(int(i) for i in end_ids)
-        self.metrics = EngineMetrics(compilations)
+        self.metrics = EngineMetrics()
         self.slots: list[Request | None] = [None] * s
         self.waiting: deque[Request] = deque()
         self._sampling = {k: np.zeros(s, d) for k, d in

@@ -1,21 +1,39 @@
 """The engine's Prometheus metrics (prometheus_client), in a registry of their own so that several engines
 (tests, benchmarks) live in one process: requests by finish reason, queue length, running slots, prompt
-and generated tokens, time to first token, inter-token latency and request latency histograms, XLA compilations. The
-server's /metrics exposes `render()`."""
+and generated tokens, time to first token, inter-token latency and request latency histograms, and the
+process's XLA compilations (counted from jax.monitoring's compile events). The server's /metrics exposes
+`render()`."""
 
 from __future__ import annotations
 
+import jax
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_compiled = [0]  # XLA compilations in this process since the import
+
+
+def _count_compile(event: str, duration: float, **_) -> None:
+    if event == "/jax/core/compile/backend_compile_duration":
+        _compiled[0] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compile)
+
+
+def compilations() -> int:
+    """XLA compilations in this process so far (to show a steady load compiles nothing)."""
+    return _compiled[0]
+
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 class EngineMetrics:
-    def __init__(self, compilations=None):
+    def __init__(self):
         r = self.registry = CollectorRegistry()
-        if compilations is not None:  # steady load compiles nothing: this stays at its post-warm-up value
-            Gauge("jamba_xla_compilations", "XLA compilations in the server process so far",
-                  registry=r).set_function(compilations)
+        # a steady load compiles nothing: this stays at its post-warm-up value
+        Gauge("jamba_xla_compilations", "XLA compilations in the server process so far",
+              registry=r).set_function(compilations)
         self.requests = Counter("jamba_requests", "Requests finished, by finish reason", ["finish_reason"],
                                 registry=r)
         self.rejected = Counter("jamba_requests_rejected", "Requests refused because the queue was full",

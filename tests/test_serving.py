@@ -3,6 +3,7 @@ under staggered arrivals, slot reuse, stop strings, cancellations and a soak of 
 nothing compiled after the warm-up."""
 
 import dataclasses
+import gc
 import json
 import os
 import subprocess
@@ -184,7 +185,7 @@ def test_each_row_samples_with_its_own_settings():
 def test_a_soak_of_random_requests_loses_nothing_and_returns_the_slots(served):
     """64 requests of random lengths arriving over time, some cancelled, some with stop strings: every
     request not cancelled has the tokens of generate() alone (cut where its stop string or end token
-    ends it), every request ends once, and the slots, queue and cache come back empty."""
+    ends it), every request ends once, and the slots, queue and device buffers come back to where they were."""
     _, _, tok = served
     engine = make_engine(served, max_num_seqs=4, max_num_batched_tokens=12)
     rng = np.random.default_rng(5)
@@ -193,6 +194,8 @@ def test_a_soak_of_random_requests_loses_nothing_and_returns_the_slots(served):
     stops = [(tok.decode(w)[3:5],) if i % 5 == 0 and len(tok.decode(w)) > 6 else () for i, w in enumerate(wants)]
     endings = []
     requests = []
+    gc.collect()
+    buffers = len(jax.live_arrays())  # the device memory the engine holds before the load
     for i, p in enumerate(ps):
         params = dataclasses.replace(GREEDY, max_tokens=int(rng.integers(1, 17)), stop=stops[i])
         requests.append(engine.submit(p, params, on_output=lambda r, out: endings.append(r.id)
@@ -216,6 +219,8 @@ def test_a_soak_of_random_requests_loses_nothing_and_returns_the_slots(served):
     assert sum(r.finish_reason == "cancelled" for r in requests) >= 1
     assert engine.idle and engine.slots == [None] * 4 and not engine.waiting
     assert int(engine.metrics.running._value.get()) == 0
+    gc.collect()
+    assert len(jax.live_arrays()) == buffers  # ... and after it: nothing left behind
 
 
 def test_the_engine_on_a_tensor_x_expert_mesh_plain_and_int8_equals_generate_on_one_device():
