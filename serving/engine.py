@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -50,6 +51,10 @@ from serving.slots import (
     prefill_slot,
     reset_slot,
 )
+
+
+class EngineStoppedError(RuntimeError):
+    """The engine's loop ended on an internal error (a bug); new requests are refused (HTTP 500)."""
 
 
 class QueueFullError(UserError):
@@ -94,6 +99,7 @@ class Engine:
         self.steps = 0
         self._group_sizes = group_sizes(s)
         self._inflight = None  # the decode call whose tokens the host has not read yet
+        self.error: Exception | None = None  # what stopped the loop, if anything did
 
     def _on_mesh(self):
         """The context every program runs in: the mesh and its rules, or nothing."""
@@ -117,6 +123,8 @@ class Engine:
             sampling = dataclasses.replace(sampling, seed=int(self._seeds.integers(2**31)))
         request = Request(request_id or f"req-{next(self._ids)}", prompt_ids, sampling, on_output)
         with self._cv:
+            if self.error is not None:
+                raise EngineStoppedError(f"the engine stopped after an internal error: {self.error!r}")
             if len(self.waiting) >= self.config.max_queue:
                 self.metrics.rejected.inc()
                 raise QueueFullError(f"the queue holds {self.config.max_queue} waiting requests (max_queue)")
@@ -320,7 +328,23 @@ class Engine:
                     self._cv.wait()
                 if self._stopping and self.idle:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as e:  # a bug: every request ends with "error" rather than waiting forever
+                self._fail(e)
+                return
+
+    def _fail(self, error: Exception) -> None:
+        logging.exception("the serving engine stopped")
+        with self._cv:
+            self.error = error
+            pending = [r for r in self.slots if r is not None] + list(self.waiting)
+            self.waiting.clear()
+            self.slots = [None] * len(self.slots)
+            self._inflight = None
+        for r in pending:
+            if not r.finished:
+                self._deliver(r, r.finish("error"))
 
     def stop(self, timeout: float | None = None) -> None:
         """Lets the running and waiting requests finish (drains), then ends the loop."""

@@ -26,7 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from serving.engine import Engine, QueueFullError
+from serving.engine import Engine, EngineStoppedError, QueueFullError
 from serving.openai_api import ChatRequest, CompletionRequest, Responses, error_body
 from serving.sampling import RequestError
 
@@ -62,6 +62,8 @@ def create_app(engine: Engine, model_name: str, default_max_tokens: int = 16) ->
             return _error(400, str(e), param=e.param)
         except QueueFullError as e:
             return _error(503, f"the server is overloaded: {e}", kind="server_error", code="queue_full")
+        except EngineStoppedError as e:
+            return _error(500, str(e), kind="server_error")
         responses = Responses(chat, model_name)
         if body.stream:
             return StreamingResponse(_stream(engine, request, outputs, responses, body.include_usage),
@@ -73,6 +75,8 @@ def create_app(engine: Engine, model_name: str, default_max_tokens: int = 16) ->
                 if await http.is_disconnected():
                     engine.cancel(request)
                     return Response(status_code=499)
+        if request.finish_reason == "error":
+            return _error(500, f"the engine stopped after an internal error: {engine.error!r}", kind="server_error")
         return JSONResponse(responses.full(request))
 
     @app.post("/v1/completions")
@@ -90,6 +94,8 @@ def create_app(engine: Engine, model_name: str, default_max_tokens: int = 16) ->
 
     @app.get("/health")
     async def health():
+        if engine.error is not None:
+            return _error(503, f"the engine stopped after an internal error: {engine.error!r}", kind="server_error")
         return {"status": "ok"}
 
     @app.get("/metrics")

@@ -236,3 +236,20 @@ def test_the_engine_on_a_tensor_x_expert_mesh_plain_and_int8_equals_generate_on_
         r = result[kind]
         assert r["engine"] == r["alone"] and r["compilations"] == 0, kind
         assert r["devices"] == 8 and "tensor" in r["kv_sharding"]
+
+
+def test_an_engine_bug_ends_the_requests_with_error_instead_of_hanging(served, monkeypatch):
+    engine = make_engine(served)
+
+    def broken():
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(engine, "_step", broken)
+    engine.start()
+    try:
+        r = engine.submit([1, 5, 6], GREEDY)
+        assert r.done.wait(30) and r.finish_reason == "error"
+        with pytest.raises(serving.engine.EngineStoppedError, match="a bug"):
+            engine.submit([1, 5, 6], GREEDY)
+    finally:
+        engine.stop(30)
