@@ -40,7 +40,6 @@ def _error(status: int, message: str, kind: str = "invalid_request_error", param
 
 def create_app(engine: Engine, model_name: str, default_max_tokens: int = 16) -> FastAPI:
     app = FastAPI(title="jamba-jax", docs_url=None, redoc_url=None)
-    tokenizer = engine.tokenizer
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_, exc: RequestValidationError):
@@ -48,44 +47,13 @@ def create_app(engine: Engine, model_name: str, default_max_tokens: int = 16) ->
         param = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
         return _error(400, f"{param}: {first.get('msg', 'invalid request')}", param=param)
 
-    async def run(http: Request, body, chat: bool):
-        if body.model is not None and body.model != model_name:
-            return _error(404, f"the model {body.model!r} does not exist; this server serves {model_name!r}",
-                          param="model", code="model_not_found")
-        loop = asyncio.get_running_loop()
-        outputs: asyncio.Queue = asyncio.Queue()
-        try:
-            sampling = body.sampling(default_max_tokens)
-            request = engine.submit(body.prompt_ids(tokenizer), sampling,
-                                    on_output=lambda _, out: loop.call_soon_threadsafe(outputs.put_nowait, out))
-        except RequestError as e:
-            return _error(400, str(e), param=e.param)
-        except QueueFullError as e:
-            return _error(503, f"the server is overloaded: {e}", kind="server_error", code="queue_full")
-        except EngineStoppedError as e:
-            return _error(500, str(e), kind="server_error")
-        responses = Responses(chat, model_name)
-        if body.stream:
-            return StreamingResponse(_stream(engine, request, outputs, responses, body.include_usage),
-                                     media_type="text/event-stream")
-        while not request.finished:
-            try:
-                await asyncio.wait_for(outputs.get(), DISCONNECT_POLL_S)
-            except TimeoutError:
-                if await http.is_disconnected():
-                    engine.cancel(request)
-                    return Response(status_code=499)
-        if request.finish_reason == "error":
-            return _error(500, f"the engine stopped after an internal error: {engine.error!r}", kind="server_error")
-        return JSONResponse(responses.full(request))
-
     @app.post("/v1/completions")
     async def completions(http: Request, body: CompletionRequest):
-        return await run(http, body, chat=False)
+        return await _answer(engine, model_name, default_max_tokens, http, body, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(http: Request, body: ChatRequest):
-        return await run(http, body, chat=True)
+        return await _answer(engine, model_name, default_max_tokens, http, body, chat=True)
 
     @app.get("/v1/models")
     async def models():
@@ -103,6 +71,39 @@ def create_app(engine: Engine, model_name: str, default_max_tokens: int = 16) ->
         return Response(engine.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+async def _answer(engine: Engine, model_name: str, default_max_tokens: int, http: Request, body, chat: bool):
+    """One completions or chat request: submitted to the engine, answered whole or as a stream."""
+    if body.model is not None and body.model != model_name:
+        return _error(404, f"the model {body.model!r} does not exist; this server serves {model_name!r}",
+                      param="model", code="model_not_found")
+    loop = asyncio.get_running_loop()
+    outputs: asyncio.Queue = asyncio.Queue()
+    try:
+        sampling = body.sampling(default_max_tokens)
+        request = engine.submit(body.prompt_ids(engine.tokenizer), sampling,
+                                on_output=lambda _, out: loop.call_soon_threadsafe(outputs.put_nowait, out))
+    except RequestError as e:
+        return _error(400, str(e), param=e.param)
+    except QueueFullError as e:
+        return _error(503, f"the server is overloaded: {e}", kind="server_error", code="queue_full")
+    except EngineStoppedError as e:
+        return _error(500, str(e), kind="server_error")
+    responses = Responses(chat, model_name)
+    if body.stream:
+        return StreamingResponse(_stream(engine, request, outputs, responses, body.include_usage),
+                                 media_type="text/event-stream")
+    while not request.finished:
+        try:
+            await asyncio.wait_for(outputs.get(), DISCONNECT_POLL_S)
+        except TimeoutError:
+            if await http.is_disconnected():
+                engine.cancel(request)
+                return Response(status_code=499)
+    if request.finish_reason == "error":
+        return _error(500, f"the engine stopped after an internal error: {engine.error!r}", kind="server_error")
+    return JSONResponse(responses.full(request))
 
 
 async def _stream(engine: Engine, request, outputs: asyncio.Queue, responses: Responses, include_usage: bool):
