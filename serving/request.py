@@ -1,10 +1,11 @@
 """A request in the serving engine: its prompt and sampling settings, the tokens and text it has produced,
 and the rule that decides when it ends (an end token, a stop string, max_tokens, a cancellation).
 
-Text is produced incrementally: after each token the output is decoded whole and the part not yet emitted
-is handed on, except a tail that could still become a stop string (up to the longest stop string less
-one character) or an unfinished UTF-8 character, which waits for the next token. A stop string ends the
-output where it begins, even when it spans several tokens; the token that completed it counts as generated.
+Text is produced incrementally (`Request._decode_new`): after each token the text it completes is appended,
+and the part not yet emitted is handed on, except a tail that could still become a stop string (up to the
+longest stop string less one character) or an unfinished UTF-8 character, which waits for the next token. A
+stop string ends the output where it begins, even when it spans several tokens; the token that completed it
+counts as generated.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ class Request:
     output_ids: list[int] = dataclasses.field(default_factory=list)
     text: str = ""  # the output text so far (cut at a stop string)
     emitted: int = 0  # characters of `text` handed on
+    _prefix: int = 0  # incremental detokenisation: output tokens decoded from here ...
+    _read: int = 0  # ... and the text up to here already taken
     finish_reason: str | None = None
     cancelled: bool = False
     arrival: float = dataclasses.field(default_factory=time.perf_counter)
@@ -56,9 +59,10 @@ class Request:
         self.token_times.append(time.perf_counter())
         s = self.sampling
         if (token in end_ids and not s.ignore_eos) or token in s.stop_token_ids:
+            self._decode_new(decode, final=True)
             return self.finish("stop")  # an end token is not part of the output
         self.output_ids.append(token)
-        self.text = decode(self.output_ids)
+        self._decode_new(decode, final=len(self.output_ids) >= s.max_tokens)
         for stop in s.stop:
             at = self.text.find(stop, max(self.emitted - len(stop), 0))
             if at >= 0:
@@ -71,6 +75,19 @@ class Request:
         while end > self.emitted and self.text[end - 1] == "\ufffd":  # a character still missing bytes
             end -= 1
         return self._emit(end, [token], None)
+
+    def _decode_new(self, decode: Callable[[list[int]], str], final: bool = False) -> None:
+        """Appends the text the newest tokens complete. Incremental, as text-generation-inference does it: the
+        tokens since a point a few tokens back are decoded with and without the newest ones (a tokenizer that
+        drops a word's leading space at the start of a text still sees the left context), so a request's
+        text costs O(length), not O(length^2); an unfinished UTF-8 character waits for its next token unless
+        `final`. The text equals decoding the whole output (tests compare them)."""
+        ids = self.output_ids
+        before = decode(ids[self._prefix:self._read])
+        after = decode(ids[self._prefix:])
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+            self.text += after[len(before):]
+            self._prefix, self._read = self._read, len(ids)
 
     def finish(self, reason: str, token_ids: list[int] | None = None) -> Output:
         self.state, self.finish_reason = FINISHED, reason

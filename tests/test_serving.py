@@ -253,3 +253,18 @@ def test_an_engine_bug_ends_the_requests_with_error_instead_of_hanging(served, m
             engine.submit([1, 5, 6], GREEDY)
     finally:
         engine.stop(30)
+
+
+def test_incremental_text_equals_decoding_the_whole_output():
+    """A request's text, built token by token (and what it streamed), equals the tokenizer's decoding of all its
+    tokens: random ids (partial UTF-8 characters included) and a text with accents, CJK and an emoji."""
+    from serving.request import Request
+
+    tok = load_tokenizer("", 2048)
+    rng = np.random.default_rng(7)
+    text = "dog: a domestic animal; Café naïve — “quotes” 東京 😀 end"
+    for ids in [rng.integers(3, tok.vocab_size, size=int(rng.integers(1, 60))).tolist() for _ in range(100)] + [
+            tok.encode(text)]:
+        r = Request("r", [1], SamplingParams(max_tokens=len(ids), ignore_eos=True))
+        streamed = "".join(r.add_token(t, frozenset(), tok.decode).text for t in ids)
+        assert r.finished and r.text == tok.decode(ids) and streamed == r.text
