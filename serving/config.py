@@ -4,12 +4,11 @@ slot cache, one step's activations) and refuses, in one line with the figures, w
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 
 from common.errors import UserError
-from common.memory import GIB, device_memory_bytes
+from common.memory import GIB, device_memory_bytes, tree_bytes
 from jamba_jax.params import forward_bytes_per_token
 from serving.slots import init_slots
 
@@ -37,20 +36,12 @@ class EngineConfig:
             raise EngineConfigError(f"prefill_chunk={self.prefill_chunk} must be a power of two")
 
 
-def _device_bytes(tree, shardings=None) -> int:
-    """Bytes one device holds of `tree` (placed by `shardings`, a matching tree; None: whole)."""
-    if shardings is None:
-        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
-    return sum(math.prod(sh.shard_shape(x.shape)) * x.dtype.itemsize
-               for x, sh in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings), strict=True))
-
-
 def memory_needed(cfg, params, config: EngineConfig, param_shardings=None, cache_shardings=None) -> dict[str, int]:
     """Bytes the engine holds on a device: weights, the slot cache, logits, one step's activations (the
     weights and the cache as sharded, when they are)."""
-    weights = _device_bytes(params, param_shardings)
+    weights = tree_bytes(params, param_shardings)
     cache = jax.eval_shape(lambda: init_slots(cfg, config.max_num_seqs, config.max_model_len, config.cache_dtype))[0]
-    cache = _device_bytes(cache, cache_shardings)
+    cache = tree_bytes(cache, cache_shardings)
     per_token = forward_bytes_per_token(cfg)
     steps = per_token * (config.prefill_chunk + config.max_num_seqs) + 2 * config.max_num_seqs * cfg.vocab_size * 4
     return {"weights": weights, "cache": cache, "activations": steps, "total": weights + cache + steps}

@@ -72,12 +72,11 @@ class Engine:
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.mesh = mesh if mesh is not None and mesh.size > 1 else None
         self.rules = rules
-        cache_abstract = jax.eval_shape(lambda: init_slots(cfg, s, config.max_model_len, config.cache_dtype))
         shardings = (None, None)
         if self.mesh is not None:
+            cache = jax.eval_shape(lambda: init_slots(cfg, s, config.max_model_len, config.cache_dtype))[0]
             shardings = (tree_shardings(params, param_logical_specs(cfg, params), self.mesh, rules),
-                         tree_shardings(cache_abstract[0], cache_logical_axes(cfg, cache_abstract[0]), self.mesh,
-                                        rules))
+                         tree_shardings(cache, cache_logical_axes(cfg, cache), self.mesh, rules))
         self.memory = check_memory(memory_needed(cfg, params, config, *shardings), config)
         self.params = params if self.mesh is None else jax.device_put(params, shardings[0])
         self.cache, self.logits = init_slots(cfg, s, config.max_model_len, config.cache_dtype)
@@ -294,7 +293,9 @@ class Engine:
         lengths = [b for b in piece_sizes(self.config.prefill_chunk) if b >= MIN_BUCKET]
         lengths = [b for b in lengths or [MIN_BUCKET] if b < self.config.max_model_len]
         for rows in self._group_sizes:
-            for b in lengths:  # every group shape, its padding rows only (nothing is written)
+            # every group shape `_group` can pick (more than one row only within max_num_batched_tokens), its
+            # padding rows only (nothing is written)
+            for b in [b for b in lengths if rows == 1 or rows * b <= self.config.max_num_batched_tokens]:
                 self.logits, self.cache = prefill_group(self.model, self.params, self.cache, self.logits,
                                                         np.full(rows, len(self.slots), np.int32),
                                                         np.zeros((rows, b), np.int32), np.ones((rows, b), np.int32))

@@ -71,10 +71,7 @@ class Request:
         if len(self.output_ids) >= s.max_tokens:
             return self.finish("length", [token])
         hold = max((len(x) for x in s.stop), default=1) - 1
-        end = len(self.text) - hold
-        while end > self.emitted and self.text[end - 1] == "\ufffd":  # a character still missing bytes
-            end -= 1
-        return self._emit(end, [token], None)
+        return self._emit(len(self.text) - hold, [token], None)
 
     def _decode_new(self, decode: Callable[[list[int]], str], final: bool = False) -> None:
         """Appends the text the newest tokens complete. Incremental, as text-generation-inference does it: the

@@ -17,7 +17,7 @@ from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
 from common.errors import UserError
-from common.memory import GIB, device_memory_bytes
+from common.memory import GIB, device_memory_bytes, tree_bytes
 from common.sharding import (
     MESH_AXES,
     MeshError,
@@ -33,10 +33,6 @@ from training.step import init_state
 
 class MemoryPlanError(UserError):
     """The configured run cannot fit in the devices' memory."""
-
-
-def tree_bytes(tree) -> int:
-    return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
 def shard_bytes(tree, logical_specs, mesh, rules) -> int:
