@@ -6,13 +6,20 @@ neighbours share the fastest links):
   data    pure data parallelism: parameters replicated, batch split
   fsdp    batch split and parameters sharded over their `embed` dimension (ZeRO-3 style; XLA
           all-gathers a layer's weights where it needs them)
+  context the sequence split: every row's tokens in contiguous slices, one per device along the axis
+          (`jamba_jax.context_parallel`: the Mamba conv takes a halo from the previous slice, the scan
+          carries its state across slices, attention gathers the keys and values); parameters
+          ZeRO-sharded over it like fsdp, since each slice computes every parameter's gradient from
+          its tokens (a reduction over the axis either way) and replicating them would multiply the
+          parameters' and optimizer state's memory by the axis size
   expert  batch split, and the experts of every MoE layer split between devices (tokens travel
           to their experts' device by all-to-all, `jamba_jax.expert_parallel`)
   tensor  Megatron tensor parallelism: attention heads, MLP/expert hidden, Mamba's d_inner and the
           vocabulary split; the batch is replicated over it
 
 Parameters carry logical axis names (`nn.with_logical_partitioning`); DEFAULT_RULES map them to
-mesh axes. Activations use the logical name "batch" for their leading dimension.
+mesh axes. Activations use the logical name "batch" for their leading dimension and "length" for
+their token dimension.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -30,16 +37,18 @@ from jax.sharding import PartitionSpec as P
 
 from common.errors import UserError
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "expert", "tensor")
 
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", ("data", "fsdp", "expert")),  # activations' leading dimension
-    ("embed", ("fsdp", "expert")),  # ZeRO-3 over every batch axis but data (experts: fsdp only)
+    ("length", "context"),  # activations' token dimension
+    ("embed", ("fsdp", "expert", "context")),  # ZeRO-3 over every batch axis but data, and context (experts:
+    # fsdp and context)
     ("vocab", "tensor"),
     ("q_heads", "tensor"),
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
-    ("mamba_inner", ("tensor", "fsdp", "expert")),  # x_proj / dt_proj / A_log have no embed axis to shard
+    ("mamba_inner", ("tensor", "fsdp", "expert", "context")),  # x_proj / dt_proj / A_log have no embed axis to shard
     ("exp", "expert"),
     ("layers", None),  # the repeats axis of a scanned layer stack
 )  # names not listed ("conv", "norm", None) stay replicated
@@ -151,10 +160,26 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, fitted_spec(x.shape, logical, mesh)))
 
 
-def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
-    """Rows over the batch axes, everything else replicated."""
+class BatchSharding(NamedTuple):
+    """Where a batch's arrays go: rows over the batch axes, and (context parallelism) the token
+    dimension of [rows, length, ...] arrays over the length axes, each device a contiguous slice."""
+
+    mesh: Mesh
+    rows: tuple[str, ...]
+    length: tuple[str, ...]
+
+    def of(self, shape: Sequence[int]) -> NamedSharding:
+        """The sharding of one array (the token split only where it divides the second dimension)."""
+        split = len(shape) > 1 and self.length and shape[1] % axes_size(self.mesh, self.length) == 0
+        return NamedSharding(self.mesh, P(self.rows or None, self.length) if split else P(self.rows or None))
+
+
+def batch_sharding(mesh: Mesh, rules) -> BatchSharding:
+    """Rows over the batch axes, tokens over the length axes, everything else replicated."""
     with nn.logical_axis_rules(rules):
-        return NamedSharding(mesh, P(mesh_axes(("batch",))[0] or None))
+        rows, length = mesh_axes(("batch", "length"))
+    return BatchSharding(mesh, tuple(a for a in rows if mesh.shape[a] > 1),
+                         tuple(a for a in length if mesh.shape[a] > 1))
 
 
 def batch_shards(mesh: Mesh, rules) -> int:
@@ -162,13 +187,38 @@ def batch_shards(mesh: Mesh, rules) -> int:
         return axes_size(mesh, mesh_axes(("batch",))[0])
 
 
-def put_batch(batch: Mapping[str, np.ndarray], sharding: NamedSharding, process_count: int = 1) -> dict:
-    """Global arrays from this process's rows of a batch (rows of process p are rows
-    [p * n, (p + 1) * n) of the global batch)."""
+def length_shards(mesh: Mesh, rules) -> int:
+    """How many slices the token dimension is cut into (context parallelism; 1 without it)."""
+    with nn.logical_axis_rules(rules):
+        return axes_size(mesh, mesh_axes(("batch", "length"))[1])
+
+
+def row_blocks(sharding: BatchSharding, rows: int, process_index: int) -> tuple[int, int]:
+    """(the block of a `rows`-row batch that process `process_index` loads, how many blocks there are). The
+    processes whose devices hold the same rows (a context group or a tensor group spanning hosts) load the
+    same block; each block is a contiguous range of rows."""
+    index_map = sharding.of((rows,)).devices_indices_map((rows,))
+    spans: dict[int, set] = {}
+    for device, (sl,) in index_map.items():
+        spans.setdefault(device.process_index, set()).add((sl.start or 0, rows if sl.stop is None else sl.stop))
+    blocks = {p: (min(a for a, _ in s), max(b for _, b in s)) for p, s in spans.items()}
+    ordered = sorted(set(blocks.values()))
+    sizes = {b - a for a, b in ordered}
+    if len(sizes) != 1 or sum(b - a for a, b in ordered) != rows:
+        raise MeshError(f"config.mesh ({dict(sharding.mesh.shape)}) does not give each process a contiguous block "
+                        f"of the batch's rows (process blocks {sorted(blocks.items())}); order the axes so each "
+                        "host's devices share rows")
+    return ordered.index(blocks[process_index]), len(ordered)
+
+
+def put_batch(batch: Mapping[str, np.ndarray], sharding: BatchSharding, blocks: int = 1) -> dict:
+    """Global arrays from this process's rows of a batch: its block of `blocks` (`row_blocks`), whole rows; each
+    device takes its part (a slice of the tokens under context parallelism)."""
     out = {}
     for k, v in batch.items():
         v = np.asarray(v)
-        out[k] = jax.make_array_from_process_local_data(sharding, v, (v.shape[0] * process_count,) + v.shape[1:])
+        shape = (v.shape[0] * blocks,) + v.shape[1:]
+        out[k] = jax.make_array_from_process_local_data(sharding.of(shape), v, shape)
     return out
 
 

@@ -52,6 +52,7 @@ def training_config():
     c.mesh = ml_collections.ConfigDict()  # device mesh (common.sharding); sizes multiply to the device count
     c.mesh.data = -1  # data parallel (-1 = the devices the other axes leave)
     c.mesh.fsdp = 1  # batch split + parameters sharded over `embed` (ZeRO-3)
+    c.mesh.context = 1  # each row's tokens split in slices (context parallelism: long rows)
     c.mesh.expert = 1  # batch split + experts split (all-to-all expert parallelism)
     c.mesh.tensor = 1  # heads / MLP hidden / Mamba d_inner / vocab split (Megatron)
     c.mesh.rules = ml_collections.ConfigDict()  # {logical axis: mesh axes} overriding sharding.DEFAULT_RULES

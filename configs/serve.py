@@ -27,5 +27,5 @@ def get_config():
     c.dtype = ""  # compute dtype ("" = the checkpoint's; bfloat16 on accelerators)
     # the devices present as a mesh (-1: the rest of them): tensor parallel by default; expert > 1 splits the
     # experts (and their tokens) over devices; the weights and KV heads shard by their logical axes
-    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "expert": 1, "tensor": -1})
+    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "context": 1, "expert": 1, "tensor": -1})
     return c

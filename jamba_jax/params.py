@@ -154,17 +154,21 @@ def _saved_bytes(cfg: JambaConfig, tokens: int) -> int:
     return inputs  # "full": the layer's input alone
 
 
-def activation_bytes(cfg: JambaConfig, batch: int, length: int) -> int:
+def activation_bytes(cfg: JambaConfig, batch: int, length: int, context_shards: int = 1) -> int:
     """A rough upper estimate of a training step's activation memory per device (batch rows of
-    `length` tokens there): what the layers keep for the backward pass (`cfg.remat_policy`: everything,
-    some tagged outputs or only each layer's input), one layer's full working set (the layer being
-    differentiated), and one chunk of the loss's float32 logits with their log-softmax and gradient
-    (`common.losses.chunked_token_nll`: at most LOSS_CHUNK_BYTES of logits, or one position of every row).
-    Used by the memory pre-flight; the dry run prints it."""
-    tokens = batch * length
+    `length` tokens, each row split over `context_shards` devices): what the layers keep for the backward
+    pass (`cfg.remat_policy`: everything, some tagged outputs or only each layer's input), one layer's full
+    working set (the layer being differentiated; under context parallelism an attention layer also gathers
+    its whole rows' keys and values, and their gradients), and one chunk of the loss's float32 logits with
+    their log-softmax and gradient (`common.losses.chunked_token_nll`: at most LOSS_CHUNK_BYTES of logits, or
+    one position of every row). Used by the memory pre-flight; the dry run prints it."""
+    tokens = batch * (length // context_shards)
     saved = cfg.num_hidden_layers * _saved_bytes(cfg, tokens)
     logits = max(min(tokens * cfg.vocab_size * 4, LOSS_CHUNK_BYTES), batch * cfg.vocab_size * 4) * 3
-    return int(saved + _layer_bytes(cfg, tokens) + logits)
+    gathered = 0
+    if context_shards > 1 and any(cfg.is_attention_layer(i) for i in range(cfg.num_hidden_layers)):
+        gathered = 4 * batch * length * cfg.num_key_value_heads * cfg.head_dim * jnp.dtype(cfg.compute_dtype).itemsize
+    return int(saved + _layer_bytes(cfg, tokens) + gathered + logits)
 
 
 def forward_bytes_per_token(cfg: JambaConfig) -> int:

@@ -81,12 +81,12 @@ class AuxTuningTask(Task):
     def frozen_inputs(self):
         return self._frozen
 
-    def activation_bytes(self, rows: int, seq_len: int) -> int:
+    def activation_bytes(self, rows: int, seq_len: int, context_shards: int = 1) -> int:
         """The auxiliary model's training step over [keywords][text], plus the frozen LM's forward (no
         backward: one layer's working set and its hidden states at a time)."""
         z = self.config.aux.max_keyword_tokens
-        return activation_bytes(self.model.aux_cfg, rows, z + seq_len) + rows * seq_len * forward_bytes_per_token(
-            self.model.cfg)
+        return activation_bytes(self.model.aux_cfg, rows, z + seq_len, context_shards) + (
+            rows * seq_len // context_shards * forward_bytes_per_token(self.model.cfg))
 
     # --- data -------------------------------------------------------------------------------------------------
     def example(self, text: str, rng: np.random.Generator) -> dict:

@@ -128,8 +128,8 @@ class JambaLMTask(Task):
         """What the model applies: the parameters, or with LoRA the frozen base with the adapters beside it."""
         return with_adapters(frozen, params, self.lora.scale) if self.lora.rank else params
 
-    def activation_bytes(self, rows: int, seq_len: int) -> int:
-        return activation_bytes(self.cfg, rows, seq_len)
+    def activation_bytes(self, rows: int, seq_len: int, context_shards: int = 1) -> int:
+        return activation_bytes(self.cfg, rows, seq_len, context_shards)
 
     def dataset(self, split, train, process_index, process_count):
         """Packed documents (config.data.format "text"), or whole records with per-token loss weights ("chat",

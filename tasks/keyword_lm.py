@@ -57,8 +57,8 @@ class KeywordLMTask(Task):
     def param_specs(self, params):
         return param_logical_specs(self.cfg)
 
-    def activation_bytes(self, rows: int, seq_len: int) -> int:
-        return activation_bytes(self.cfg, rows, seq_len + self.config.aux.max_keyword_tokens)
+    def activation_bytes(self, rows: int, seq_len: int, context_shards: int = 1) -> int:
+        return activation_bytes(self.cfg, rows, seq_len + self.config.aux.max_keyword_tokens, context_shards)
 
     # --- data ---------------------------------------------------------------------------------------------------
     def prefix(self, keywords: list[str]) -> list[int]:

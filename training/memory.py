@@ -24,6 +24,7 @@ from common.sharding import (
     axes_size,
     batch_shards,
     fitted_spec,
+    length_shards,
     mesh_shape,
     rules_from_config,
     spec_axes,
@@ -51,7 +52,7 @@ def shard_bytes(tree, logical_specs, mesh, rules) -> int:
 def memory_plan(task, optimizer, config, mesh, rules, abstract=None) -> dict[str, Any]:
     """Bytes per device of the train state and a step's working set, from shapes alone (nothing is
     allocated): params and optimizer state as sharded, gradients like the params, and the task's
-    activation estimate (`task.activation_bytes(rows per device, seq_len)`)."""
+    activation estimate (`task.activation_bytes(rows per device, seq_len, context slices)`)."""
     if abstract is None:
         abstract = jax.eval_shape(functools.partial(init_state, task, optimizer), jax.random.PRNGKey(config.seed))
     specs = task.param_specs(abstract["params"])
@@ -60,7 +61,7 @@ def memory_plan(task, optimizer, config, mesh, rules, abstract=None) -> dict[str
     params = shard_bytes(abstract["params"], specs, mesh, rules)
     opt = shard_bytes(abstract["opt_state"], opt_specs, mesh, rules)
     rows = max(config.batch_size // config.grad_accum_steps // max(batch_shards(mesh, rules), 1), 1)
-    acts = task.activation_bytes(rows, config.get("seq_len", 0))
+    acts = task.activation_bytes(rows, config.get("seq_len", 0), length_shards(mesh, rules))
     frozen, frozen_bytes = task.frozen_inputs(), 0
     if frozen is not None:
         fspecs = frozen.specs if frozen.specs is not None else jax.tree.map(lambda _: P(), frozen.arrays)

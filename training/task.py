@@ -112,9 +112,10 @@ class Task:
         """The optax transformation that trains the parameters; default: AdamW as the config says."""
         return make_optimizer(config)
 
-    def activation_bytes(self, rows: int, seq_len: int) -> int:
-        """Estimated activation memory of a training step for `rows` rows per device (the memory
-        pre-flight adds it to the state's bytes); default: 0 (unknown)."""
+    def activation_bytes(self, rows: int, seq_len: int, context_shards: int = 1) -> int:
+        """Estimated activation memory of a training step for `rows` rows per device of `seq_len` tokens,
+        each row's tokens split over `context_shards` devices (context parallelism); the memory pre-flight
+        adds it to the state's bytes. Default: 0 (unknown)."""
         return 0
 
     def extra_eval(self, params: Params, frozen: Any) -> dict[str, float]:

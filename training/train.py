@@ -32,8 +32,10 @@ from common.sharding import (
     MeshError,
     batch_sharding,
     batch_shards,
+    length_shards,
     make_mesh,
     put_batch,
+    row_blocks,
     rules_from_config,
     sharding_context,
     tree_shardings,
@@ -64,13 +66,32 @@ def check_config(config) -> None:
                                f"config.grad_accum_steps={config.grad_accum_steps}")
 
 
-def check_batch_fits(config, mesh, rules) -> None:
+def check_batch_fits(config, mesh, rules) -> tuple[int, int]:
+    """Refuses a batch the mesh cannot split; returns (this process's block of rows, the blocks: `row_blocks`)."""
     shards, micro = batch_shards(mesh, rules), config.batch_size // config.grad_accum_steps
     if micro % shards:
         raise MeshError(f"config.batch_size / config.grad_accum_steps = {micro} rows per micro-batch do not split "
                         f"over the {shards} batch shards of config.mesh ({dict(mesh.shape)})")
-    if config.batch_size % jax.process_count():
-        raise MeshError(f"config.batch_size={config.batch_size} does not split over {jax.process_count()} processes")
+    block, blocks = row_blocks(batch_sharding(mesh, rules), config.batch_size, jax.process_index())
+    if config.batch_size % blocks:
+        raise MeshError(f"config.batch_size={config.batch_size} does not split into the {blocks} blocks of rows the "
+                        "processes load")
+    check_length_fits(config, mesh, rules)
+    return block, blocks
+
+
+def check_length_fits(config, mesh, rules) -> None:
+    """Context parallelism: every row splits into equal slices, each at least the Mamba conv's halo long."""
+    shards = length_shards(mesh, rules)
+    if shards == 1:
+        return
+    seq_len, halo = config.get("seq_len", 0), config.model.get("mamba_d_conv", 4) - 1 if "model" in config else 0
+    if seq_len % shards:
+        raise MeshError(f"config.seq_len={seq_len} does not split into the {shards} slices of config.mesh.context; "
+                        f"use a multiple of {shards}")
+    if seq_len // shards < max(halo, 1):
+        raise MeshError(f"config.seq_len={seq_len} over {shards} context slices leaves {seq_len // shards} tokens a "
+                        f"slice, shorter than the Mamba conv's halo ({halo}); use fewer slices or longer rows")
 
 
 def state_shardings(task, optimizer, abstract_state, mesh, rules):
@@ -84,14 +105,14 @@ def state_shardings(task, optimizer, abstract_state, mesh, rules):
     return {"step": replicated, "params": param_sh, "opt_state": opt_sh, "rng": replicated}
 
 
-def evaluate(eval_ds, eval_step, params, max_batches: int, sharding) -> dict[str, float]:
+def evaluate(eval_ds, eval_step, params, max_batches: int, sharding, blocks: int) -> dict[str, float]:
     """eval_loss / eval_perplexity from the summed "loss" over "tokens"; every other sum k the task
     returns as eval_k, divided by its count "k_n" if present, else by "tokens"."""
     totals: dict[str, float] = {}
     for i, batch in enumerate(make_iterator(eval_ds)):
         if i >= max_batches:
             break
-        sums = jax.device_get(eval_step(params, put_batch(batch, sharding, jax.process_count())))
+        sums = jax.device_get(eval_step(params, put_batch(batch, sharding, blocks)))
         for k, v in sums.items():
             totals[k] = totals.get(k, 0.0) + float(v)
     totals.setdefault("loss", 0.0)
@@ -124,20 +145,20 @@ def run(task, config, workdir: str, stop_after: int | None = None) -> dict[str, 
     if config.dry_run:
         return dry_run(task, optimizer, config)
     mesh, rules = make_mesh(config.mesh), rules_from_config(config.mesh)
-    check_batch_fits(config, mesh, rules)
+    rows = check_batch_fits(config, mesh, rules)
     check_memory(task, optimizer, config, mesh, rules)
     with sharding_context(mesh, rules):
-        return _Run(task, optimizer, config, workdir, mesh, rules).train(stop_after)
+        return _Run(task, optimizer, config, workdir, mesh, rules, rows).train(stop_after)
 
 
 class _Run:
     """One training run: its data, checkpointer, frozen inputs and state, then the loop."""
 
-    def __init__(self, task, optimizer, config, workdir: str, mesh, rules):
+    def __init__(self, task, optimizer, config, workdir: str, mesh, rules, rows: tuple[int, int]):
         self.task, self.config, self.workdir = task, config, workdir
-        pidx, pcount = jax.process_index(), jax.process_count()
+        block, self.blocks = rows  # this process loads block `block` of every batch's rows (`row_blocks`)
         # everything that can fail on the user's inputs fails before the first step
-        self.train_ds, self.eval_ds = task.train_dataset(pidx, pcount), task.eval_dataset(pidx, pcount)
+        self.train_ds, self.eval_ds = task.train_dataset(block, self.blocks), task.eval_dataset(block, self.blocks)
         self.ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
         self.frozen, frozen_record = place_frozen(task, mesh, rules)
         self.meta = task.meta() if frozen_record is None else {**task.meta(), "frozen_inputs": frozen_record}
@@ -171,7 +192,7 @@ class _Run:
         self._last_time, self._window, metrics = time.perf_counter(), [], {}
         for step in range(start + 1, c.num_train_steps + 1):
             self.state, step_metrics = self.train_step(self.state, put_batch(next(self.data_iter), self.rows,
-                                                                             jax.process_count()), self.frozen)
+                                                                             self.blocks), self.frozen)
             self._window.append(step_metrics)
             if step % c.log_every_steps == 0 or step == c.num_train_steps:
                 metrics = self._log(step, writer, bar)
@@ -205,7 +226,7 @@ class _Run:
     def _eval(self, step: int, writer, bar) -> dict[str, float]:
         params = self.state["params"]
         eval_metrics = evaluate(self.eval_ds, functools.partial(self.eval_step, frozen=self.frozen), params,
-                                self.config.eval_batches, self.rows)
+                                self.config.eval_batches, self.rows, self.blocks)
         # host-side evaluation (e.g. sampling), reported as eval_<name>
         eval_metrics.update({f"eval_{k}": v for k, v in self.task.extra_eval(params, self.frozen).items()})
         writer.write(step, eval_metrics)
