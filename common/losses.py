@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from common.sharding import axes_size, current_mesh, fitted_spec, spec_axes
 
 
 def token_nll(logits_BxLxV, targets_BxL):
@@ -24,7 +28,32 @@ def chunked_nll(logits_fn, per_position: tuple, shared, targets_BxL, vocab_size:
     logits, so the head's and the loss's memory does not grow with the length.
 
     per_position: arrays [B, L, ...] cut into chunks of positions; shared: a pytree every chunk reads whole
-    (the LM heads); logits_fn(shared, *chunks [B, C, ...]) -> logits [B, C, V]."""
+    (the LM heads); logits_fn(shared, *chunks [B, C, ...]) -> logits [B, C, V].
+
+    Under a mesh that splits the positions into slices (context parallelism), each device chunks its own
+    slice: the slices become rows ([B, L] -> [slices x B, L / slices]), so no chunk spans devices."""
+    mesh = current_mesh()
+    spec = None if mesh is None else fitted_spec(targets_BxL.shape, ("batch", "length"), mesh)
+    if spec is None or spec[1] is None:
+        return _chunked_rows(logits_fn, per_position, shared, targets_BxL, vocab_size, chunk_bytes)
+    b, length = targets_BxL.shape
+    n = axes_size(mesh, spec_axes(spec[1]))
+
+    def as_rows(x_BxL, to_rows=True):  # [B, L, ...] <-> [n x B, L / n, ...], each device's slice its rows
+        rows_first = NamedSharding(mesh, P(spec_axes(spec[1]) + spec_axes(spec[0]), *(None,) * (x_BxL.ndim - 1)))
+        if to_rows:
+            x = x_BxL.reshape(b, n, length // n, *x_BxL.shape[2:]).swapaxes(0, 1)
+            return jax.lax.with_sharding_constraint(x.reshape(n * b, *x.shape[2:]), rows_first)
+        x = jax.lax.with_sharding_constraint(x_BxL, rows_first).reshape(n, b, length // n, *x_BxL.shape[2:])
+        return x.swapaxes(0, 1).reshape(b, length, *x_BxL.shape[2:])
+
+    nll = _chunked_rows(logits_fn, tuple(as_rows(x) for x in per_position), shared, as_rows(targets_BxL), vocab_size,
+                        chunk_bytes)
+    return as_rows(nll, to_rows=False)
+
+
+def _chunked_rows(logits_fn, per_position: tuple, shared, targets_BxL, vocab_size: int, chunk_bytes: int | None):
+    """chunked_nll with the positions of every row on one device."""
     b, length = targets_BxL.shape
     chunk = int(max(1, min(length, (chunk_bytes or LOSS_CHUNK_BYTES) // (b * vocab_size * 4))))
     n = -(-length // chunk)

@@ -48,22 +48,27 @@ def _weight_specs(ew: ExpertWeight, spec: P) -> ExpertWeight:
 def expert_parallel_moe(x_TxE, top_idx_TxK, top_w_TxK, weights, act, impl="auto", capacity_factor: float = 0.0):
     """sum_k top_w[t, k] * FFN_{top_idx[t, k]}(x[t]) with the experts sharded as the rules say.
 
-    weights: the (gate, up, down) `kernels.grouped_matmul.ExpertWeight`s (w [X, E, F], [X, E, F], [X, F, E];
-    ExpertsInt8 scales and LoRA adapters sharded with their experts).
+    The tokens: [T, ...] split over the batch axes, or [B, L, ...] split over the batch and (context
+    parallelism) the length axes; each device takes its own tokens as they lie. weights: the (gate, up, down)
+    `kernels.grouped_matmul.ExpertWeight`s (w [X, E, F], [X, E, F], [X, F, E]; ExpertsInt8 scales and LoRA
+    adapters sharded with their experts).
     """
     mesh = current_mesh()
-    t = top_idx_TxK.shape[0]
-    tok_spec = fitted_spec((t,), ("batch",), mesh)
+    lead = top_idx_TxK.shape[:-1]
+    tok_spec = fitted_spec(lead, ("batch", "length")[:len(lead)], mesh)
     gate_spec = fitted_spec(weights[0].w.shape, ("exp", "embed", "mlp"), mesh)
     down_spec = fitted_spec(weights[2].w.shape, ("exp", "mlp", "embed"), mesh)
     # fsdp: the weights enter with `embed` whole (XLA all-gathers them at the boundary, and
     # reduce-scatters their gradients back): ZeRO-3
     gate_spec, down_spec = P(gate_spec[0], None, gate_spec[2]), P(down_spec[0], down_spec[1], None)
-    tok_axes, ep_axes, mlp_axes = spec_axes(tok_spec[0]), spec_axes(gate_spec[0]), spec_axes(gate_spec[2])
+    tok_axes = tuple(a for entry in tok_spec for a in spec_axes(entry))
+    ep_axes, mlp_axes = spec_axes(gate_spec[0]), spec_axes(gate_spec[2])
     n_ep = axes_size(mesh, ep_axes)
     all_to_all = bool(ep_axes) and set(ep_axes) <= set(tok_axes)
 
     def body(x, idx, w, local):
+        shape = x.shape
+        x, idx, w = x.reshape(-1, shape[-1]), idx.reshape(-1, idx.shape[-1]), w.reshape(-1, w.shape[-1])
         e_loc = local[0].w.shape[0]
         if all_to_all:
             out = _all_to_all_experts(x, idx, w, local, act, impl, ep_axes, n_ep, e_loc, capacity_factor)
@@ -74,11 +79,13 @@ def expert_parallel_moe(x_TxE, top_idx_TxK, top_w_TxK, weights, act, impl="auto"
             out = combine_local(x, idx, w, local, act, impl, capacity_factor)
             if ep_axes:
                 out = jax.lax.psum(out, ep_axes)
-        return jax.lax.psum(out, mlp_axes) if mlp_axes else out
+        out = jax.lax.psum(out, mlp_axes) if mlp_axes else out
+        return out.reshape(shape)
 
     specs = tuple(_weight_specs(ew, sp) for ew, sp in zip(weights, (gate_spec, gate_spec, down_spec), strict=True))
-    return jax.shard_map(body, mesh=mesh, in_specs=(P(tok_spec[0], None),) * 3 + (specs,),
-                         out_specs=P(tok_spec[0], None))(x_TxE, top_idx_TxK, top_w_TxK, tuple(weights))
+    tokens = P(*tok_spec, None)
+    return jax.shard_map(body, mesh=mesh, in_specs=(tokens,) * 3 + (specs,),
+                         out_specs=tokens)(x_TxE, top_idx_TxK, top_w_TxK, tuple(weights))
 
 
 def capacity(pairs: int, n_ep: int, capacity_factor: float) -> int:

@@ -15,61 +15,14 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
 from common.layers import activation, normal_init
-from common.sharding import current_mesh, fitted_spec
 from jamba_jax.config import JambaConfig
 from jamba_jax.layers import dense, rms_norm
-from kernels import selective_scan, selective_state_update
+from jamba_jax.sequence_ops import sharded_causal_conv, sharded_selective_scan
+from kernels import selective_state_update
 
 _F32 = jnp.float32
-
-
-def causal_depthwise_conv(x_BxLxI, kernel_WxI, bias_I=None, conv_state_BxWm1xI=None, segment_ids_BxL=None):
-    """out[t] = sum_j kernel[j] * x[t - (W-1) + j] (+ bias), with the W-1 inputs before the first
-    taken from `conv_state` (zeros when None). With `segment_ids`, inputs of another segment (a
-    previous packed document) are left out. Returns (out, the last W-1 inputs: the next state)."""
-    w = kernel_WxI.shape[0]
-    b, length, i = x_BxLxI.shape
-    if conv_state_BxWm1xI is None:
-        conv_state_BxWm1xI = jnp.zeros((b, w - 1, i), x_BxLxI.dtype)
-    xp = jnp.concatenate([conv_state_BxWm1xI.astype(x_BxLxI.dtype), x_BxLxI], axis=1)  # [B, L + W - 1, I]
-    if segment_ids_BxL is None:
-        out = sum(xp[:, j:j + length] * kernel_WxI[j] for j in range(w))
-    else:  # the state positions count as the first token's segment
-        seg_p = jnp.concatenate([jnp.repeat(segment_ids_BxL[:, :1], w - 1, axis=1), segment_ids_BxL], axis=1)
-        out = sum(jnp.where((seg_p[:, j:j + length] == segment_ids_BxL)[..., None], xp[:, j:j + length], 0)
-                  * kernel_WxI[j] for j in range(w))
-    if bias_I is not None:
-        out = out + bias_I
-    return out, xp[:, length:]
-
-
-# where selective_scan's arguments have their batch ("b") and d_inner ("d") dimensions
-_SCAN_DIMS = {"u": "b.d", "delta": "b.d", "A": "d.", "B": "b..", "C": "b..", "D": "d", "z": "b.d",
-              "delta_bias": "d", "initial_state": "bd.", "reset": "b."}
-
-
-def sharded_selective_scan(args: dict, impl: str):
-    """(y, final state) of `kernels.selective_scan(**args)`; under a multi-device mesh, one
-    `jax.shard_map` over batch and d_inner shards: every channel is independent, so each device
-    scans its own slice with no communication (and a Pallas kernel runs per device, unpartitioned)."""
-    args = {k: v for k, v in args.items() if v is not None}
-
-    def scan(**a):
-        return selective_scan(**a, delta_softplus=True, return_final_state=True, impl=impl)
-
-    mesh = current_mesh()
-    if mesh is None:
-        return scan(**args)
-    u_spec = fitted_spec(args["u"].shape, ("batch", None, "mamba_inner"), mesh)
-    bs, ds = u_spec[0], u_spec[2]  # every argument's d_inner split like u's (the activations')
-    specs = {k: P(*({"b": bs, "d": ds}.get(c) for c in _SCAN_DIMS[k])) for k in args}
-    # check_vma=False: the kernels start their carries from fresh zeros, which the varying-axes
-    # check would want cast; with no collective inside, nothing depends on it
-    return jax.shard_map(lambda a: scan(**a), mesh=mesh, in_specs=(specs,),
-                         out_specs=(P(bs, None, ds), P(bs, ds, None)), check_vma=False)(args)
 
 
 def _dt_bias_init(dt_min=1e-3, dt_max=0.1, floor=1e-4):
@@ -136,8 +89,8 @@ class MambaMixer(nn.Module):
         if cfg.mamba_conv_bias:
             conv_bias = self.param("conv_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("mamba_inner",)),
                                    (d_inner,), pdtype).astype(dtype)
-        x, conv_state = causal_depthwise_conv(x, conv_kernel, conv_bias, None if state is None else state.conv,
-                                              segment_ids_BxL=segment_ids_BxL)
+        x, conv_state = sharded_causal_conv(x, conv_kernel, conv_bias, None if state is None else state.conv,
+                                            segment_ids_BxL)
         x = activation(cfg.hidden_act)(x)
         if mask is not None:
             x = x * mask

@@ -106,7 +106,7 @@ def run_layers(cfg: JambaConfig, layer_ids, h, valid_BxL, mask, segment_ids_BxL,
     for j, i in enumerate(layer_ids):
         h, rl, cache = layer_cls(cfg, i, name=f"layers_{i}")(h, valid_BxL, mask, segment_ids_BxL,
                                                              None if caches is None else caches[j], index)
-        h = constrain(h, ("batch", None, None))
+        h = constrain(h, ("batch", "length", None))
         new_caches.append(cache)
         if rl is not None:
             router_logits.append(rl)
@@ -144,10 +144,13 @@ class JambaModel(nn.Module):
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype, param_dtype=cfg.weights_dtype,
                          embedding_init=nn.with_logical_partitioning(init, ("vocab", "embed")),
                          name="embed_tokens")
-        h = embed(input_ids)
+        # the table whole along `embed` (ZeRO-3 gathers it, as for every weight) so the looked-up rows come out
+        # split like the tokens, not along `embed` (which XLA could only undo by replicating [B, L, E])
+        table_VxE = constrain(embed.embedding, ("vocab", None)).astype(cfg.compute_dtype)
+        h = jnp.take(table_VxE, input_ids, axis=0)
         if embed_offsets_BxLxE is not None:  # features added to the token embeddings (auxiliary tuning)
             h = h + embed_offsets_BxLxE.astype(h.dtype)
-        h = constrain(h, ("batch", None, None))
+        h = constrain(h, ("batch", "length", None))
         if cfg.scan_layers:
             stack = nn.scan(DecoderCycle, variable_axes={"params": 0, "intermediates": 0, "hidden_states": 0},
                             split_rngs={"params": True},

@@ -35,6 +35,8 @@ class Experts(nn.Module):
 
     @nn.compact
     def __call__(self, x_TxE, top_idx_TxK, top_w_TxK):
+        """Tokens [T, ...] or [B, L, ...] (rows of a batch: under context parallelism each device keeps its
+        slice of every row)."""
         cfg = self.cfg
         n_exp, e, f = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
         dtype = cfg.compute_dtype
@@ -56,9 +58,11 @@ class Experts(nn.Module):
                    weight("down_proj", (n_exp, f, e), ("exp", "mlp", "embed")))  # [X, F, E]
         act, x_TxE, top_w_TxK = activation(cfg.hidden_act), x_TxE.astype(dtype), top_w_TxK.astype(dtype)
         impl = self.impl or cfg.moe_impl
-        if current_mesh() is not None:  # tokens sharded over the batch axes, experts over `expert`
+        if current_mesh() is not None:  # tokens sharded over the batch (and length) axes, experts over `expert`
             return expert_parallel_moe(x_TxE, top_idx_TxK, top_w_TxK, weights, act, impl, cfg.moe_capacity_factor)
-        return combine_local(x_TxE, top_idx_TxK, top_w_TxK, weights, act, impl, cfg.moe_capacity_factor)
+        y = combine_local(x_TxE.reshape(-1, e), top_idx_TxK.reshape(-1, top_idx_TxK.shape[-1]),
+                          top_w_TxK.reshape(-1, top_w_TxK.shape[-1]), weights, act, impl, cfg.moe_capacity_factor)
+        return y.reshape(x_TxE.shape)
 
 
 class SparseMoE(nn.Module):
@@ -72,13 +76,11 @@ class SparseMoE(nn.Module):
     @nn.compact
     def __call__(self, x_BxLxE):
         cfg = self.cfg
-        b, length, e = x_BxLxE.shape
         router_logits = dense(cfg, cfg.num_experts, ("embed", None), "router")(x_BxLxE)
         probs = jax.nn.softmax(router_logits.astype(_F32), axis=-1)
         top_w, top_idx = jax.lax.top_k(probs, cfg.num_experts_per_tok)
-        y = Experts(cfg, name="experts")(x_BxLxE.reshape(-1, e), top_idx.reshape(b * length, -1),
-                                         top_w.astype(cfg.compute_dtype).reshape(b * length, -1))
-        return y.reshape(b, length, e), router_logits
+        y = Experts(cfg, name="experts")(x_BxLxE, top_idx, top_w.astype(cfg.compute_dtype))
+        return y, router_logits
 
 
 def load_balancing_loss(router_logits: Sequence[jax.Array], num_experts: int, top_k: int,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from common.attention.blockwise import blockwise_attention
+from common.attention.context import context_parallel_attention, context_split
 from common.attention.kernel import pallas_attention
 from common.attention.mask import AttentionMask
 from kernels import flash_attention
@@ -34,8 +35,13 @@ def attention(q_BxLxHxGxD, k_BxHxSxD, v_BxHxSxD, mask: AttentionMask, impl: str 
     - "blockwise": `blockwise_attention` (XLA; every platform);
     - "pallas": `pallas_attention` (the platform's Pallas forward kernel, `kernels.flash_attention`);
     - "auto": the blockwise path on CPU, the Pallas kernel on GPU and TPU (`resolve_attention_impl`).
+
+    Under a mesh that splits the token dimension (context parallelism), each device runs it over its slice
+    of the queries and the gathered keys (`common.attention.context`).
     """
     impl = resolve_attention_impl(impl, q_BxLxHxGxD.shape[3], q_BxLxHxGxD.shape[4])
-    if impl == "pallas":
-        return pallas_attention(q_BxLxHxGxD, k_BxHxSxD, v_BxHxSxD, mask)
-    return blockwise_attention(q_BxLxHxGxD, k_BxHxSxD, v_BxHxSxD, mask)
+    attend = pallas_attention if impl == "pallas" else blockwise_attention
+    split = context_split(q_BxLxHxGxD, k_BxHxSxD, mask)
+    if split is not None:
+        return context_parallel_attention(attend, q_BxLxHxGxD, k_BxHxSxD, v_BxHxSxD, mask, *split)
+    return attend(q_BxLxHxGxD, k_BxHxSxD, v_BxHxSxD, mask)
