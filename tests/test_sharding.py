@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(WORKER))
 
 
 def test_mesh_shape_fills_the_rest_and_names_bad_sizes():
-    assert mesh_shape({"data": -1, "expert": 4}, 8) == {"data": 2, "fsdp": 1, "expert": 4, "tensor": 1}
+    assert mesh_shape({"data": -1, "expert": 4}, 8) == {"data": 2, "fsdp": 1, "context": 1, "expert": 4, "tensor": 1}
     assert mesh_shape({"data": 2, "fsdp": 2, "expert": 2, "tensor": 1}, 8)["fsdp"] == 2
     with pytest.raises(MeshError, match="spans 4 devices, but there are 8"):
         mesh_shape({"data": 4, "fsdp": 1}, 8)
@@ -37,8 +37,11 @@ def test_mesh_shape_fills_the_rest_and_names_bad_sizes():
 
 def test_rules_resolve_each_mesh_axis_once_and_accept_overrides():
     with nn.logical_axis_rules(DEFAULT_RULES):
-        assert mesh_axes(("exp", "embed", "mlp")) == (("expert",), ("fsdp",), ("tensor",))
-        assert mesh_axes(("vocab", "embed")) == (("tensor",), ("fsdp", "expert"))
+        assert mesh_axes(("exp", "embed", "mlp")) == (("expert",), ("fsdp", "context"), ("tensor",))
+        assert mesh_axes(("vocab", "embed")) == (("tensor",), ("fsdp", "expert", "context"))
+        # activations: rows over the batch axes, tokens over context, Mamba channels over what is left
+        assert mesh_axes(("batch", "length", "mamba_inner")) == (("data", "fsdp", "expert"), ("context",),
+                                                                 ("tensor",))
     rules = dict(rules_from_config({"rules": {"vocab": None, "mlp": ["tensor", "fsdp"]}}))
     assert rules["vocab"] is None and rules["mlp"] == ("tensor", "fsdp") and rules["exp"] == "expert"
     with pytest.raises(MeshError, match="names mesh axis 'model'"):
@@ -104,11 +107,11 @@ def assert_same_run(run, reference):
 
 # fsdp=4 x data=2 runs steps 1-3 in test_checkpoint_restores_onto_another_mesh
 # the expert meshes are slow (about 70 s each); the checkpoint test below resumes on tensor2 x expert2 x data2
-MESHES = [{"data": 8}, pytest.param({"expert": 4, "data": 2}, marks=pytest.mark.slow),
+MESHES = [{"data": 8}, {"context": 8}, pytest.param({"expert": 4, "data": 2}, marks=pytest.mark.slow),
           pytest.param({"tensor": 2, "expert": 2, "data": 2}, marks=pytest.mark.slow)]
 
 
-@pytest.mark.parametrize("mesh", MESHES, ids=["data8", "expert4xdata2", "tensor2xexpert2xdata2"])
+@pytest.mark.parametrize("mesh", MESHES, ids=["data8", "context8", "expert4xdata2", "tensor2xexpert2xdata2"])
 def test_five_steps_on_a_mesh_equal_one_device(mesh, one_device, tmp_path):
     extra = ("--sample",) if "expert" in mesh else ()
     run = run_worker(tmp_path, 8, mesh, *extra)
@@ -129,13 +132,19 @@ def test_two_processes_equal_one(one_device, tmp_path):
     assert_same_run(run_worker(tmp_path, 4, {"expert": 2, "fsdp": 2, "data": 2}, processes=2), one_device)
 
 
+@pytest.mark.slow  # as above
+def test_a_context_group_spanning_two_processes_equals_one_device(one_device, tmp_path):
+    """Both processes hold slices of the same rows: each loads the same block of rows (`row_blocks`)."""
+    assert_same_run(run_worker(tmp_path, 4, {"context": 8}, processes=2), one_device)
+
+
 _IN_MESH = r'''
 import os
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from jamba_jax import JambaConfig, JambaForCausalLM, generate, init_params, quantize_experts_int8
-from jamba_jax.mamba import sharded_selective_scan
+from jamba_jax.sequence_ops import sharded_selective_scan
 from jamba_jax.params import param_logical_specs
 from common.sharding import DEFAULT_RULES, make_mesh, sharding_context, tree_shardings
 
