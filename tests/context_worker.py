@@ -14,6 +14,10 @@ import os
 import sys
 
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+# XLA:CPU runs every virtual device's work on one shared thread pool (8 threads on this 2-core VM); devices that
+# wait at a collective hold their threads, so under context parallelism (the last slice has the most causal
+# attention work, the first ones run ahead) the pool must outnumber the waiters or the last devices starve
+os.environ.setdefault("PJRT_NPROC", "32")
 sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
 
 import jax  # noqa: E402

@@ -32,6 +32,10 @@ ap.add_argument("--chat", default="", help="a chat JSONL file to train on (confi
 args = ap.parse_args()
 
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+# XLA:CPU runs every virtual device's work on one shared thread pool (8 threads on this 2-core VM); devices that
+# wait at a collective hold their threads, so under context parallelism (the last slice has the most causal
+# attention work, the first ones run ahead) the pool must outnumber the waiters or the last devices starve
+os.environ.setdefault("PJRT_NPROC", "32")
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 
