@@ -5,6 +5,8 @@ one device and with the row split over context=8 (each Mamba carry: "rescan" and
   python -m benchmarks.context_parallel [--length 16384 --repeats 3]
 
 - memory: XLA's accounting of each compiled step (temporaries per device; arguments and outputs);
+- equality: loss and gradients of 8 packed rows of 4,096 tokens on context=8, context=2 x expert=4 and
+  context=4 x fsdp=2 against one device (`tests/context_worker.py model 4096`, a process of its own);
 - time: median step time, the setups timed in alternation. The 8 devices share this machine's 2 cores, so
   the context step does the same arithmetic as one device plus the carry, the halo and the gathers: the ratio
   measures those overheads, not a speed-up.
@@ -23,11 +25,14 @@ os.environ.setdefault("PJRT_NPROC", "32")
 
 import argparse  # noqa: E402
 import functools  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import machine, time_interleaved, write_section  # noqa: E402
+from benchmarks.common import ROOT, machine, time_interleaved, write_section  # noqa: E402
 from common.sharding import batch_sharding, make_mesh, put_batch, rules_from_config, sharding_context  # noqa: E402
 from configs import jamba_tiny  # noqa: E402
 from jamba_jax import sequence_ops  # noqa: E402
@@ -76,11 +81,22 @@ def setup(length: int, context: int, carry: str) -> dict:
     return {"run": run, "holder": holder, "temp": m.temp_size_in_bytes, "args": m.argument_size_in_bytes}
 
 
+def equality(length: int) -> str:
+    """The loss and gradient differences against one device on three meshes, as table rows."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "context_worker.py"), "model", str(length)],
+                         capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": ROOT})
+    result = json.loads([x for x in out.stdout.splitlines() if x.startswith("RESULT ")][-1][len("RESULT "):])
+    return "\n".join(f"| {mesh} | {r['ids_split']} | {r['loss']:.1e} | {r['grads']:.1e} |"
+                     for mesh, r in result.items() if mesh != "loss")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--length", type=int, default=16384)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--check_length", type=int, default=4096)
     args = ap.parse_args()
+    check = equality(args.check_length)
     names = ("one device", "context=8, rescan", "context=8, correction")
     setups = []
     for context, carry in ((1, "rescan"), (8, "rescan"), (8, "correction")):
@@ -105,6 +121,14 @@ runs take identical steps, so the three columns must agree).
 | setup | temporaries per device (MiB) | vs one device | arguments per device (MiB) | step (s) | vs one device | loss |
 | --- | --- | --- | --- | --- | --- | --- |
 """ + "\n".join(rows) + f"""
+
+Loss and gradients against one device, float32, 8 packed rows of {args.check_length:,} tokens (about 8 documents a
+row, one starting exactly at a slice boundary, padding at the end), relative to the loss and to each
+gradient's largest entry (absolute where that is below 1) (`tests/context_worker.py model {args.check_length}`; target 1e-5):
+
+| mesh | tokens placed | loss | gradients |
+| --- | --- | --- | --- |
+""" + check + f"""
 
 Target: temporaries at context=8 at most 0.2 of one device's: {setups[1]['temp'] / base['temp']:.3f} (rescan),
 {setups[2]['temp'] / base['temp']:.3f} (correction). Step time within 2x of one device's:

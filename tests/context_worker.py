@@ -3,7 +3,9 @@ the mesh needs its own process).
 
   python tests/context_worker.py ops      the conv halo, the scan carry (both carries) and attention over
                                           gathered keys against one device, values and gradients
-  python tests/context_worker.py model    loss and gradients of a packed batch on three context meshes
+  python tests/context_worker.py model [LENGTH]
+                                          loss and gradients of a packed batch (8 rows of LENGTH tokens, default
+                                          256) on three context meshes
   python tests/context_worker.py refuse   bad meshes refused in one line before anything compiles
 
 Prints "RESULT {json}" (the largest differences against one device, or the refusal messages).
@@ -93,7 +95,7 @@ def ops() -> dict:
     return out
 
 
-def model() -> dict:
+def model(length: int = 256) -> dict:
     from common.sharding import batch_sharding, put_batch, tree_shardings
     from jamba_jax import JambaConfig, JambaForCausalLM, init_params
     from jamba_jax.losses import target_weights
@@ -102,12 +104,12 @@ def model() -> dict:
     cfg = JambaConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
                       num_key_value_heads=2, num_experts=4, attn_layer_period=2, attn_layer_offset=1, mamba_d_state=8)
     params = init_params(cfg, jax.random.PRNGKey(1))
-    b, L = 8, 256
+    b, L = 8, length
     rng = np.random.RandomState(0)
     ids = rng.randint(0, cfg.vocab_size, (b, L)).astype(np.int32)
-    seg = np.cumsum(rng.rand(b, L) < 0.02, axis=1).astype(np.int32) + 1  # packed documents of ~50 tokens
+    seg = np.cumsum(rng.rand(b, L) < 8 / L, axis=1).astype(np.int32) + 1  # about 8 packed documents a row
     seg[:, L - 7:] = 0  # padding at the end
-    seg[0, 128:] = 9  # a document starting exactly at a slice boundary of every mesh below
+    seg[0, L // 2:] = 9  # a document starting exactly at a slice boundary of every mesh below
     lm = JambaForCausalLM(cfg)
 
     def loss(p, ids, seg):
@@ -159,4 +161,5 @@ def refuse() -> list[str]:
 
 
 if __name__ == "__main__":
-    print("RESULT " + json.dumps({"ops": ops, "model": model, "refuse": refuse}[sys.argv[1]]()), flush=True)
+    print("RESULT " + json.dumps({"ops": ops, "model": model, "refuse": refuse}[sys.argv[1]](*map(int, sys.argv[2:]))),
+          flush=True)
