@@ -7,12 +7,14 @@ the mesh needs its own process).
                                           loss and gradients of a packed batch (8 rows of LENGTH tokens, default
                                           256) on three context meshes
   python tests/context_worker.py refuse   bad meshes refused in one line before anything compiles
+  python tests/context_worker.py lower    the bf16 train step on context=8 lowered for GPU: kernel calls
 
 Prints "RESULT {json}" (the largest differences against one device, or the refusal messages).
 """
 
 import json
 import os
+import re
 import sys
 
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
@@ -160,6 +162,30 @@ def refuse() -> list[str]:
     return messages
 
 
+def lower() -> dict:
+    """The tiny config's bf16 train step on context=8 lowered for a GPU (Triton kernels inside the shard_maps):
+    how many kernel calls, and the layer counts to expect them from. (Lowering Mosaic TPU kernels under a mesh of
+    CPU devices fails in jax itself: it asks the mesh's devices for their TPU generation.)"""
+    from configs import jamba_tiny
+    from kernels import target_platform
+    from tasks.jamba_lm import JambaLMTask
+    from training.optim import make_optimizer
+    from training.step import init_state, make_train_step
+
+    config = jamba_tiny.get_config()
+    config.dry_run, config.model.dtype = True, "bfloat16"
+    task, optimizer = JambaLMTask(config), make_optimizer(config)
+    state = jax.eval_shape(lambda r: init_state(task, optimizer, r), jax.random.PRNGKey(0))
+    batch = {k: jax.ShapeDtypeStruct((2, 1024), jnp.int32) for k in ("inputs", "segment_ids")}
+    with target_platform("gpu"), sharding_context(make_mesh({"data": 1, "context": 8}), DEFAULT_RULES):
+        text = jax.jit(make_train_step(task, optimizer, 1)).trace(state, batch).lower(
+            lowering_platforms=("cuda",)).as_text()
+    attention = sum(task.cfg.is_attention_layer(i) for i in range(task.cfg.num_hidden_layers))
+    return {"kernel_calls": len(re.findall(r"__gpu\$xla\.gpu\.triton|mosaic_gpu", text)), "attention_layers": attention,
+            "mamba_layers": task.cfg.num_hidden_layers - attention, "all_gather": "all_gather" in text,
+            "collective_permute": "collective_permute" in text}
+
+
 if __name__ == "__main__":
-    print("RESULT " + json.dumps({"ops": ops, "model": model, "refuse": refuse}[sys.argv[1]](*map(int, sys.argv[2:]))),
-          flush=True)
+    what = {"ops": ops, "model": model, "refuse": refuse, "lower": lower}[sys.argv[1]]
+    print("RESULT " + json.dumps(what(*map(int, sys.argv[2:]))), flush=True)

@@ -45,3 +45,13 @@ def test_bad_context_meshes_are_refused_in_one_line_before_compiling():
                          "of 8 [0 compilations]")
     assert too_short.startswith("config.seq_len=16 over 8 context slices leaves 2 tokens a slice, shorter than the "
                                 "Mamba conv's halo (3)") and too_short.endswith("[0 compilations]")
+
+
+def test_the_context_parallel_train_step_lowers_for_gpu_with_the_kernels_in_the_shard_maps():
+    """bf16, scan_impl and attention_impl "auto" under target_platform("gpu"): every Mamba layer runs the Triton
+    scan kernel forward and backward twice (the carry's first pass from zeros and the rescan), every attention
+    layer the flash-attention forward kernel over the gathered keys."""
+    r = run_worker("lower")
+    assert r["attention_layers"] and r["mamba_layers"]
+    assert r["kernel_calls"] == 4 * r["mamba_layers"] + r["attention_layers"], r
+    assert r["all_gather"] and r["collective_permute"], r
