@@ -7,11 +7,11 @@ neighbours share the fastest links):
   fsdp    batch split and parameters sharded over their `embed` dimension (ZeRO-3 style; XLA
           all-gathers a layer's weights where it needs them)
   context the sequence split: every row's tokens in contiguous slices, one per device along the axis
-          (`jamba_jax.context_parallel`: the Mamba conv takes a halo from the previous slice, the scan
-          carries its state across slices, attention gathers the keys and values); parameters
-          ZeRO-sharded over it like fsdp, since each slice computes every parameter's gradient from
-          its tokens (a reduction over the axis either way) and replicating them would multiply the
-          parameters' and optimizer state's memory by the axis size
+          (`jamba_jax.sequence_ops`: the Mamba conv takes a halo from the previous slice and the scan
+          carries its state across slices; `common.attention.context`: attention gathers the keys and
+          values); parameters ZeRO-sharded over it like fsdp, since each slice computes every
+          parameter's gradient from its tokens (a reduction over the axis either way) and replicating
+          them would multiply the parameters' and optimizer state's memory by the axis size
   expert  batch split, and the experts of every MoE layer split between devices (tokens travel
           to their experts' device by all-to-all, `jamba_jax.expert_parallel`)
   tensor  Megatron tensor parallelism: attention heads, MLP/expert hidden, Mamba's d_inner and the

@@ -27,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from common.sharding import axes_size, current_mesh, fitted_spec, spec_axes
 from kernels import selective_scan
+from kernels.selective_scan import prepare_delta, skip_and_gate
 
 _F32 = jnp.float32
 CARRY = "rescan"
@@ -124,8 +125,8 @@ def sharded_selective_scan(args: dict, impl: str, carry: str | None = None):
 
 def _slice_decay(a):
     """[b, d, n] float32: the product over the slice of exp(dt A), or 0 where a document starts in it."""
-    dt = a["delta"].astype(_F32) + (a["delta_bias"].astype(_F32) if "delta_bias" in a else 0.0)
-    decay = jnp.exp(jnp.sum(jax.nn.softplus(dt), axis=1)[..., None] * a["A"].astype(_F32))
+    dt = prepare_delta(a["delta"], a.get("delta_bias"), delta_softplus=True)  # [b, L, d]
+    decay = jnp.exp(jnp.sum(dt, axis=1)[..., None] * a["A"].astype(_F32))
     if "reset" in a:
         decay = jnp.where(jnp.any(a["reset"], axis=1)[:, None, None], 0.0, decay)
     return decay
@@ -149,25 +150,14 @@ def carried_scan(a: dict, impl: str, axes: tuple[str, ...], n: int, carry: str):
     if carry == "rescan":
         y = selective_scan(**a, **gate, initial_state=start, delta_softplus=True, impl=impl)
     else:
-        y = _gated(y0 + _correction(a, start).astype(y0.dtype), a["u"], gate)
+        y = skip_and_gate(y0 + _correction(a, start).astype(y0.dtype), a["u"], gate.get("D"), gate.get("z"))
     return y, states[-1]
-
-
-def _gated(y, u, gate):
-    """selective_scan's D skip and silu(z) gate, in float32."""
-    y = y.astype(_F32)
-    if "D" in gate:
-        y = y + u.astype(_F32) * gate["D"].astype(_F32)
-    if "z" in gate:
-        y = y * jax.nn.silu(gate["z"].astype(_F32))
-    return y.astype(u.dtype)
 
 
 def _correction(a, start_BxDxN):
     """[b, L, d] float32: C[t] . (exp(A * sum_{s<=t} dt[s]) * start) before the slice's first document start,
     a block of CORRECTION_BLOCK positions at a time."""
-    dt = a["delta"].astype(_F32) + (a["delta_bias"].astype(_F32) if "delta_bias" in a else 0.0)
-    cum = jnp.cumsum(jax.nn.softplus(dt), axis=1)  # [b, L, d]
+    cum = jnp.cumsum(prepare_delta(a["delta"], a.get("delta_bias"), delta_softplus=True), axis=1)  # [b, L, d]
     b, length, d = cum.shape
     alive = jnp.ones((b, length), bool) if "reset" not in a else jnp.cumsum(a["reset"], axis=1) == 0
     blk = min(CORRECTION_BLOCK, length)

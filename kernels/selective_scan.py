@@ -47,7 +47,7 @@ from kernels.ssm_pallas import scan_pallas
 _F32 = jnp.float32
 
 
-def _prepare_delta(delta, delta_bias, delta_softplus):
+def prepare_delta(delta, delta_bias=None, delta_softplus=False):
     """dt in float32: delta (+ bias), softplus'd if asked. [batch, length, d_inner]."""
     dt = delta.astype(_F32)
     if delta_bias is not None:
@@ -57,7 +57,7 @@ def _prepare_delta(delta, delta_bias, delta_softplus):
     return dt
 
 
-def _finish(y_BxLxD, u, D, z):
+def skip_and_gate(y_BxLxD, u, D=None, z=None):
     """Adds the D skip and the silu(z) gate in float32, returns y in u's dtype."""
     if D is not None:
         y_BxLxD = y_BxLxD + u.astype(_F32) * D.astype(_F32)
@@ -127,10 +127,10 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
                          f"(want {(b, length, n)})")
     if reset is not None and reset.shape != (b, length):
         raise ValueError(f"reset has shape {reset.shape}, expected {(b, length)}")
-    dt = _prepare_delta(delta, delta_bias, delta_softplus)
+    dt = prepare_delta(delta, delta_bias, delta_softplus)
     h0 = _initial_state(u, A, initial_state)
     y, h_last = _IMPL_FNS[resolve_impl(impl)](u, dt, A, B, C, h0, reset)
-    y = _finish(y, u, D, z)
+    y = skip_and_gate(y, u, D, z)
     return (y, h_last) if return_final_state else y
 
 
@@ -140,9 +140,9 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     state: [batch, d_inner, d_state]; x, dt, z: [batch, d_inner]; B, C: [batch, d_state].
     Returns (y [batch, d_inner] in x's dtype, new_state float32).
     """
-    dt = _prepare_delta(dt, dt_bias, dt_softplus)
+    dt = prepare_delta(dt, dt_bias, dt_softplus)
     dA = jnp.exp(dt[:, :, None] * A.astype(_F32))
     h = dA * state.astype(_F32) + (dt * x.astype(_F32))[:, :, None] * B.astype(_F32)[:, None, :]
     y = jnp.einsum("bdn,bn->bd", h, C.astype(_F32))
-    y = _finish(y[:, None], x[:, None], D, None if z is None else z[:, None])[:, 0]
+    y = skip_and_gate(y[:, None], x[:, None], D, None if z is None else z[:, None])[:, 0]
     return y, h
