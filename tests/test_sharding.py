@@ -100,9 +100,11 @@ def assert_same_run(run, reference):
     np.testing.assert_allclose([losses[s] for s in range(1, 6)], [ref_losses[s] for s in range(1, 6)], rtol=1e-5)
     # atol 1e-4 = 1% of one step at lr 1e-2: Adam's update m / sqrt(v) has size ~lr however small
     # the gradient, so on an embedding row whose gradient is ~1e-9 float32 reduction-order noise
-    # (sums split over devices) moves the update by up to a few 1e-5; everywhere else it is 1e-7
+    # (sums split over devices) moves the update by up to ~1e-4 over 5 steps (the embedding table: 2e-4,
+    # its rows of tokens seen once or twice have such gradients); everywhere else it is 1e-7
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(ref_params), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4, err_msg=str(path))
+        atol = 2e-4 if "embed_tokens" in str(path) else 1e-4
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=atol, err_msg=str(path))
 
 
 # fsdp=4 x data=2 runs steps 1-3 in test_checkpoint_restores_onto_another_mesh
