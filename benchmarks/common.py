@@ -55,6 +55,28 @@ def copy_bandwidth(nbytes: int, repeats: int = 5) -> float:
     return 2 * (nbytes // 4) * 4 / time_fn(step, repeats=repeats)
 
 
+# The benchmark models: the tiny config (`configs/jamba_tiny.py`, 3.4M parameters) and the issue-32 model, the
+# tiny config widened to hidden 256 (8 heads over 2 KV heads, MLP 512, tied embeddings; 11.6M parameters).
+MODEL_OVERRIDES = {"tiny": {}, "bench": dict(hidden_size=256, intermediate_size=512, num_attention_heads=8,
+                                            num_key_value_heads=2, tie_word_embeddings=True)}
+MODEL_NAMES = {"tiny": "tiny config (`configs/jamba_tiny.py`)",
+               "bench": "benchmark model (the tiny config at hidden 256, `benchmarks.common.MODEL_OVERRIDES`)"}
+
+
+def add_model_arg(parser, default: str = "bench") -> None:
+    parser.add_argument("--model", choices=sorted(MODEL_OVERRIDES), default=default,
+                        help="tiny: configs/jamba_tiny.py; bench: the tiny config at hidden 256 (11.6M parameters)")
+
+
+def model_config(name: str):
+    """The ml_collections config of `configs/jamba_tiny.py` with benchmark model `name`'s overrides."""
+    from configs import jamba_tiny
+
+    config = jamba_tiny.get_config()
+    config.model.update(MODEL_OVERRIDES[name])
+    return config
+
+
 def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
@@ -69,18 +91,16 @@ def write_section(name: str, body: str) -> None:
         f.write(text)
 
 
-def tiny_models(**hf_overrides):
-    """transformers' JambaForCausalLM with the tiny config (torch seed 0), and our (cfg, params)
-    loaded from its save_pretrained output: the same weights on both sides."""
+def tiny_models(name: str = "tiny", **hf_overrides):
+    """transformers' JambaForCausalLM with benchmark model `name` (MODEL_OVERRIDES; torch seed 0), and our
+    (cfg, params) loaded from its save_pretrained output: the same weights on both sides."""
     import tempfile
 
     import torch
     import transformers
 
     import jamba_jax
-    from configs import jamba_tiny
-
-    cfg = jamba_jax.JambaConfig.from_dict(jamba_tiny.get_config().model.to_dict())
+    cfg = jamba_jax.JambaConfig.from_dict(model_config(name).model.to_dict())
     hf_kwargs = {k: v for k, v in cfg.to_hf_dict().items() if k not in ("model_type", "architectures", "dtype")}
     torch.manual_seed(0)
     hf = transformers.JambaForCausalLM(transformers.JambaConfig(**{**hf_kwargs, **hf_overrides})).eval()

@@ -18,7 +18,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import jamba_jax  # noqa: E402
-from benchmarks.common import machine, time_fn, tiny_models, write_section  # noqa: E402
+from benchmarks.common import MODEL_NAMES, add_model_arg, machine, time_fn, tiny_models, write_section  # noqa: E402
 
 
 def main(argv=None):
@@ -26,9 +26,10 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq_len", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
+    add_model_arg(parser)
     args = parser.parse_args(argv)
 
-    hf, cfg, params = tiny_models()
+    hf, cfg, params = tiny_models(args.model)
 
     ids = np.random.RandomState(0).randint(0, cfg.vocab_size, (args.batch, args.seq_len))
     model = jamba_jax.JambaForCausalLM(cfg)
@@ -47,11 +48,11 @@ def main(argv=None):
 
     t_hf = time_fn(torch_fwd, repeats=args.repeats)
     tokens = args.batch * args.seq_len
-    body = f"""## Forward pass, tiny Jamba (issue: model parity)
+    body = f"""## Forward pass against transformers (issues: model parity, 32)
 
-Command: `python -m benchmarks.forward --batch {args.batch} --seq_len {args.seq_len}`
+Command: `python -m benchmarks.forward --batch {args.batch} --seq_len {args.seq_len} --model {args.model}`
 Machine: {machine()}; jax {jax.__version__}, torch {torch.__version__}, transformers {transformers.__version__}.
-Tiny config (`configs/jamba_tiny.py`, {jamba_jax.count_params(cfg)['total']:,} parameters), float32, same weights,
+The {MODEL_NAMES[args.model]}, {jamba_jax.count_params(cfg)['total']:,} parameters, float32, same weights,
 batch {args.batch} x {args.seq_len} tokens, median of {args.repeats} runs after warm-up. transformers runs its
 PyTorch path (no mamba_ssm / causal_conv1d kernels exist for CPU). Max |logit difference|: {max_diff:.1e}.
 

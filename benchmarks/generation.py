@@ -1,4 +1,4 @@
-"""Generation figures for the tiny Jamba.
+"""Generation figures for a benchmark Jamba (`--model`: the 11.6M benchmark model or the tiny config).
 
 Decode: tokens/s of `jamba_jax.generate` vs transformers' `generate` (greedy, same random weights,
 same prompts, same CPU, same process), batch 1 and 8.
@@ -23,17 +23,13 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jamba_jax  # noqa: E402
-from configs import jamba_tiny  # noqa: E402
+from benchmarks.common import MODEL_NAMES, add_model_arg, model_config, tiny_models  # noqa: E402
 
 PREFILL_CHUNK = 2048
 
 
-def tiny_cfg():
-    return jamba_jax.JambaConfig.from_dict(jamba_tiny.get_config().model.to_dict())
-
-
-def _prefill_child(length: int) -> None:
-    cfg = tiny_cfg()
+def _prefill_child(length: int, model_name: str) -> None:
+    cfg = jamba_jax.JambaConfig.from_dict(model_config(model_name).model.to_dict())
     model = jamba_jax.JambaForCausalLM(cfg)
     params = jamba_jax.init_params(cfg, jax.random.PRNGKey(0))
     ids = np.random.RandomState(0).randint(3, cfg.vocab_size, (1, length)).astype(np.int32)
@@ -47,12 +43,10 @@ def _prefill_child(length: int) -> None:
                       "cache_bytes": jamba_jax.cache_bytes(cfg, 1, length, "float32")["total"]}))
 
 
-def decode_figures(batches, prompt_len, new_tokens):
+def decode_figures(batches, prompt_len, new_tokens, model_name: str):
     import torch
 
-    from benchmarks.common import tiny_models
-
-    hf, cfg, params = tiny_models()
+    hf, cfg, params = tiny_models(model_name)
     model = jamba_jax.JambaForCausalLM(cfg)
     rows = []
     for batch in batches:
@@ -77,25 +71,26 @@ def main(argv=None):
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--prompt_len", type=int, default=16)
     parser.add_argument("--new_tokens", type=int, default=64)
-    parser.add_argument("--prefill_lengths", type=int, nargs="+", default=[8192, 32768, 131072])
+    parser.add_argument("--prefill_lengths", type=int, nargs="*", default=[8192, 32768, 131072])
     parser.add_argument("--prefill_child", type=int, default=None, help=argparse.SUPPRESS)
+    add_model_arg(parser)
     args = parser.parse_args(argv)
     if args.prefill_child:
-        return _prefill_child(args.prefill_child)
+        return _prefill_child(args.prefill_child, args.model)
 
     from benchmarks.common import machine, write_section
 
-    decode = decode_figures(args.batches, args.prompt_len, args.new_tokens)
+    decode = decode_figures(args.batches, args.prompt_len, args.new_tokens, args.model)
     prefill = {}
     for length in args.prefill_lengths:
-        out = subprocess.run([sys.executable, "-m", "benchmarks.generation", "--prefill_child", str(length)],
+        out = subprocess.run([sys.executable, "-m", "benchmarks.generation", "--prefill_child", str(length), "--model", args.model],
                              capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
         prefill[length] = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else None
         print(length, prefill[length], out.stderr[-500:] if out.returncode else "", flush=True)
-    lines = [f"""## Generation, tiny Jamba (issue: generation with a hybrid cache)
+    lines = [f"""## Generation against transformers (issues: generation with a hybrid cache, 32)
 
-Command: `python -m benchmarks.generation --batches {' '.join(map(str, args.batches))} --prefill_lengths {' '.join(map(str, args.prefill_lengths))}`
-Machine: {machine()}; tiny config (`configs/jamba_tiny.py`), float32, random weights (the same in both for decode).
+Command: `python -m benchmarks.generation --batches {' '.join(map(str, args.batches))} --prefill_lengths {' '.join(map(str, args.prefill_lengths))} --model {args.model}`
+Machine: {machine()}; the {MODEL_NAMES[args.model]}, float32, random weights (the same in both for decode).
 
 Decode: prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, no EOS; wall time of the whole
 `generate` call (prefill + decode) after a warm-up; transformers `generate(do_sample=False)` with its hybrid

@@ -28,8 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jamba_jax
-from benchmarks.common import copy_bandwidth, machine, time_fn, write_section
-from configs import jamba_tiny
+from benchmarks.common import copy_bandwidth, machine, model_config, time_fn, write_section
 from jamba_jax.generation import decode_loop, default_prefill_chunk
 
 DECODE_TOKENS = 64
@@ -38,10 +37,9 @@ SHORT_CONTEXT = 256  # the decode step with next to no cache: weights and per-st
 
 def bench_cfg():
     """The issue's 11.6M model: the tiny config widened to hidden 256 (8 heads / 2 KV heads, MLP 512,
-    tied embeddings); 8 layers, attention at layer 4, 4 experts top-2 at odd layers."""
-    tiny = jamba_jax.JambaConfig.from_dict(jamba_tiny.get_config().model.to_dict())
-    return tiny.replace(hidden_size=256, intermediate_size=512, num_attention_heads=8, num_key_value_heads=2,
-                        tie_word_embeddings=True)
+    tied embeddings; `benchmarks.common.MODEL_OVERRIDES["bench"]`); 8 layers, attention at layer 4, 4 experts
+    top-2 at odd layers."""
+    return jamba_jax.JambaConfig.from_dict(model_config("bench").model.to_dict())
 
 
 def matmul_peak(n: int = 2048) -> float:

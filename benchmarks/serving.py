@@ -49,8 +49,7 @@ def save_checkpoint(directory: str):
     returns the transformers model."""
     from benchmarks.common import tiny_models
 
-    hf, _, _ = tiny_models(hidden_size=256, intermediate_size=512, num_attention_heads=8, num_key_value_heads=2,
-                           tie_word_embeddings=True)
+    hf, _, _ = tiny_models("bench")
     hf.save_pretrained(directory)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(os.path.join(TOKENIZER_DIR, name), os.path.join(directory, name))

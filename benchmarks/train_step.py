@@ -17,8 +17,15 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from benchmarks.common import machine, time_fn, torch_train_step, write_section  # noqa: E402
-from configs import jamba_tiny  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    MODEL_NAMES,
+    add_model_arg,
+    machine,
+    model_config,
+    time_fn,
+    torch_train_step,
+    write_section,
+)
 from tasks.jamba_lm import JambaLMTask  # noqa: E402
 from training.optim import make_optimizer  # noqa: E402
 from training.step import init_state, make_train_step  # noqa: E402
@@ -29,9 +36,10 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq_len", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
+    add_model_arg(parser)
     args = parser.parse_args(argv)
 
-    config = jamba_tiny.get_config()
+    config = model_config(args.model)
     task = JambaLMTask(config)
     cfg = task.cfg
     ids = np.random.RandomState(0).randint(3, cfg.vocab_size, (args.batch, args.seq_len)).astype(np.int32)
@@ -56,11 +64,11 @@ def main(argv=None):
     tokens = args.batch * args.seq_len
     import mambapy
 
-    body = f"""## Training step, tiny Jamba (issue: training stack)
+    body = f"""## Training step against transformers (issues: training stack, 32)
 
-Command: `python -m benchmarks.train_step --batch {args.batch} --seq_len {args.seq_len}`
+Command: `python -m benchmarks.train_step --batch {args.batch} --seq_len {args.seq_len} --model {args.model}`
 Machine: {machine()}; jax {jax.__version__}, torch {torch.__version__}, transformers {transformers.__version__},
-mambapy {getattr(mambapy, '__version__', 'installed')}. Tiny config (`configs/jamba_tiny.py`), float32, batch {args.batch} x {args.seq_len}
+mambapy {getattr(mambapy, '__version__', 'installed')}. The {MODEL_NAMES[args.model]}, float32, batch {args.batch} x {args.seq_len}
 tokens, one full step each: forward, next-token loss + router aux loss, backward, global-norm clipping,
 AdamW update. Median of {args.repeats} after warm-up. transformers uses `use_mambapy=True` (its fastest
 CPU training path); ours is the jitted `training.train` step (fused lax.scan, blocked grouped-matmul MoE).
