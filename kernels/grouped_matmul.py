@@ -29,6 +29,7 @@ another device); they come out as zeros. ragged_dot and the blocked form skip th
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -156,18 +157,31 @@ def blocks_matmul(x_NxBxI, w_XxIxO, first_X, end_X):
     return _blocks_matmul(x_NxBxI + zero, w_XxIxO + zero.astype(w_XxIxO.dtype), first_X, end_X)
 
 
-def _ffn_blocked(x_MxE, group_sizes_X, expert_of_M, weights, act):
-    m, e = x_MxE.shape
-    n_exp = weights[0].w.shape[0]
-    blk = _block_rows(m, n_exp)
-    n_blocks = -(-(m + n_exp * (blk - 1)) // blk)  # static bound on the padded row count
-    blocks_X = -(-group_sizes_X // blk)
-    end_X = jnp.cumsum(blocks_X)
-    first_X = end_X - blocks_X
-    start_X = jnp.cumsum(group_sizes_X) - group_sizes_X
-    ex_M = jnp.minimum(expert_of_M, n_exp - 1)  # rows of no expert (id X, sorted last) go nowhere
-    dest_M = jnp.where(expert_of_M < n_exp, first_X[ex_M] * blk + (jnp.arange(m) - start_X[ex_M]), n_blocks * blk)
-    x_pad = jnp.zeros((n_blocks * blk, e), x_MxE.dtype).at[dest_M].set(x_MxE, mode="drop")
+def _expert_mm(x, ew):
+    """x @ one expert's weight (its slices of an ExpertWeight): float or ExpertsInt8, plus its LoRA adapter."""
+    y = x @ ew.w if ew.scale is None else int8_matmul(x, ew.w, ew.scale)
+    return y if ew.lora_a is None else y + (x @ ew.lora_a.astype(x.dtype)) @ ew.lora_b.astype(x.dtype)
+
+
+def _ffn_fused(x_NxBxE, weights, first_X, end_X, act):
+    """The whole FFN a block at a time (each expert's three weights sliced once): only one block's hidden
+    activations exist at a time, as a forward pass without gradients wants (a prefill chunk)."""
+    def expert(e, y):
+        w_e = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, e, keepdims=False), weights)
+
+        def block(i, y):
+            y_i = _ffn(jax.lax.dynamic_index_in_dim(x_NxBxE, i, keepdims=False), w_e, act, _expert_mm)
+            return jax.lax.dynamic_update_index_in_dim(y, y_i.astype(y.dtype), i, 0)
+
+        return jax.lax.fori_loop(first_X[e], end_X[e], block, y)
+
+    y0 = _zeros((*x_NxBxE.shape[:2], weights[2].w.shape[-1]), x_NxBxE.dtype, x_NxBxE, *jax.tree.leaves(weights))
+    return jax.lax.fori_loop(0, weights[0].w.shape[0], expert, y0)
+
+
+def _ffn_per_matmul(x_NxBxE, weights, first_X, end_X, act):
+    """The FFN one matmul at a time over all blocks (`blocks_matmul`, with its own VJP): what gradients take."""
+    n_blocks, n_exp = x_NxBxE.shape[0], weights[0].w.shape[0]
 
     def mm(x, ew):
         if ew.scale is None:
@@ -180,7 +194,39 @@ def _ffn_blocked(x_MxE, group_sizes_X, expert_of_M, weights, act):
         xa = blocks_matmul(x, ew.lora_a.astype(x.dtype), first_X, end_X)
         return y + blocks_matmul(xa, ew.lora_b.astype(x.dtype), first_X, end_X)
 
-    y = _ffn(x_pad.reshape(n_blocks, blk, e), weights, act, mm)
+    return _ffn(x_NxBxE, weights, act, mm)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _ffn_blocks(x_NxBxE, weights, first_X, end_X, act):
+    """The blocked FFN: fused block by block when not differentiated, per matmul (and its VJP) when it is."""
+    return _ffn_fused(x_NxBxE, weights, first_X, end_X, act)
+
+
+def _ffn_blocks_fwd(x_NxBxE, weights, first_X, end_X, act):
+    return jax.vjp(lambda x, w: _ffn_per_matmul(x, w, first_X, end_X, act), x_NxBxE, weights)
+
+
+def _ffn_blocks_bwd(act, vjp, dy):
+    return (*vjp(dy), None, None)
+
+
+_ffn_blocks.defvjp(_ffn_blocks_fwd, _ffn_blocks_bwd)
+
+
+def _ffn_blocked(x_MxE, group_sizes_X, expert_of_M, weights, act):
+    m, e = x_MxE.shape
+    n_exp = weights[0].w.shape[0]
+    blk = _block_rows(m, n_exp)
+    n_blocks = -(-(m + n_exp * (blk - 1)) // blk)  # static bound on the padded row count
+    blocks_X = -(-group_sizes_X // blk)
+    end_X = jnp.cumsum(blocks_X)
+    first_X = end_X - blocks_X
+    start_X = jnp.cumsum(group_sizes_X) - group_sizes_X
+    ex_M = jnp.minimum(expert_of_M, n_exp - 1)  # rows of no expert (id X, sorted last) go nowhere
+    dest_M = jnp.where(expert_of_M < n_exp, first_X[ex_M] * blk + (jnp.arange(m) - start_X[ex_M]), n_blocks * blk)
+    x_pad = jnp.zeros((n_blocks * blk, e), x_MxE.dtype).at[dest_M].set(x_MxE, mode="drop")
+    y = _ffn_blocks(x_pad.reshape(n_blocks, blk, e), weights, first_X, end_X, act)
     return y.reshape(n_blocks * blk, -1).at[dest_M].get(mode="fill", fill_value=0)
 
 
