@@ -34,9 +34,10 @@ class HybridCache:
 
 
 def init_cache(cfg: JambaConfig, batch: int, max_length: int, dtype=None) -> HybridCache:
-    """An empty cache for `batch` rows of up to `max_length` tokens; KV in `dtype` (default: the
-    compute dtype), SSM states always float32."""
-    dtype = jnp.dtype(dtype or cfg.compute_dtype)
+    """An empty cache for `batch` rows of up to `max_length` tokens; KV in `dtype` (default: the config's
+    `kv_cache_dtype`, else the compute dtype; int8 keeps a scale per position and head), SSM states always
+    float32."""
+    dtype = jnp.dtype(dtype or cfg.kv_cache_dtype or cfg.compute_dtype)
 
     def layer(i):
         if cfg.is_attention_layer(i):
@@ -52,13 +53,14 @@ def init_cache(cfg: JambaConfig, batch: int, max_length: int, dtype=None) -> Hyb
 def cache_bytes(cfg: JambaConfig, batch: int, length: int, dtype="bfloat16") -> dict[str, int]:
     """Bytes of the hybrid cache from the config alone: {"kv", "mamba", "total"}.
 
-    KV: 2 (k and v) x batch x length x kv_heads x head_dim x itemsize(dtype) per attention layer;
-    Mamba: the conv window in the compute dtype and the float32 SSM state, independent of length.
+    KV: 2 (k and v) x batch x length x kv_heads x (head_dim x itemsize(dtype), + 4 for int8's float32 scale)
+    per attention layer; Mamba: the conv window in the compute dtype and the float32 SSM state, independent of
+    length.
     """
-    item = np.dtype(jnp.dtype(dtype)).itemsize
+    item = np.dtype(jnp.dtype(dtype)).itemsize + (4 / cfg.head_dim if jnp.dtype(dtype) == jnp.int8 else 0)
     conv_item = np.dtype(cfg.compute_dtype).itemsize
     n_attn = sum(cfg.is_attention_layer(i) for i in range(cfg.num_hidden_layers))
     n_mamba = cfg.num_hidden_layers - n_attn
-    kv = n_attn * 2 * batch * length * cfg.num_key_value_heads * cfg.head_dim * item
+    kv = round(n_attn * 2 * batch * length * cfg.num_key_value_heads * cfg.head_dim * item)
     mamba = n_mamba * batch * cfg.mamba_d_inner * ((cfg.mamba_d_conv - 1) * conv_item + cfg.mamba_d_state * 4)
     return {"kv": kv, "mamba": mamba, "total": kv + mamba}

@@ -6,8 +6,8 @@ choose PyTorch kernels, caching or dropout that this implementation does not hav
 the numerics and execution knobs: `dtype` (compute), `param_dtype`, `scan_impl` (see
 `kernels.selective_scan`), `attention_impl` (see `common.attention`), `moe_impl` (see
 `kernels.grouped_matmul`), `remat_policy` (see `jamba_jax.remat`), `scan_layers` (see
-`jamba_jax.layout`) and `moe_capacity_factor` (see `jamba_jax.expert_parallel`); none of them changes
-the weights.
+`jamba_jax.layout`), `moe_capacity_factor` (see `jamba_jax.expert_parallel`) and `kv_cache_dtype` (see
+`common.attention.kv_store`); none of them changes the weights.
 
 The layer schedule (Jamba paper, section 2): layer i is attention when
 `i % attn_layer_period == attn_layer_offset`, otherwise Mamba; its feed-forward is a
@@ -21,6 +21,7 @@ import math
 from typing import Any
 
 from common.attention import ATTENTION_IMPLS
+from common.attention.kv_store import KV_CACHE_DTYPES
 from common.config import DTYPES, ModelConfigBase
 from common.errors import UserError
 from common.layers import ACTIVATIONS
@@ -31,7 +32,7 @@ _SCAN_IMPLS = ("auto",) + IMPLS
 REMAT_POLICIES = ("none", "full", "save_dots", "save_attention_and_moe_outputs")  # see jamba_jax.remat
 # fields that do not change the weights: a fine-tuning run or a generator may set them freely
 EXECUTION_FIELDS = ("dtype", "scan_impl", "attention_impl", "moe_impl", "remat_policy", "scan_layers",
-                    "moe_capacity_factor", "lora_dropout")
+                    "moe_capacity_factor", "lora_dropout", "kv_cache_dtype")
 WEIGHT_NEUTRAL_FIELDS = EXECUTION_FIELDS + ("param_dtype",)  # ... and the storage dtype, a cast
 
 # Keys that transformers writes into every config.json (PretrainedConfig bookkeeping) or that
@@ -105,6 +106,8 @@ class JambaConfig(ModelConfigBase):
     lora_dropout: float = 0.0  # dropout on the input of LoRA adapters in training (jamba_jax.lora)
     moe_capacity_factor: float = 0.0  # 0 = dropless; else slots per device pair under expert parallelism
     # (expert_parallel), per expert elsewhere (grouped_ffn.expert_capacity): pairs past it add nothing
+    kv_cache_dtype: str | None = None  # the attention layers' KV cache: None = the compute dtype; float32,
+    # bfloat16 or int8 (a float32 scale per position and head, common.attention.kv_store)
 
     error = ConfigError
 
@@ -145,6 +148,8 @@ class JambaConfig(ModelConfigBase):
         need(self.scan_impl in _SCAN_IMPLS, "scan_impl", f"must be one of {_SCAN_IMPLS}")
         need(self.attention_impl in ATTENTION_IMPLS, "attention_impl", f"must be one of {ATTENTION_IMPLS}")
         need(self.moe_impl in FFN_IMPLS, "moe_impl", f"must be one of {FFN_IMPLS}")
+        need(self.kv_cache_dtype in (None,) + KV_CACHE_DTYPES, "kv_cache_dtype",
+             f"must be None (the compute dtype) or one of {KV_CACHE_DTYPES}")
         need(self.remat_policy in REMAT_POLICIES, "remat_policy", f"must be one of {REMAT_POLICIES}")
         need(self.rms_norm_eps > 0, "rms_norm_eps", "must be positive")
         need(self.moe_capacity_factor >= 0, "moe_capacity_factor", "must be 0 (dropless) or positive")

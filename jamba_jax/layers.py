@@ -12,9 +12,8 @@ from typing import NamedTuple
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
-from common.attention import AttentionMask, attention, cached_attention
+from common.attention import AttentionMask, attention, cached_attention, kv_store
 from common.layers import Dense, RMSNorm, activation, normal_init
 from jamba_jax.config import JambaConfig
 
@@ -32,10 +31,11 @@ def rms_norm(cfg: JambaConfig, name: str, axis_name: str | None = "norm") -> RMS
 
 
 class KVCache(NamedTuple):
-    """An attention layer's cache: keys and values of every slot written so far."""
+    """An attention layer's cache: keys and values of every slot written so far, each a
+    `common.attention.kv_store` store (an array of the cache dtype, or int8 values with their scales)."""
 
-    k: jax.Array  # [B, H, S, D] (heads-major: what the attention reads, one head's keys contiguous)
-    v: jax.Array  # [B, H, S, D]
+    k: jax.Array | kv_store.Int8KV  # [B, H, S, D] (heads-major: what the attention reads, one head's keys contiguous)
+    v: jax.Array | kv_store.Int8KV  # [B, H, S, D]
 
 
 class Attention(nn.Module):
@@ -51,7 +51,7 @@ class Attention(nn.Module):
     @staticmethod
     def init_cache(cfg: JambaConfig, batch: int, max_length: int, dtype) -> KVCache:
         shape = (batch, cfg.num_key_value_heads, max_length, cfg.head_dim)
-        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        return KVCache(kv_store.empty(shape, dtype), kv_store.empty(shape, dtype))
 
     @nn.compact
     def __call__(self, x_BxLxE, mask: AttentionMask, kv_cache=None, index=None):

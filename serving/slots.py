@@ -26,6 +26,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from common.attention import kv_store
 from common.sharding import constrain
 from jamba_jax.cache import HybridCache, init_cache
 from jamba_jax.layers import KVCache
@@ -59,8 +60,8 @@ def cache_logical_axes(cfg, cache: HybridCache) -> HybridCache:
     lead = ("layers",) if cfg.scan_layers else ()
 
     def layer(c):
-        if isinstance(c, KVCache):
-            return KVCache(*[lead + (None, "kv_heads", None, None)] * 2)
+        if isinstance(c, KVCache):  # an int8 store's scale [B, H, S] splits as its values
+            return jax.tree.map(lambda x: lead + (None, "kv_heads", None, None)[:x.ndim - len(lead)], c)
         return MambaCache(lead + (None, None, "mamba_inner"), lead + (None, "mamba_inner", None))
 
     return HybridCache((None,), (None, None), tuple(layer(c) for c in cache.layers))
@@ -73,7 +74,7 @@ def _pinned(cfg, cache: HybridCache) -> HybridCache:
 
 
 def _kv_dtype(cache: HybridCache):
-    return next((c.k.dtype for c in cache.layers if isinstance(c, KVCache)), None)
+    return next((kv_store.dtype_of(c.k) for c in cache.layers if isinstance(c, KVCache)), None)
 
 
 def _row_axis(cfg) -> int:
@@ -116,11 +117,11 @@ def prefill_group(model, params, cache: HybridCache, logits_SxV, slots_G, ids_Gx
                       attention_mask=mask_GxB, method="prefill")
     lead = (slice(None),) * _row_axis(model.cfg)
 
-    def put(x, new):
-        at = lead + ((slots_G, slice(None), slice(0, b)) if x.ndim - len(lead) == 4 else (slots_G,))
-        return x.at[at].set(new.astype(x.dtype), mode="drop")
+    def put(c, n):  # KV (values, and an int8 store's scales): positions [0, B) of each slot; Mamba: whole rows
+        at = lead + ((slots_G, slice(None), slice(0, b)) if isinstance(c, KVCache) else (slots_G,))
+        return jax.tree.map(lambda x, new: x.at[at].set(new.astype(x.dtype), mode="drop"), c, n)
 
-    layers = tuple(jax.tree.map(put, c, n) for c, n in zip(cache.layers, out.cache.layers, strict=True))
+    layers = tuple(put(c, n) for c, n in zip(cache.layers, out.cache.layers, strict=True))
     new = HybridCache(cache.index.at[slots_G].set(b, mode="drop"),
                       cache.valid.at[slots_G, :b].set(mask_GxB.astype(bool), mode="drop"), layers)
     logits = constrain(logits_SxV.at[slots_G].set(out.logits.astype(jnp.float32), mode="drop"), (None, None))

@@ -1,6 +1,6 @@
 """The serving engine on N virtual CPU devices (a tensor x expert mesh), for tests/test_serving.py: a
-small random Jamba, plain and ExpertsInt8, each request's greedy tokens from the engine on the mesh and
-from generate() on one device. JAX reads XLA_FLAGS once, so the mesh needs its own process.
+small random Jamba, plain, ExpertsInt8 and with an int8 KV cache, each request's greedy tokens from the engine on
+the mesh and from generate() on one device. JAX reads XLA_FLAGS once, so the mesh needs its own process.
 
   python tests/serving_mesh_worker.py --devices 8 --mesh '{"tensor": 2, "expert": 4}'
 
@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 
 import jamba_jax  # noqa: E402
 import serving  # noqa: E402
+from common.attention import kv_store  # noqa: E402
 from common.sharding import make_mesh  # noqa: E402
 from jamba_jax.params import init_params  # noqa: E402
 
@@ -39,12 +40,15 @@ cfg = jamba_jax.JambaConfig(vocab_size=256, hidden_size=64, intermediate_size=64
                             attn_layer_period=4, attn_layer_offset=2, mamba_d_state=8, mamba_dt_rank=8)
 params = init_params(cfg, jax.random.PRNGKey(0))
 params["lm_head"] = params["lm_head"] * 20  # peaky next-token distributions: greedy choices far from ties
-model = jamba_jax.JambaForCausalLM(cfg)
+plain = jamba_jax.JambaForCausalLM(cfg)
 rng = np.random.default_rng(0)
 prompts = [rng.integers(1, 256, size=int(rng.integers(1, 20))).tolist() for _ in range(6)]
 mesh = make_mesh(json.loads(args.mesh))
 result = {}
-for kind, weights in [("plain", params), ("experts_int8", jamba_jax.quantize_experts_int8(cfg, params))]:
+kv_int8 = jamba_jax.JambaForCausalLM(cfg.replace(kv_cache_dtype="int8"))
+runs = [("plain", plain, params), ("experts_int8", plain, jamba_jax.quantize_experts_int8(cfg, params)),
+        ("kv_int8", kv_int8, params)]
+for kind, model, weights in runs:
     alone = [jamba_jax.generate(model, weights, np.asarray([p]), max_new_tokens=10, prefill_chunk=1)[0].tolist()
              for p in prompts]
     engine = serving.Engine(model, weights, Ids(), serving.EngineConfig(max_num_seqs=4, max_model_len=48,
@@ -54,6 +58,7 @@ for kind, weights in [("plain", params), ("experts_int8", jamba_jax.quantize_exp
     before = serving.compilations()
     requests = engine.generate(prompts, serving.SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
     kv = engine.cache.layers[2].k
+    kv = kv.q if isinstance(kv, kv_store.Int8KV) else kv  # (an int8 store: its values, the scales split alike)
     result[kind] = {"engine": [r.output_ids for r in requests], "alone": alone,
                     "compilations": serving.compilations() - before, "kv_sharding": str(kv.sharding.spec),
                     "devices": len(engine.params["lm_head"].sharding.device_set)}

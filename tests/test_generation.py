@@ -288,22 +288,73 @@ def test_a_64k_prompt_prefills_in_memory_independent_of_its_length():
     assert temp[65536] - temp[32768] < 0.25 * PREFILL_BUDGET_BYTES, temp
 
 
-def test_a_decode_step_updates_the_cache_in_place():
+@pytest.mark.parametrize("kv_dtype", ["float32", "int8"])
+def test_a_decode_step_updates_the_cache_in_place(kv_dtype):
     """XLA's buffer accounting for one decode step of the tiny Jamba from a 16384-slot cache: its
     temporaries stay far below the KV cache, i.e. the step writes the new keys into the (donated) cache
     and reads it where it lies; a step that copied the cache (an update scheduled before the reads
-    of the old cache, or fused into a reader) would need at least the cache again."""
+    of the old cache, or fused into a reader) would need at least the cache again. (int8, 64K slots: a chunk of
+    keys and values converted at a time, never a float copy of the cache, which would be 4x the int8 cache.)"""
     import configs.jamba_tiny as tiny
 
-    cfg = jamba_jax.JambaConfig(**tiny.get_config().model.to_dict())
+    cfg = jamba_jax.JambaConfig(**tiny.get_config().model.to_dict()).replace(kv_cache_dtype=kv_dtype)
     model = jamba_jax.JambaForCausalLM(cfg)
     params = jax.eval_shape(lambda: jamba_jax.init_params(cfg, jax.random.PRNGKey(0)))
-    cache = jax.eval_shape(lambda: model.init_cache(2, 16384, jnp.float32))
+    slots = 16384 if kv_dtype == "float32" else 65536  # int8: read in chunks of KV_CHUNK keys, whatever the length
+    cache = jax.eval_shape(lambda: model.init_cache(2, slots))
     logits = jax.ShapeDtypeStruct((2, cfg.vocab_size), jnp.float32)
     done = jax.ShapeDtypeStruct((2,), jnp.bool_)
     stats = decode_step.lower(model, params, cache, logits, done, jax.random.PRNGKey(0), 0.0, None, None, None,
                                0).compile().memory_analysis()
     if stats is None:
         pytest.skip("this backend reports no memory analysis")
-    kv = jamba_jax.cache_bytes(cfg, 2, 16384, "float32")["kv"]
+    kv = jamba_jax.cache_bytes(cfg, 2, slots, kv_dtype)["kv"]  # a copy of the k or the v store: >= kv / 2
     assert stats.temp_size_in_bytes < kv / 4, (stats.temp_size_in_bytes, kv)
+
+
+def test_kv_store_int8_round_trip_is_within_half_a_step():
+    from common.attention import kv_store
+
+    x = jnp.asarray(np.random.RandomState(3).randn(2, 3, 5, 16) * np.logspace(-3, 2, 5)[:, None], jnp.float32)
+    x = x.at[0, 0, 0].set(0.0)  # a zero vector: scale 0, values 0
+    q = kv_store.quantize(x)
+    assert q.q.dtype == jnp.int8 and q.scale.shape == x.shape[:-1]
+    step = np.abs(np.asarray(x)).max(-1, keepdims=True) / 127
+    err = np.abs(np.asarray(kv_store.read(q, jnp.float32)) - np.asarray(x))
+    assert (err <= step / 2 * (1 + 1e-5) + 1e-12).all() and (err[0, 0, 0] == 0).all()
+    store = kv_store.write(kv_store.empty((2, 3, 8, 16), "int8"), x, 2)
+    np.testing.assert_array_equal(store.q[:, :, 2:7], q.q)
+    assert (store.scale[:, :, :2] == 0).all() and (store.scale[:, :, 7:] == 0).all()
+
+
+@pytest.mark.parametrize("kv_dtype, tol", [("bfloat16", 2e-2), ("int8", 5e-2)])
+def test_low_precision_kv_caches_stay_close_to_float32(model_and_params, kv_dtype, tol):
+    """config.kv_cache_dtype: a padded batch prefilled then decoded 6 tokens (teacher-forced with the float32
+    cache's greedy tokens) gives logits within `tol` of the float32 cache's, relative to their spread (bf16
+    keeps 8 mantissa bits, int8 a step of |x|max / 127 per position and head), and the same greedy tokens;
+    the cache holds what it says (int8 values with float32 scales) and `cache_bytes` counts it."""
+    _, model, params = model_and_params
+    ids, mask = padded_prompts(model.cfg.vocab_size)
+    low = jamba_jax.JambaForCausalLM(model.cfg.replace(kv_cache_dtype=kv_dtype))
+
+    def run(m):
+        cache = m.init_cache(ids.shape[0], ids.shape[1] + 6)
+        out = m.apply({"params": params}, ids, cache, attention_mask=mask, method="prefill")
+        logits, cache = [out.logits], out.cache
+        for _ in range(6):
+            token = jnp.argmax(want[len(logits) - 1] if m is low else logits[-1], -1).astype(jnp.int32)
+            out = m.apply({"params": params}, token, cache, method="decode")
+            logits.append(out.logits)
+            cache = out.cache
+        return np.stack(logits), cache
+
+    want = None
+    want, _ = run(model)
+    got, cache = run(low)
+    leaves = jax.tree.leaves(cache.layers[model.cfg.attn_layer_offset])
+    assert [x.dtype for x in leaves] == ([jnp.int8, jnp.float32] * 2 if kv_dtype == "int8" else [jnp.bfloat16] * 2)
+    measured = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache.layers))
+    assert measured == jamba_jax.cache_bytes(model.cfg, ids.shape[0], ids.shape[1] + 6, kv_dtype)["total"]
+    err = np.abs(got - want).max() / want.std()
+    assert 0 < err < tol, err
+    assert (got.argmax(-1) == want.argmax(-1)).all()

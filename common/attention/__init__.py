@@ -12,8 +12,10 @@ lengths.
   kernel      the Pallas forward kernels (TPU, GPU) of `kernels.flash_attention`
   dispatch    `attention(..., impl=)`: "blockwise", "pallas", or "auto" (blockwise on CPU, Pallas elsewhere)
   cached      the decode step's path over a cache (few queries, the cache written in place)
+  kv_store    how a cache holds keys or values: an array of its dtype, or int8 with a scale per position and head
 """
 
+from common.attention import kv_store
 from common.attention.blockwise import blockwise_attention
 from common.attention.cached import cached_attention
 from common.attention.dispatch import ATTENTION_IMPLS, attention, resolve_attention_impl
@@ -21,4 +23,4 @@ from common.attention.kernel import pallas_attention
 from common.attention.mask import AttentionMask, reference_attention
 
 __all__ = ["ATTENTION_IMPLS", "AttentionMask", "attention", "blockwise_attention", "cached_attention",
-           "pallas_attention", "reference_attention", "resolve_attention_impl"]
+           "kv_store", "pallas_attention", "reference_attention", "resolve_attention_impl"]

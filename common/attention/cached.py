@@ -1,13 +1,16 @@
 """Attention of the new tokens of a step over the cache they are written into (`cached_attention`, what
 a model's attention layer calls with a cache).
 
-Few new query rows (new tokens x G <= FEW_ROWS: decoding) on the blockwise path attend over the cache
-as it was before the step's write, in one pass, and over their own keys apart, the two merged by
+Few new query rows (new tokens x G <= FEW_ROWS: decoding) on the blockwise path, or over a cache stored in
+another dtype than the compute dtype (int8, bf16), attend over the cache as it was before the step's write, in
+one pass (`one_pass`), and over their own keys apart, the two merged by
 log-sum-exp; the write comes after the reads, so XLA updates the donated cache in place instead of
 copying it. Anything else (prefill chunks, the Pallas kernels) is `attention` over the updated cache.
 
 With an index per row ([B]: a serving engine's slots, each sequence at its own length) one new token per row
 is written at its row's index and attends over its row's real keys (`per_row_cached_attention`).
+
+The caches are `common.attention.kv_store` stores: arrays of their dtype, or int8 with a scale per position and head.
 """
 
 from __future__ import annotations
@@ -15,35 +18,80 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from common.attention import kv_store
 from common.attention.blocks import LOWEST, dot, plan, rows, unrows
 from common.attention.dispatch import attention, resolve_attention_impl
 from common.attention.mask import AttentionMask
 
 FEW_ROWS = 16  # query rows (new tokens x G) up to which `cached_attention` reads the cache in one pass
+KV_CHUNK = 4096  # keys per step of `one_pass` over a cache not stored in the compute dtype (int8, bf16 under f32)
 
 
-def one_pass(q_rows_BxHxRxD, k_BxHxSxD, v_BxHxSxD, mask: AttentionMask, g: int):
-    """(out [B, H, R, D] float32, lse [B, H, R]) of a few rows (query-major: row = query x G + group, already
-    scaled) over every key at once. Both matmuls take the scores keys-major, [B, H, S, R], the layout in
-    which a few rows stream the keys once; the softmax takes them rows-major, reducing over contiguous S.
-    Holds S x R floats per kv head, which is why only few rows take this path."""
-    b, s_len = mask.k_valid.shape
+def _scores_pass(q_rows_BxHxRxD, k_BxHxSxD, v_BxHxSxD, mask: AttentionMask, g: int, k_start, k_len: int):
+    """(unnormalised out [B, H, R, D] float32, row max m [B, H, R], denominator [B, H, R]) of the rows over keys
+    [k_start, k_start + k_len) of the stores. The scores come out rows-major, [B, H, R, S] (q k^T with k as it
+    lies), the softmax reduces over contiguous S and p v is a plain [R, S] @ [S, D]: no transposes of the
+    scores (0.7x the time of computing them keys-major and transposing twice, from a 128K cache on the CPU)."""
+    dtype = q_rows_BxHxRxD.dtype
+    (k, k_scale), (v, v_scale) = kv_store.parts(k_BxHxSxD, dtype), kv_store.parts(v_BxHxSxD, dtype)
+    b = mask.k_valid.shape[0]
     length = q_rows_BxHxRxD.shape[2] // g
-    s = dot(q_rows_BxHxRxD, k_BxHxSxD, "bhrd,bhsd->bhsr").transpose(0, 1, 3, 2)  # [B, H, R, S]
-    visible = mask.block(0, length, 0, s_len)  # [B, L, S]
-    visible = jnp.broadcast_to(visible[:, None, :, None], (b, 1, length, g, s_len)).reshape(b, 1, -1, s_len)
+    s = dot(q_rows_BxHxRxD, k, "bhrd,bhsd->bhrs")
+    s = s if k_scale is None else s * k_scale[:, :, None, :]
+    visible = mask.block(0, length, k_start, k_len)  # [B, L, S]
+    visible = jnp.broadcast_to(visible[:, None, :, None], (b, 1, length, g, k_len)).reshape(b, 1, -1, k_len)
     s = jnp.where(visible, s, LOWEST)
     m = s.max(axis=-1)
     pr = jnp.exp(s - m[..., None])
-    denom = pr.sum(axis=-1)
-    out = dot(pr.astype(v_BxHxSxD.dtype).transpose(0, 1, 3, 2), v_BxHxSxD, "bhsr,bhsd->bhrd") / denom[..., None]
-    return out, m + jnp.log(denom)
+    pv = pr if v_scale is None else pr * v_scale[:, :, None, :]
+    return dot(pv.astype(v.dtype), v, "bhrs,bhsd->bhrd"), m, pr.sum(axis=-1)
+
+
+def _chunked_pass(q_rows_BxHxRxD, k_BxHxSxD, v_BxHxSxD, mask: AttentionMask, g: int):
+    """`_scores_pass` over chunks of KV_CHUNK keys merged by their running max (flash-decoding, one loop): a store
+    not in the compute dtype is converted a chunk at a time, never as a whole float copy of the cache. The stores
+    ride through the loop and come out of it, for the caller to write into: a buffer that an XLA loop takes in and
+    that is written after it would be copied first. (An optimization barrier in the body keeps XLA from seeing
+    them pass through unchanged and writing into the loop's input instead.) Returns (acc, m, den, k, v)."""
+    s_len = mask.k_valid.shape[1]
+    chunk = min(KV_CHUNK, s_len)
+
+    def step(j, carry):
+        acc, m, den, k_store, v_store = carry
+        k_store, v_store = jax.lax.optimization_barrier((k_store, v_store))
+        start = jnp.minimum(j * chunk, s_len - chunk)  # the last chunk ends at s_len; keys before j x chunk: done
+        k_j, v_j = (jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, chunk, 2), st)
+                    for st in (k_store, v_store))
+        fresh = jnp.arange(s_len, dtype=jnp.int32) >= j * chunk
+        acc_j, m_j, den_j = _scores_pass(q_rows_BxHxRxD, k_j, v_j, mask._replace(k_valid=mask.k_valid & fresh[None]),
+                                         g, start, chunk)
+        top = jnp.maximum(m, m_j)
+        a, a_j = jnp.exp(m - top), jnp.exp(m_j - top)
+        return acc * a[..., None] + acc_j * a_j[..., None], top, den * a + den_j * a_j, k_store, v_store
+
+    b, h, r, d = q_rows_BxHxRxD.shape
+    init = (jnp.zeros((b, h, r, d), jnp.float32), jnp.full((b, h, r), LOWEST, jnp.float32),
+            jnp.zeros((b, h, r), jnp.float32), k_BxHxSxD, v_BxHxSxD)
+    return jax.lax.fori_loop(0, -(-s_len // chunk), step, init)
+
+
+def one_pass(q_rows_BxHxRxD, k_BxHxSxD, v_BxHxSxD, mask: AttentionMask, g: int):
+    """(out [B, H, R, D] float32, lse [B, H, R], k store, v store) of a few rows (query-major: row = query x G +
+    group, already scaled) over every key. Keys and values are kv_store stores (int8: each position's scale
+    multiplies its scores, and its probabilities before the values' product): in the compute dtype, read in one
+    pass (S x R floats of scores per kv head, which is why only few rows take this path); otherwise in chunks
+    (`_chunked_pass`). A caller that writes into the stores afterwards writes into the ones returned."""
+    dtype = q_rows_BxHxRxD.dtype
+    if all(kv_store.dtype_of(x) == dtype for x in (k_BxHxSxD, v_BxHxSxD)):
+        acc, m, den = _scores_pass(q_rows_BxHxRxD, k_BxHxSxD, v_BxHxSxD, mask, g, 0, mask.k_valid.shape[1])
+        k_out, v_out = k_BxHxSxD, v_BxHxSxD
+    else:
+        acc, m, den, k_out, v_out = _chunked_pass(q_rows_BxHxRxD, k_BxHxSxD, v_BxHxSxD, mask, g)
+    return acc / den[..., None], m + jnp.log(den), k_out, v_out
 
 
 def _write(k_cache, v_cache, k_new, v_new, at):
-    start = (0, 0, at, 0)
-    return (jax.lax.dynamic_update_slice(k_cache, k_new.astype(k_cache.dtype), start),
-            jax.lax.dynamic_update_slice(v_cache, v_new.astype(v_cache.dtype), start))
+    return kv_store.write(k_cache, k_new, at), kv_store.write(v_cache, v_new, at)
 
 
 def per_row_cached_attention(q_BxLxHxGxD, k_new_BxHxLxD, v_new_BxHxLxD, k_cache_BxHxSxD, v_cache_BxHxSxD, index_B,
@@ -55,14 +103,11 @@ def per_row_cached_attention(q_BxLxHxGxD, k_new_BxHxLxD, v_new_BxHxLxD, k_cache_
     if length != 1:
         raise ValueError(f"per-row cache positions take one new token per row, got {length}")
     dtype = q_BxLxHxGxD.dtype
-    rows_B = jnp.arange(b)
-    k_cache = k_cache_BxHxSxD.at[rows_B, :, index_B].set(k_new_BxHxLxD[:, :, 0].astype(k_cache_BxHxSxD.dtype),
-                                                         mode="drop")
-    v_cache = v_cache_BxHxSxD.at[rows_B, :, index_B].set(v_new_BxHxLxD[:, :, 0].astype(v_cache_BxHxSxD.dtype),
-                                                         mode="drop")
-    s_len = k_cache.shape[2]
+    k_cache = kv_store.write_rows(k_cache_BxHxSxD, k_new_BxHxLxD[:, :, 0], index_B)
+    v_cache = kv_store.write_rows(v_cache_BxHxSxD, v_new_BxHxLxD[:, :, 0], index_B)
+    s_len = mask.k_valid.shape[1]
     q_rows = rows(q_BxLxHxGxD * jnp.asarray(d ** -0.5, dtype), plan(1, s_len, 1, s_len, g))[0]
-    out, _ = one_pass(q_rows, k_cache.astype(dtype), v_cache.astype(dtype), AttentionMask(mask.k_valid), g)
+    out, _, k_cache, v_cache = one_pass(q_rows, k_cache, v_cache, AttentionMask(mask.k_valid), g)
     return unrows(out[None], 1, g).astype(dtype), k_cache, v_cache
 
 
@@ -76,19 +121,25 @@ def cached_attention(q_BxLxHxGxD, k_new_BxHxLxD, v_new_BxHxLxD, k_cache_BxHxSxD,
                                         index, mask)
     b, length, nkv, g, d = q_BxLxHxGxD.shape
     dtype = q_BxLxHxGxD.dtype
-    if length * g > FEW_ROWS or resolve_attention_impl(impl, g, d) != "blockwise":
+    native = all(kv_store.dtype_of(x) == dtype for x in (k_cache_BxHxSxD, v_cache_BxHxSxD))
+    # (a cache in another dtype takes the chunked one pass on every platform: the kernels read compute-dtype arrays,
+    # and handing them the cache dequantized would convert all of it each step)
+    if length * g > FEW_ROWS or (native and resolve_attention_impl(impl, g, d) != "blockwise"):
         k_cache, v_cache = _write(k_cache_BxHxSxD, v_cache_BxHxSxD, k_new_BxHxLxD, v_new_BxHxLxD, index)
-        return attention(q_BxLxHxGxD, k_cache.astype(dtype), v_cache.astype(dtype), mask, impl), k_cache, v_cache
+        out = attention(q_BxLxHxGxD, kv_store.read(k_cache, dtype), kv_store.read(v_cache, dtype), mask, impl)
+        return out, k_cache, v_cache
     if mask.q_segment is not None:
         raise ValueError("cached_attention: packed segments do not apply to a cache")
-    s_len = k_cache_BxHxSxD.shape[2]
+    s_len = mask.k_valid.shape[1]
     q_rows = rows(q_BxLxHxGxD * jnp.asarray(d ** -0.5, dtype), plan(length, s_len, length, s_len, g))[0]
     before = jnp.arange(s_len, dtype=jnp.int32) < index
-    o1, lse1 = one_pass(q_rows, k_cache_BxHxSxD.astype(dtype), v_cache_BxHxSxD.astype(dtype),
-                        mask._replace(k_valid=mask.k_valid & before[None]), g)
+    o1, lse1, k_cache, v_cache = one_pass(q_rows, k_cache_BxHxSxD, v_cache_BxHxSxD,
+                                          mask._replace(k_valid=mask.k_valid & before[None]), g)
     own_valid = jax.lax.dynamic_slice_in_dim(mask.k_valid, index, length, axis=1)
-    o2, lse2 = one_pass(q_rows, k_new_BxHxLxD.astype(dtype), v_new_BxHxLxD.astype(dtype),
-                        AttentionMask(own_valid, mask.q_pos - index), g)
+    # the new keys and values as the cache will hold them (int8, bf16: rounded), so this step sees them as every
+    # later step and a serving slot (which writes before it reads) will
+    own = [kv_store.as_stored(c, x, dtype) for c, x in ((k_cache, k_new_BxHxLxD), (v_cache, v_new_BxHxLxD))]
+    o2, lse2, _, _ = one_pass(q_rows, *own, AttentionMask(own_valid, mask.q_pos - index), g)
     top = jnp.maximum(lse1, lse2)
     w1, w2 = jnp.exp(lse1 - top), jnp.exp(lse2 - top)
     out = (o1 * w1[..., None] + o2 * w2[..., None]) / (w1 + w2)[..., None]
@@ -98,5 +149,5 @@ def cached_attention(q_BxLxHxGxD, k_new_BxHxLxD, v_new_BxHxLxD, k_cache_BxHxSxD,
     # copy the cache). Needed: an optimization_barrier over (out, caches), (out, index) or (out, new keys)
     # leaves the copy in (tests/test_generation.py::test_a_decode_step_updates_the_cache_in_place).
     after = jnp.minimum(index, jnp.where(jnp.isnan(out.reshape(-1)[0]), jnp.iinfo(jnp.int32).max, index))
-    k_cache, v_cache = _write(k_cache_BxHxSxD, v_cache_BxHxSxD, k_new_BxHxLxD, v_new_BxHxLxD, after)
+    k_cache, v_cache = _write(k_cache, v_cache, k_new_BxHxLxD, v_new_BxHxLxD, after)
     return out, k_cache, v_cache
