@@ -288,13 +288,13 @@ def test_a_64k_prompt_prefills_in_memory_independent_of_its_length():
     assert temp[65536] - temp[32768] < 0.25 * PREFILL_BUDGET_BYTES, temp
 
 
-@pytest.mark.parametrize("kv_dtype", ["float32", "int8"])
+@pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16", "int8"])
 def test_a_decode_step_updates_the_cache_in_place(kv_dtype):
     """XLA's buffer accounting for one decode step of the tiny Jamba from a 16384-slot cache: its
     temporaries stay far below the KV cache, i.e. the step writes the new keys into the (donated) cache
     and reads it where it lies; a step that copied the cache (an update scheduled before the reads
-    of the old cache, or fused into a reader) would need at least the cache again. (int8, 64K slots: a chunk of
-    keys and values converted at a time, never a float copy of the cache, which would be 4x the int8 cache.)"""
+    of the old cache, or fused into a reader) would need at least the cache again. (bf16, int8, 64K slots: bf16
+    multiplied as it lies, int8 a chunk of keys and values converted at a time, never a float copy of the cache.)"""
     import configs.jamba_tiny as tiny
 
     cfg = jamba_jax.JambaConfig(**tiny.get_config().model.to_dict()).replace(kv_cache_dtype=kv_dtype)

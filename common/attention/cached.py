@@ -24,7 +24,7 @@ from common.attention.dispatch import attention, resolve_attention_impl
 from common.attention.mask import AttentionMask
 
 FEW_ROWS = 16  # query rows (new tokens x G) up to which `cached_attention` reads the cache in one pass
-KV_CHUNK = 4096  # keys per step of `one_pass` over a cache not stored in the compute dtype (int8, bf16 under f32)
+KV_CHUNK = 4096  # keys per step of `one_pass` over an int8 cache
 
 
 def _scores_pass(q_rows_BxHxRxD, k_BxHxSxD, v_BxHxSxD, mask: AttentionMask, g: int, k_start, k_len: int):
@@ -36,7 +36,7 @@ def _scores_pass(q_rows_BxHxRxD, k_BxHxSxD, v_BxHxSxD, mask: AttentionMask, g: i
     (k, k_scale), (v, v_scale) = kv_store.parts(k_BxHxSxD, dtype), kv_store.parts(v_BxHxSxD, dtype)
     b = mask.k_valid.shape[0]
     length = q_rows_BxHxRxD.shape[2] // g
-    s = dot(q_rows_BxHxRxD, k, "bhrd,bhsd->bhrs")
+    s = dot(q_rows_BxHxRxD.astype(k.dtype), k, "bhrd,bhsd->bhrs")  # (a bf16 store: bf16 products, f32 sums)
     s = s if k_scale is None else s * k_scale[:, :, None, :]
     visible = mask.block(0, length, k_start, k_len)  # [B, L, S]
     visible = jnp.broadcast_to(visible[:, None, :, None], (b, 1, length, g, k_len)).reshape(b, 1, -1, k_len)
@@ -48,8 +48,8 @@ def _scores_pass(q_rows_BxHxRxD, k_BxHxSxD, v_BxHxSxD, mask: AttentionMask, g: i
 
 
 def _chunked_pass(q_rows_BxHxRxD, k_BxHxSxD, v_BxHxSxD, mask: AttentionMask, g: int):
-    """`_scores_pass` over chunks of KV_CHUNK keys merged by their running max (flash-decoding, one loop): a store
-    not in the compute dtype is converted a chunk at a time, never as a whole float copy of the cache. The stores
+    """`_scores_pass` over chunks of KV_CHUNK keys merged by their running max (flash-decoding, one loop): an int8
+    store is converted a chunk at a time, never as a whole float copy of the cache. The stores
     ride through the loop and come out of it, for the caller to write into: a buffer that an XLA loop takes in and
     that is written after it would be copied first. (An optimization barrier in the body keeps XLA from seeing
     them pass through unchanged and writing into the loop's input instead.) Returns (acc, m, den, k, v)."""
@@ -78,11 +78,10 @@ def _chunked_pass(q_rows_BxHxRxD, k_BxHxSxD, v_BxHxSxD, mask: AttentionMask, g: 
 def one_pass(q_rows_BxHxRxD, k_BxHxSxD, v_BxHxSxD, mask: AttentionMask, g: int):
     """(out [B, H, R, D] float32, lse [B, H, R], k store, v store) of a few rows (query-major: row = query x G +
     group, already scaled) over every key. Keys and values are kv_store stores (int8: each position's scale
-    multiplies its scores, and its probabilities before the values' product): in the compute dtype, read in one
-    pass (S x R floats of scores per kv head, which is why only few rows take this path); otherwise in chunks
+    multiplies its scores, and its probabilities before the values' product): float stores read in one pass (S x R
+    floats of scores per kv head, which is why only few rows take this path), int8 ones in chunks
     (`_chunked_pass`). A caller that writes into the stores afterwards writes into the ones returned."""
-    dtype = q_rows_BxHxRxD.dtype
-    if all(kv_store.dtype_of(x) == dtype for x in (k_BxHxSxD, v_BxHxSxD)):
+    if not any(isinstance(x, kv_store.Int8KV) for x in (k_BxHxSxD, v_BxHxSxD)):
         acc, m, den = _scores_pass(q_rows_BxHxRxD, k_BxHxSxD, v_BxHxSxD, mask, g, 0, mask.k_valid.shape[1])
         k_out, v_out = k_BxHxSxD, v_BxHxSxD
     else:
