@@ -66,6 +66,26 @@ def decode_figures(batches, prompt_len, new_tokens, model_name: str):
     return rows
 
 
+def prefill_lines(prefill: dict) -> list[str]:
+    lines = []
+    lines.append(f"""
+Prefill: one prompt of L random tokens in chunks of {PREFILL_CHUNK} (`jamba_jax.prefill`), fresh process each,
+time after compiling the chunk step; peak RSS of the process (Python, JAX, weights, cache, one chunk).
+
+| tokens | seconds | tokens/s | peak RSS MiB | cache MiB (float32 KV + Mamba states) |
+| ---: | ---: | ---: | ---: | ---: |""")
+    for length, r in prefill.items():
+        if r is None:
+            lines.append(f"| {length} | failed | | | |")
+            continue
+        lines.append(f"| {length} | {r['seconds']:.2f} | {length / r['seconds']:,.0f} | {r['peak_bytes'] / 2**20:,.0f} | "
+                     f"{r['cache_bytes'] / 2**20:,.1f} |")
+    if all(prefill.get(n) for n in (32768, 131072)):
+        ratio = prefill[131072]["seconds"] / prefill[32768]["seconds"]
+        lines.append(f"\ntime(128K) / time(32K) = {ratio:.2f} (linear would be 4; attention over the cache is quadratic).")
+    return lines
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
@@ -89,7 +109,7 @@ def main(argv=None):
         print(length, prefill[length], out.stderr[-500:] if out.returncode else "", flush=True)
     lines = [f"""## Generation against transformers (issues: generation with a hybrid cache, 32)
 
-Command: `python -m benchmarks.generation --batches {' '.join(map(str, args.batches))} --prefill_lengths {' '.join(map(str, args.prefill_lengths))} --model {args.model}`
+Command: `python -m benchmarks.generation --batches {' '.join(map(str, args.batches))} {' '.join(['--prefill_lengths', *map(str, args.prefill_lengths)])} --model {args.model}`
 Machine: {machine()}; the {MODEL_NAMES[args.model]}, float32, random weights (the same in both for decode).
 
 Decode: prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, no EOS; wall time of the whole
@@ -100,21 +120,8 @@ cache (Mamba state update, KV cache) on the same prompts.
 | ---: | ---: | ---: | ---: | ---: | ---: | --- |"""]
     for batch, t_ours, t_hf, n, same in decode:
         lines.append(f"| {batch} | {t_ours:.3f} | {n / t_ours:,.0f} | {t_hf:.3f} | {n / t_hf:,.0f} | {t_hf / t_ours:.1f}x | {same} |")
-    lines.append(f"""
-Prefill: one prompt of L random tokens in chunks of {PREFILL_CHUNK} (`jamba_jax.prefill`), fresh process each,
-time after compiling the chunk step; peak RSS of the process (Python, JAX, weights, cache, one chunk).
-
-| tokens | seconds | tokens/s | peak RSS MiB | cache MiB (float32 KV + Mamba states) |
-| ---: | ---: | ---: | ---: | ---: |""")
-    for length, r in prefill.items():
-        if r is None:
-            lines.append(f"| {length} | failed | | | |")
-            continue
-        lines.append(f"| {length} | {r['seconds']:.2f} | {length / r['seconds']:,.0f} | {r['peak_bytes'] / 2**20:,.0f} | "
-                     f"{r['cache_bytes'] / 2**20:,.1f} |")
-    if all(prefill.get(n) for n in (32768, 131072)):
-        ratio = prefill[131072]["seconds"] / prefill[32768]["seconds"]
-        lines.append(f"\ntime(128K) / time(32K) = {ratio:.2f} (linear would be 4; attention over the cache is quadratic).")
+    lines += prefill_lines(prefill) if prefill else [
+        "\nPrefill: not measured in this run (`--prefill_lengths`; long prompts: the `long_context` section)."]
     body = "\n".join(lines) + "\n"
     print(body)
     write_section("generation", body)

@@ -16,6 +16,7 @@ def get_config():
     c.top_p = 0.0  # 0 = no nucleus filter; else in (0, 1]
     c.seed = 0  # sampling PRNG seed
     c.prefill_chunk = 0  # prompt chunk size (0 = chosen from a memory budget: jamba_jax.generation)
+    c.kv_cache_dtype = ""  # float32, bfloat16 or int8 ("" = the checkpoint's kv_cache_dtype or compute dtype)
     c.tokenizer = ""  # tokenizer.json / SentencePiece model ("" = the checkpoint's own, else the bundled BPE)
     c.chat = False  # True: the prompt is a user message in the tokenizer's chat template; only the reply printed
     c.system = ""  # chat: a system message before it ("" = none)

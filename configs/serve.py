@@ -23,7 +23,7 @@ def get_config():
     c.max_queue = 1024  # waiting requests beyond which new ones get HTTP 503
     c.default_max_tokens = 16  # max_tokens of a request that names none (OpenAI's completions default)
     c.quantize = ""  # "experts_int8": the experts' weights int8 (ExpertsInt8) as they load
-    c.cache_dtype = ""  # KV cache dtype ("" = the model's compute dtype)
+    c.cache_dtype = ""  # KV cache dtype: float32, bfloat16 or int8 ("" = the model's kv_cache_dtype or compute dtype)
     c.dtype = ""  # compute dtype ("" = the checkpoint's; bfloat16 on accelerators)
     # the devices present as a mesh (-1: the rest of them): tensor parallel by default; expert > 1 splits the
     # experts (and their tokens) over devices; the weights and KV heads shard by their logical axes

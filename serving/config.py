@@ -7,6 +7,7 @@ import dataclasses
 
 import jax
 
+from common.attention.kv_store import KV_CACHE_DTYPES
 from common.errors import UserError
 from common.memory import GIB, device_memory_bytes, tree_bytes
 from jamba_jax.params import forward_bytes_per_token
@@ -25,7 +26,8 @@ class EngineConfig:
     prefill_chunk: int = 256  # the longest prompt piece (a power of two)
     decode_steps: int = 8  # decode steps per device call (tokens reach the host, and requests join, between calls)
     max_queue: int = 1024  # waiting requests beyond which new ones are refused
-    cache_dtype: str | None = None  # KV cache dtype (None: the model's compute dtype)
+    cache_dtype: str | None = None  # KV cache dtype: float32, bfloat16, int8 (None: the model's kv_cache_dtype or
+    # compute dtype)
 
     def check(self) -> None:
         for name in ("max_num_seqs", "max_model_len", "max_num_batched_tokens", "prefill_chunk", "max_queue",
@@ -34,6 +36,8 @@ class EngineConfig:
                 raise EngineConfigError(f"{name}={getattr(self, name)} must be at least 1")
         if self.prefill_chunk & (self.prefill_chunk - 1):
             raise EngineConfigError(f"prefill_chunk={self.prefill_chunk} must be a power of two")
+        if self.cache_dtype not in (None,) + KV_CACHE_DTYPES:
+            raise EngineConfigError(f"cache_dtype={self.cache_dtype!r} must be one of {KV_CACHE_DTYPES}")
 
 
 def memory_needed(cfg, params, config: EngineConfig, param_shardings=None, cache_shardings=None) -> dict[str, int]:

@@ -43,6 +43,7 @@ def run(config, workdir: str) -> np.ndarray:
         raise GenerationError('config.prompt is empty: give the text to continue (--config.prompt="...")')
     source = locate_checkpoint(config.checkpoint)
     cfg, params = load_checkpoint(source)
+    cfg = cfg.replace(kv_cache_dtype=config.get("kv_cache_dtype") or cfg.kv_cache_dtype)  # (checked: one line)
     tokenizer = load_tokenizer(config.tokenizer or checkpoint_tokenizer(source), cfg.vocab_size, source.description,
                                field="config.tokenizer")
     ids = np.asarray([prompt_ids(config, tokenizer)], np.int32)

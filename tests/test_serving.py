@@ -161,6 +161,8 @@ def test_slots_that_cannot_fit_the_device_are_refused_with_the_figures(served):
         Engine(model, params, tok, EngineConfig(max_num_seqs=4096, max_model_len=2**20))
     with pytest.raises(EngineConfigError, match="power of two"):
         Engine(model, params, tok, EngineConfig(prefill_chunk=48))
+    with pytest.raises(EngineConfigError, match="cache_dtype='fp8' must be one of"):
+        Engine(model, params, tok, EngineConfig(cache_dtype="fp8"))
 
 
 def test_each_row_samples_with_its_own_settings():

@@ -113,7 +113,8 @@ def test_written_files_honour_the_umask(tmp_path):
 
 
 def test_generation_from_a_workdir_is_quiet(tmp_path):
-    """No orbax chatter (e.g. 'Given directory is read only') around the generated text."""
+    """No orbax chatter (e.g. 'Given directory is read only') around the generated text; a KV cache dtype that
+    does not exist is named in one line."""
     from test_training import small_config
 
     import tasks
@@ -125,6 +126,9 @@ def test_generation_from_a_workdir_is_quiet(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("dog:")
     assert "read only" not in out.stderr and "WARNING" not in out.stderr.upper(), out.stderr[-2000:]
+    out, _ = run(MAIN, f"--config={ROOT}/configs/generate.py", f"--config.checkpoint={workdir}",
+                 "--config.prompt=dog:", "--config.max_new_tokens=4", "--config.kv_cache_dtype=int4")
+    assert_one_line_error(out, "kv_cache_dtype='int4'", "bfloat16")
 
 
 # --- fine-tuning (hf_dir and chat_file: conftest.py) ----------------------------------------------
