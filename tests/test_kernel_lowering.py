@@ -114,6 +114,25 @@ def test_attention_lowers_to_the_platform_kernel(platform, case):
     assert kernel_calls(platform, fn, *args) == 1  # the forward kernel (the backward is the XLA blockwise one)
 
 
+@pytest.mark.parametrize("platform", ["tpu", "gpu"])
+@pytest.mark.parametrize("kv_dtype", ["bfloat16", "int8"])
+def test_a_decode_step_over_a_low_precision_cache_lowers(platform, kv_dtype):
+    """One token for 64 rows of a 256K int8 / bf16 cache at Mini's heads (bf16 compute: bf16 is then the compute
+    dtype, and the step takes the kernel; int8 takes the XLA pass that reads the cache in chunks, never the
+    kernel, which reads compute-dtype arrays), the write into the cache included."""
+    from common.attention import cached_attention, kv_store
+
+    b, keys, nkv, g, d = 64, 262144, 8, 4, 128
+    store = jax.eval_shape(lambda: kv_store.empty((b, nkv, keys, d), kv_dtype))
+
+    def step(q, k_new, v_new, k_cache, v_cache, valid, index):
+        return cached_attention(q, k_new, v_new, k_cache, v_cache, index, AttentionMask.cached(valid, index, 1))
+
+    args = (sd((b, 1, nkv, g, d), jnp.bfloat16), sd((b, nkv, 1, d), jnp.bfloat16), sd((b, nkv, 1, d), jnp.bfloat16),
+            store, store, sd((b, keys), bool), sd((), jnp.int32))
+    assert kernel_calls(platform, step, *args) == (1 if kv_dtype == "bfloat16" else 0)
+
+
 @pytest.mark.parametrize("g", [4, 8])  # Mini (32 / 8 heads) and Large (64 / 8)
 def test_tpu_flash_attention_fits_vmem(g):
     for q_len, keys in ((4096, 4096), (1, 262144), (2048, 262144)):
