@@ -49,44 +49,40 @@ def _scores_pass(q_rows_BxHxRxD, k_BxHxSxD, v_BxHxSxD, mask: AttentionMask, g: i
 
 def _chunked_pass(q_rows_BxHxRxD, k_BxHxSxD, v_BxHxSxD, mask: AttentionMask, g: int):
     """`_scores_pass` over chunks of KV_CHUNK keys merged by their running max (flash-decoding, one loop): an int8
-    store is converted a chunk at a time, never as a whole float copy of the cache. The stores
-    ride through the loop and come out of it, for the caller to write into: a buffer that an XLA loop takes in and
-    that is written after it would be copied first. (An optimization barrier in the body keeps XLA from seeing
-    them pass through unchanged and writing into the loop's input instead.) Returns (acc, m, den, k, v)."""
+    store is converted a chunk at a time, never as a whole float copy of the cache. (A loop, not unrolled chunks:
+    XLA schedules unrolled chunks' converts all at once, which is the float copy again.)"""
     s_len = mask.k_valid.shape[1]
     chunk = min(KV_CHUNK, s_len)
 
     def step(j, carry):
-        acc, m, den, k_store, v_store = carry
-        k_store, v_store = jax.lax.optimization_barrier((k_store, v_store))
+        acc, m, den = carry
         start = jnp.minimum(j * chunk, s_len - chunk)  # the last chunk ends at s_len; keys before j x chunk: done
         k_j, v_j = (jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, chunk, 2), st)
-                    for st in (k_store, v_store))
+                    for st in (k_BxHxSxD, v_BxHxSxD))
         fresh = jnp.arange(s_len, dtype=jnp.int32) >= j * chunk
         acc_j, m_j, den_j = _scores_pass(q_rows_BxHxRxD, k_j, v_j, mask._replace(k_valid=mask.k_valid & fresh[None]),
                                          g, start, chunk)
         top = jnp.maximum(m, m_j)
         a, a_j = jnp.exp(m - top), jnp.exp(m_j - top)
-        return acc * a[..., None] + acc_j * a_j[..., None], top, den * a + den_j * a_j, k_store, v_store
+        return acc * a[..., None] + acc_j * a_j[..., None], top, den * a + den_j * a_j
 
     b, h, r, d = q_rows_BxHxRxD.shape
     init = (jnp.zeros((b, h, r, d), jnp.float32), jnp.full((b, h, r), LOWEST, jnp.float32),
-            jnp.zeros((b, h, r), jnp.float32), k_BxHxSxD, v_BxHxSxD)
+            jnp.zeros((b, h, r), jnp.float32))
     return jax.lax.fori_loop(0, -(-s_len // chunk), step, init)
 
 
 def one_pass(q_rows_BxHxRxD, k_BxHxSxD, v_BxHxSxD, mask: AttentionMask, g: int):
-    """(out [B, H, R, D] float32, lse [B, H, R], k store, v store) of a few rows (query-major: row = query x G +
-    group, already scaled) over every key. Keys and values are kv_store stores (int8: each position's scale
+    """(out [B, H, R, D] float32, lse [B, H, R]) of a few rows (query-major: row = query x G + group, already
+    scaled) over every key. Keys and values are kv_store stores (int8: each position's scale
     multiplies its scores, and its probabilities before the values' product): float stores read in one pass (S x R
     floats of scores per kv head, which is why only few rows take this path), int8 ones in chunks
-    (`_chunked_pass`). A caller that writes into the stores afterwards writes into the ones returned."""
+    (`_chunked_pass`)."""
     if not any(isinstance(x, kv_store.Int8KV) for x in (k_BxHxSxD, v_BxHxSxD)):
         acc, m, den = _scores_pass(q_rows_BxHxRxD, k_BxHxSxD, v_BxHxSxD, mask, g, 0, mask.k_valid.shape[1])
-        k_out, v_out = k_BxHxSxD, v_BxHxSxD
     else:
-        acc, m, den, k_out, v_out = _chunked_pass(q_rows_BxHxRxD, k_BxHxSxD, v_BxHxSxD, mask, g)
-    return acc / den[..., None], m + jnp.log(den), k_out, v_out
+        acc, m, den = _chunked_pass(q_rows_BxHxRxD, k_BxHxSxD, v_BxHxSxD, mask, g)
+    return acc / den[..., None], m + jnp.log(den)
 
 
 def _write(k_cache, v_cache, k_new, v_new, at):
@@ -106,7 +102,7 @@ def per_row_cached_attention(q_BxLxHxGxD, k_new_BxHxLxD, v_new_BxHxLxD, k_cache_
     v_cache = kv_store.write_rows(v_cache_BxHxSxD, v_new_BxHxLxD[:, :, 0], index_B)
     s_len = mask.k_valid.shape[1]
     q_rows = rows(q_BxLxHxGxD * jnp.asarray(d ** -0.5, dtype), plan(1, s_len, 1, s_len, g))[0]
-    out, _, k_cache, v_cache = one_pass(q_rows, k_cache, v_cache, AttentionMask(mask.k_valid), g)
+    out, _ = one_pass(q_rows, k_cache, v_cache, AttentionMask(mask.k_valid), g)
     return unrows(out[None], 1, g).astype(dtype), k_cache, v_cache
 
 
@@ -132,13 +128,14 @@ def cached_attention(q_BxLxHxGxD, k_new_BxHxLxD, v_new_BxHxLxD, k_cache_BxHxSxD,
     s_len = mask.k_valid.shape[1]
     q_rows = rows(q_BxLxHxGxD * jnp.asarray(d ** -0.5, dtype), plan(length, s_len, length, s_len, g))[0]
     before = jnp.arange(s_len, dtype=jnp.int32) < index
-    o1, lse1, k_cache, v_cache = one_pass(q_rows, k_cache_BxHxSxD, v_cache_BxHxSxD,
-                                          mask._replace(k_valid=mask.k_valid & before[None]), g)
+    o1, lse1 = one_pass(q_rows, k_cache_BxHxSxD, v_cache_BxHxSxD, mask._replace(k_valid=mask.k_valid & before[None]),
+                        g)
     own_valid = jax.lax.dynamic_slice_in_dim(mask.k_valid, index, length, axis=1)
     # the new keys and values as the cache will hold them (int8, bf16: rounded), so this step sees them as every
     # later step and a serving slot (which writes before it reads) will
-    own = [kv_store.as_stored(c, x, dtype) for c, x in ((k_cache, k_new_BxHxLxD), (v_cache, v_new_BxHxLxD))]
-    o2, lse2, _, _ = one_pass(q_rows, *own, AttentionMask(own_valid, mask.q_pos - index), g)
+    own = [kv_store.as_stored(c, x, dtype) for c, x in ((k_cache_BxHxSxD, k_new_BxHxLxD),
+                                                        (v_cache_BxHxSxD, v_new_BxHxLxD))]
+    o2, lse2 = one_pass(q_rows, *own, AttentionMask(own_valid, mask.q_pos - index), g)
     top = jnp.maximum(lse1, lse2)
     w1, w2 = jnp.exp(lse1 - top), jnp.exp(lse2 - top)
     out = (o1 * w1[..., None] + o2 * w2[..., None]) / (w1 + w2)[..., None]
@@ -148,5 +145,5 @@ def cached_attention(q_BxLxHxGxD, k_new_BxHxLxD, v_new_BxHxLxD, k_cache_BxHxSxD,
     # copy the cache). Needed: an optimization_barrier over (out, caches), (out, index) or (out, new keys)
     # leaves the copy in (tests/test_generation.py::test_a_decode_step_updates_the_cache_in_place).
     after = jnp.minimum(index, jnp.where(jnp.isnan(out.reshape(-1)[0]), jnp.iinfo(jnp.int32).max, index))
-    k_cache, v_cache = _write(k_cache, v_cache, k_new_BxHxLxD, v_new_BxHxLxD, after)
+    k_cache, v_cache = _write(k_cache_BxHxSxD, v_cache_BxHxSxD, k_new_BxHxLxD, v_new_BxHxLxD, after)
     return out, k_cache, v_cache
