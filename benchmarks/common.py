@@ -91,7 +91,7 @@ def write_section(name: str, body: str) -> None:
         f.write(text)
 
 
-def tiny_models(name: str = "tiny", **hf_overrides):
+def tiny_models(name: str = "tiny"):
     """transformers' JambaForCausalLM with benchmark model `name` (MODEL_OVERRIDES; torch seed 0), and our
     (cfg, params) loaded from its save_pretrained output: the same weights on both sides."""
     import tempfile
@@ -103,7 +103,7 @@ def tiny_models(name: str = "tiny", **hf_overrides):
     cfg = jamba_jax.JambaConfig.from_dict(model_config(name).model.to_dict())
     hf_kwargs = {k: v for k, v in cfg.to_hf_dict().items() if k not in ("model_type", "architectures", "dtype")}
     torch.manual_seed(0)
-    hf = transformers.JambaForCausalLM(transformers.JambaConfig(**{**hf_kwargs, **hf_overrides})).eval()
+    hf = transformers.JambaForCausalLM(transformers.JambaConfig(**hf_kwargs)).eval()
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
         cfg, params = jamba_jax.load_hf_checkpoint(d)

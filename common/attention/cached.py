@@ -27,11 +27,13 @@ FEW_ROWS = 16  # query rows (new tokens x G) up to which `cached_attention` read
 KV_CHUNK = 4096  # keys per step of `one_pass` over an int8 cache
 
 
-def _scores_pass(q_rows_BxHxRxD, k_BxHxSxD, v_BxHxSxD, mask: AttentionMask, g: int, k_start, k_len: int):
+def _scores_pass(q_rows_BxHxRxD, k_BxHxSxD, v_BxHxSxD, mask: AttentionMask, g: int, k_start, k_len: int,
+                 k_from=None):
     """(unnormalised out [B, H, R, D] float32, row max m [B, H, R], denominator [B, H, R]) of the rows over keys
-    [k_start, k_start + k_len) of the stores. The scores come out rows-major, [B, H, R, S] (q k^T with k as it
-    lies), the softmax reduces over contiguous S and p v is a plain [R, S] @ [S, D]: no transposes of the
-    scores (0.7x the time of computing them keys-major and transposing twice, from a 128K cache on the CPU)."""
+    [k_start, k_start + k_len) of the stores (those before `k_from`, when given, unseen). The scores come out
+    rows-major, [B, H, R, S] (q k^T with k as it lies), the softmax reduces over contiguous S and p v is a plain
+    [R, S] @ [S, D]: no transposes of the scores (0.7x the time of computing them keys-major and transposing
+    twice, from a 128K cache on the CPU)."""
     dtype = q_rows_BxHxRxD.dtype
     (k, k_scale), (v, v_scale) = kv_store.parts(k_BxHxSxD, dtype), kv_store.parts(v_BxHxSxD, dtype)
     b = mask.k_valid.shape[0]
@@ -39,6 +41,8 @@ def _scores_pass(q_rows_BxHxRxD, k_BxHxSxD, v_BxHxSxD, mask: AttentionMask, g: i
     s = dot(q_rows_BxHxRxD.astype(k.dtype), k, "bhrd,bhsd->bhrs")  # (a bf16 store: bf16 products, f32 sums)
     s = s if k_scale is None else s * k_scale[:, :, None, :]
     visible = mask.block(0, length, k_start, k_len)  # [B, L, S]
+    if k_from is not None:
+        visible = visible & (k_start + jnp.arange(k_len, dtype=jnp.int32) >= k_from)
     visible = jnp.broadcast_to(visible[:, None, :, None], (b, 1, length, g, k_len)).reshape(b, 1, -1, k_len)
     s = jnp.where(visible, s, LOWEST)
     m = s.max(axis=-1)
@@ -59,9 +63,7 @@ def _chunked_pass(q_rows_BxHxRxD, k_BxHxSxD, v_BxHxSxD, mask: AttentionMask, g: 
         start = jnp.minimum(j * chunk, s_len - chunk)  # the last chunk ends at s_len; keys before j x chunk: done
         k_j, v_j = (jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, chunk, 2), st)
                     for st in (k_BxHxSxD, v_BxHxSxD))
-        fresh = jnp.arange(s_len, dtype=jnp.int32) >= j * chunk
-        acc_j, m_j, den_j = _scores_pass(q_rows_BxHxRxD, k_j, v_j, mask._replace(k_valid=mask.k_valid & fresh[None]),
-                                         g, start, chunk)
+        acc_j, m_j, den_j = _scores_pass(q_rows_BxHxRxD, k_j, v_j, mask, g, start, chunk, k_from=j * chunk)
         top = jnp.maximum(m, m_j)
         a, a_j = jnp.exp(m - top), jnp.exp(m_j - top)
         return acc * a[..., None] + acc_j * a_j[..., None], top, den * a + den_j * a_j
