@@ -17,7 +17,7 @@ def make_pool(x, y, exemplars, x_test, y_test, settings: Settings, ess_target: f
     """A Pool from numpy arrays; names what cannot work (a user error, one line)."""
     x, x_test, exemplars = (np.asarray(a, np.float32) for a in (x, x_test, exemplars))
     y, y_test = np.asarray(y, np.int64), np.asarray(y_test, np.int64)
-    num_classes = int(max(y.max(), y_test.max())) + 1
+    num_classes = len(exemplars)  # one exemplar per class: a class may have no pool or test points at all
     if not 0.0 < settings.threshold < 1.0:
         raise PoolError(f"threshold={settings.threshold}: a class frequency threshold must lie in (0, 1)")
     if settings.fit_steps < 1 or not settings.fit_tol >= 0.0:
@@ -27,10 +27,12 @@ def make_pool(x, y, exemplars, x_test, y_test, settings: Settings, ess_target: f
     if budget > len(x):
         raise PoolError(f"{name}: {len(x)} points in the pool but the budget is {settings.batch} x "
                         f"{settings.rounds} = {budget} labels; fewer rounds or a larger pool")
-    if exemplars.shape != (num_classes, x.shape[1]):
-        missing = [c for c in range(num_classes) if c >= len(exemplars)]
-        raise PoolError(f"{name}: {len(exemplars)} exemplars for {num_classes} classes (classes {missing} have "
-                        f"none); one exemplar of width {x.shape[1]} per class is expected")
+    labels = np.concatenate([y, y_test])
+    if exemplars.ndim != 2 or exemplars.shape[1] != x.shape[1] or labels.min() < 0 or labels.max() >= num_classes:
+        missing = sorted(set(labels[(labels < 0) | (labels >= num_classes)].tolist()))
+        raise PoolError(f"{name}: {len(exemplars)} exemplars of shape {exemplars.shape[1:]} for labels up to "
+                        f"{int(labels.max())} (labels {missing} have none); one exemplar of width {x.shape[1]} per "
+                        "class is expected")
     for what, a in (("pool", x), ("test", x_test), ("exemplar", exemplars)):
         bad = ~np.isfinite(a).all(axis=1)
         if bad.any():

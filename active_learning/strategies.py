@@ -13,6 +13,8 @@ Each round labels `batch` points, then refits the classifier (`active_learning.l
                     its upper bound is below the threshold (rare: ignored) or its lower bound above it
                     (common); a class with a label leaves too (found). The rest of the batch, and every
                     batch once the search is over, is least-confidence active learning.
+  egal_nostop       the ablation of the stopping rule: egal whose classes leave the search only once
+                    found (a class with no member is searched for to the end of the run).
   egal_thompson     the same search; the active-learning part samples points with probability
                     proportional to exp(scale x (1 - max p)) among the unlabelled ones.
   egal_eps          the epsilon-greedy search: each search label is, with probability epsilon, a
@@ -41,8 +43,8 @@ from active_learning.draws import NEG, pick, random_unlabeled
 from active_learning.search import search_round
 from active_learning.state import Pool, Settings, State, found, init_state, label, split_key, where
 
-METHODS = ("egal", "egal_thompson", "egal_eps", "random", "least_confidence", "entropy", "guided")
-SEARCH_METHODS = ("egal", "egal_thompson", "egal_eps")
+METHODS = ("egal", "egal_nostop", "egal_thompson", "egal_eps", "random", "least_confidence", "entropy", "guided")
+SEARCH_METHODS = ("egal", "egal_nostop", "egal_thompson", "egal_eps")
 __all__ = ["METHODS", "Pool", "Settings", "State", "al_label", "init_state", "run", "run_seeds", "search_round"]
 
 
@@ -159,7 +161,9 @@ def round_step(state: State, pool: Pool, settings: Settings, method: str, round_
                "macro_f1": macro_f1(pred, pool.y_test, c),
                "rare_labels": jnp.sum(state.labeled & ~pool.common[pool.y]),
                "classes_found": jnp.sum(has), "common_found": jnp.sum(has & pool.common),
-               "in_search": jnp.sum(state.in_search)}
+               "in_search": jnp.sum(state.in_search),
+               # classes that left the search without a label: their frequency bound fell below the threshold
+               "proven_rare": jnp.sum(~state.in_search & ~has)}
     return state, metrics
 
 

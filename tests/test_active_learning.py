@@ -9,7 +9,7 @@ import pytest
 
 from active_learning import PoolError, Settings, gaussian_blobs, logistic, make_pool, run_seeds
 from active_learning.bounds import bernstein, kl_bounds
-from active_learning.search import search_epsilon_greedy, search_round
+from active_learning.search import search_epsilon_greedy, search_round, update_search
 from active_learning.state import init_state
 from active_learning.strategies import al_label
 
@@ -112,17 +112,47 @@ def test_egal_finds_every_common_class_sooner_than_random_and_least_confidence(s
     assert found["egal"] < found["random"] and found["egal"] < found["least_confidence"], found
 
 
-def test_the_search_drops_a_rare_class_it_cannot_find():
-    """A 1% class whose exemplar sits among another class: after a few rounds the bounds prove it rare
-    and the search ends (it does not keep spending labels on it)."""
-    x, y, ex, xt, yt = gaussian_blobs([0.6, 0.39, 0.01], 2000, dim=8, separation=4.0, seed=3)
-    ex = ex.copy()
-    ex[2] = ex[0]  # a misleading exemplar for the rare class
-    settings = Settings(batch=20, rounds=10)
-    metrics, _ = run_seeds(make_pool(x, y, ex, xt, yt, settings), settings, "egal",
-                           jax.random.split(jax.random.PRNGKey(1), 16))
-    in_search = np.asarray(metrics["in_search"])
-    assert (in_search[:, -1] == 0).mean() >= 0.9, in_search[:, -1]
+def test_the_bernstein_bound_has_its_hand_computed_value():
+    """n = 100 draws, sum 10, sum of squares 5, delta = 0.01: mean 0.1, sample variance (5 - 100 x 0.01) / 99
+    = 0.040404, log(2 / delta) = 5.298317; eps = sqrt(2 x 0.040404 x 5.298317 / 100) + 7 x 5.298317 / (3 x 99)
+    = 0.065434 + 0.124876 = 0.190309."""
+    lo, hi = bernstein(jnp.asarray(10.0), jnp.asarray(5.0), jnp.asarray(100.0), 0.01)
+    np.testing.assert_allclose([float(lo), float(hi)], [0.1 - 0.190309, 0.1 + 0.190309], atol=2e-6)
+
+
+def absent_class_pool(settings, absent: int):
+    """Two separated blobs (70% / 30%) and `absent` classes with an exemplar and no pool or test point; the
+    proposal's weights capped at 2 (uniform_mix 0.5)."""
+    x, y, ex, xt, yt = gaussian_blobs([0.7, 0.3], 1000, dim=8, separation=5.0, seed=4)
+    exemplars = np.concatenate([ex, ex.mean(0, keepdims=True) + 3.0 * np.eye(8)[:absent]])  # off to the sides
+    return make_pool(x, y, exemplars, xt, yt, settings, ess_target=0.6, uniform_mix=0.5)
+
+
+def test_an_absent_class_leaves_the_search_proven_rare_at_the_draws_the_bound_needs():
+    """No hit in n draws: the upper bound is max_weight x 7 log(2n) / (3 (n - 1)) (delta = 1 / n), below the
+    threshold 0.1 at max_weight 2 first for n = 300 (hand count). At 299 draws every class stays in the
+    search, at 300 each leaves; egal_nostop keeps them."""
+    settings = Settings(batch=30, rounds=12, threshold=0.1)
+    pool = absent_class_pool(settings, 1)._replace(max_weight=jnp.asarray(2.0))
+    state = init_state(pool, settings, jax.random.PRNGKey(0))
+    for n, method, left in ((299.0, "egal", False), (300.0, "egal", True), (300.0, "egal_nostop", False)):
+        after = update_search(state._replace(n_draws=jnp.asarray(n)), pool, settings, method)
+        assert bool(np.all(~np.asarray(after.in_search))) == left and bool(np.any(after.in_search)) != left, (n, method)
+
+
+def test_the_stopping_rule_proves_absent_classes_rare_within_the_budget():
+    """End to end (fails if the rule is deleted): three classes with no member leave the search proven rare
+    in most seeds, and the search ends; without the rule (egal_nostop) they are searched for to the last
+    round. (Their draws add up: 3 x 50 // 5 search labels a round, ~300 needed.)"""
+    settings = Settings(batch=50, rounds=10, threshold=0.1)
+    pool = absent_class_pool(settings, 3)
+    assert float(pool.max_weight) <= 2.0 + 1e-3
+    keys = jax.random.split(jax.random.PRNGKey(1), 16)
+    with_rule, _ = run_seeds(pool, settings, "egal", keys)
+    without, _ = run_seeds(pool, settings, "egal_nostop", keys)
+    proven = np.asarray(with_rule["proven_rare"])[:, -1]
+    assert (proven == 3).mean() >= 0.75 and (np.asarray(with_rule["in_search"])[proven == 3, -1] == 0).all(), proven
+    assert (np.asarray(without["proven_rare"]) == 0).all() and (np.asarray(without["in_search"])[:, -1] == 3).all()
 
 
 def test_logistic_regression_matches_scikit_learn():
@@ -248,7 +278,7 @@ def test_bad_inputs_are_named():
     x, y, ex, xt, yt = gaussian_blobs([0.9, 0.1], 100, seed=1)
     with pytest.raises(PoolError, match="budget"):
         make_pool(x, y, ex, xt, yt, Settings(batch=20, rounds=10))
-    with pytest.raises(PoolError, match="exemplars for 2 classes"):
+    with pytest.raises(PoolError, match=r"1 exemplars .*labels \[1\] have none"):
         make_pool(x, y, ex[:1], xt, yt, SETTINGS)
     bad = x.copy()
     bad[3, 0] = np.nan
@@ -275,9 +305,10 @@ def test_the_runner_writes_results_and_plots_for_every_method_and_pool(tmp_path,
     lm = str(tmp_path / "lm")
     tasks.run(small_config(num_train_steps=4, eval_every_steps=4, save_every_steps=4), lm)
     c = egal_wsd.get_config()
-    c.encoder_checkpoint, c.encoder_layer, c.num_seeds = lm, 1, 3
-    c.pools, c.skews, c.methods = ("personmusic",), (10,), ("egal", "random")
+    c.encoder, c.encoder_checkpoint, c.encoder_layer, c.num_seeds = "jamba", lm, 1, 3
+    c.pools, c.skews, c.methods = ("personmusic",), (4,), ("egal", "random")
     c.al.rounds, c.al.batch = 3, 10
+    c.min_all_labels_accuracy = 0.0  # a 4-step Jamba's features separate nothing; run every pool anyway
     workdir = str(tmp_path / "egal")
     from tasks import egal_wsd as runner
 
@@ -291,13 +322,36 @@ def test_the_runner_writes_results_and_plots_for_every_method_and_pool(tmp_path,
     tasks.run(c, workdir)
     assert len(programs_held) == 2 and programs_held[1] == 0 and run_seeds._cache_size() == 0
     results = json.load(open(os.path.join(workdir, "results.json")))
-    assert set(results["pools"]) == {"personmusic 1:10", "digits 0.5^c"} and results["encoder"].startswith("jamba")
+    names = {"personmusic 1:4, 2 absent", "digits 0-4, 5 absent"}
+    assert set(results["pools"]) == names and results["encoder"].startswith("jamba")
     for pool in results["pools"].values():
-        assert set(pool["methods"]) == {"egal", "random"}
+        assert set(pool["methods"]) == {"egal", "random"} and 0.0 <= pool["all_labels_accuracy"] <= 1.0
+        assert pool["frequencies"][-2:] == [0.0, 0.0] and pool["common"][-2:] == [False, False]
         r = pool["methods"]["egal"]
-        assert r["labels"] == [10, 20, 30] and len(r["accuracy"]) == len(r["macro_f1"]) == 3
-        assert 1 <= r["labels_to_find_common"] <= 31
-    assert sorted(f for f in os.listdir(workdir) if f.endswith(".png")) == ["digits_0_5_c.png", "personmusic_1_10.png"]
-    c.pools = ("nosuchword",)
-    with pytest.raises(PoolError, match="nosuchword"):
-        tasks.run(c, workdir)
+        assert r["labels"] == [10, 20, 30] and len(r["accuracy"]) == len(r["macro_f1_ci"]) == len(r["proven_rare"]) == 3
+        assert 1 <= r["labels_to_find_common"] <= 31 and 10 <= r["labels_to_reach_90"] <= 30
+    seeds = json.load(open(os.path.join(workdir, "seeds.json")))
+    assert set(seeds["pools"]) == names
+    assert all(len(v) == 3 for p in seeds["pools"].values() for m in p.values() for v in m.values())
+    assert sorted(f for f in os.listdir(workdir) if f.endswith(".png")) == ["digits_0_4__5_absent.png",
+                                                                           "personmusic_1_4__2_absent.png"]
+
+
+def test_context_vectors_leave_out_the_target_and_place_similar_contexts_together():
+    """Schütze's context vectors on a small corpus: words that share neighbours get close vectors, a
+    context's vector ignores the target span, and sentences about the same topic are nearer each other."""
+    from active_learning.context_vectors import context_encoder
+
+    water = ["the river water flows over the stone bank", "a boat on the river water near the bank",
+             "fish swim in the cold river water"]
+    kin = ["the family of a mother and her son", "a son and a daughter in the family home",
+           "the mother of the family told her son"]
+    embed, description = context_encoder((water + kin) * 20, dim=4, window=3, min_count=2)
+    texts = ["boats float on XXXX water", "the XXXX mother and son", "cold XXXX water and fish", "a daughter XXXX"]
+    spans = [(t.index("XXXX"), t.index("XXXX") + 4) for t in texts]
+    v = embed(texts, spans)
+    assert v.shape == (4, 4) and np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    assert v[0] @ v[2] > v[0] @ v[1] and v[1] @ v[3] > v[1] @ v[2], v @ v.T
+    same = embed(["boats float on river water"], [(15, 20)])  # a different word in the target span
+    np.testing.assert_allclose(same[0], v[0], atol=1e-6)
+    assert "Schütze" in description
