@@ -9,11 +9,12 @@ from aux_tuning.keywords import (
     held_out_keywords,
     keyword_block,
     keyword_documents,
+    keyword_rates,
     keyword_tokens,
     sample_keywords,
 )
 from aux_tuning.model import AuxOutput, AuxTunedLM, AuxTuningError
 
 __all__ = ["AuxOutput", "AuxTunedLM", "AuxTuningError", "KeywordError", "contains_keywords", "content_words",
-           "held_out_keywords", "keyword_block", "keyword_documents", "keyword_tokens", "load_frozen_lm",
-           "sample_keywords"]
+           "held_out_keywords", "keyword_block", "keyword_documents", "keyword_rates", "keyword_tokens",
+           "load_frozen_lm", "sample_keywords"]

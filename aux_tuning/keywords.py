@@ -51,6 +51,14 @@ def contains_keywords(text: str, keywords: list[str]) -> bool:
     return all(lemmas(k) & found for k in keywords)
 
 
+def keyword_rates(texts: list[str], keyword_lists: list[list[str]]) -> dict[str, float]:
+    """{"keyword_rate": fraction of texts with every one of their keywords, "any_keyword_rate": with at
+    least one}, matched by WordNet lemma."""
+    pairs = list(zip(texts, keyword_lists, strict=True))
+    return {"keyword_rate": float(np.mean([contains_keywords(t, k) for t, k in pairs])),
+            "any_keyword_rate": float(np.mean([any(contains_keywords(t, [w]) for w in k) for t, k in pairs]))}
+
+
 def sample_keywords(text: str, rng: np.random.Generator, aux_cfg) -> list[str]:
     """min_keywords..max_keywords of the document's content words (config.aux), in text order."""
     words = content_words(text, aux_cfg.skip_words)

@@ -12,11 +12,12 @@ vocabulary). The conditioning input z (keywords) enters it alone, as its own tok
 the text: its input is [z left-padded to a fixed length][text], and its logits at the text positions
 are added to the LM's. Optionally it also reads the frozen LM's hidden states at chosen layers,
 each projected to its width and added to its input embeddings at the text positions (the report's
-reuse of intermediate LM features). A keyword-bag term adds g cos(mean_k E[z_k], E[v]) to the logit
+reuse of intermediate LM features). A keyword-bag term (optional, `keyword_bag`; off in the benchmark's
+main comparison) adds g cos(mean_k E[z_k], E[v]) to the logit
 of every token v at every position (E: the auxiliary model's token embeddings, g a learned gain per
 hidden unit of the normalised bag): the position-independent part of log p(z | x_<=t), which a
 Jamba body only finds after long training. Every output path starts at zero, so at step 0 the
-combined model is exactly the LM: g, and the body's output projection (its final norm's scale with
+combined model is exactly the LM: g (when present), and the body's output projection (its final norm's scale with
 tied embeddings, the default; else its lm_head).
 
 `AuxTunedLM` is a plain object over params {"lm": frozen, "aux": trained} with the entry points of a
@@ -88,6 +89,7 @@ class AuxTunedLM:
     cfg: JambaConfig  # the frozen LM's config (its vocabulary is the combined model's)
     aux_cfg: JambaConfig
     feature_layers: tuple[int, ...] = ()  # frozen LM layers whose outputs feed the auxiliary model
+    keyword_bag: bool = False  # add the keyword-bag term (module docstring) to the auxiliary logits
 
     def __post_init__(self):
         if self.aux_cfg.vocab_size != self.cfg.vocab_size:
@@ -122,7 +124,9 @@ class AuxTunedLM:
             aux = {**aux, "model": body}
         else:
             aux = {**aux, "lm_head": jnp.zeros_like(aux["lm_head"])}
-        out = {"model": aux, "bag_scale": jnp.zeros((self.aux_cfg.hidden_size,), _F32)}
+        out = {"model": aux}
+        if self.keyword_bag:
+            out["bag_scale"] = jnp.zeros((self.aux_cfg.hidden_size,), _F32)
         if self.feature_layers:
             h = [jnp.zeros((1, 1, self.cfg.hidden_size), self.cfg.compute_dtype)] * len(self.feature_layers)
             out["projection"] = nn.unbox(self.projection.init(k_proj, h)["params"])
@@ -130,7 +134,9 @@ class AuxTunedLM:
 
     def aux_param_specs(self) -> dict:
         """Logical PartitionSpecs of the trainable parameters (for the mesh)."""
-        specs = {"model": param_logical_specs(self.aux_cfg), "bag_scale": jax.sharding.PartitionSpec(None)}
+        specs = {"model": param_logical_specs(self.aux_cfg)}
+        if self.keyword_bag:
+            specs["bag_scale"] = jax.sharding.PartitionSpec(None)
         if self.feature_layers:
             h = [jax.ShapeDtypeStruct((1, 1, self.cfg.hidden_size), self.cfg.compute_dtype)] * len(self.feature_layers)
             specs["projection"] = nn.get_partition_spec(jax.eval_shape(self.projection.init, jax.random.PRNGKey(0),
@@ -190,7 +196,7 @@ class AuxTunedLM:
                                       axis=1)
         aux_out = self.aux.apply({"params": trained["model"]}, jnp.concatenate([keyword_ids, input_ids], axis=1),
                                  jnp.concatenate([kw_mask, text_mask], axis=1), None, offsets, method="hidden")
-        bag = bag_logits(trained, keyword_bag(trained["model"], keyword_ids, kw_mask))
+        bag = self._bag_logits(trained, keyword_bag(trained["model"], keyword_ids, kw_mask))
         return lm_out, aux_out.hidden[:, -input_ids.shape[1]:], aux_out.head, bag
 
     def _logits(self, params, input_ids, attention_mask=None, keyword_ids=None, keyword_mask=None) -> AuxOutput:
@@ -217,11 +223,17 @@ class AuxTunedLM:
         lm_out, captured = self._lm_features(frozen, "prefill", input_ids, cache.lm, attention_mask)
         aux_out = self.aux.apply({"params": trained["model"]}, input_ids, cache.aux, attention_mask,
                                  self._offsets(trained, captured), method="prefill")
-        aux_logits = aux_out.logits.astype(_F32) + bag_logits(trained, cache.bag)
+        aux_logits = aux_out.logits.astype(_F32) + self._bag_logits(trained, cache.bag)
         return StepOutput(lm_out.logits.astype(_F32) + aux_logits, cache.replace(lm=lm_out.cache, aux=aux_out.cache))
 
     def _decode(self, params, token_ids_B, cache: AuxCache) -> StepOutput:
         return self._prefill(params, token_ids_B[:, None], cache)
+
+    def _bag_logits(self, trained, bag_BxE):
+        """[B, V] float32: the keyword-bag term, or zeros without it."""
+        if not self.keyword_bag:
+            return jnp.zeros((bag_BxE.shape[0], self.cfg.vocab_size), _F32)
+        return bag_logits(trained, bag_BxE)
 
 
 def _combined_logits(shared, lm_hidden_BxCxE, aux_hidden_BxCxE):

@@ -1,5 +1,5 @@
 """Auxiliary tuning on CPU: the tiny Jamba that the quick start trains (`python main.py` writes it to
-workdir/) frozen, steered towards keywords by a 0.2M-parameter auxiliary Jamba.
+workdir/) frozen, steered towards keywords by a 340,268-parameter auxiliary Jamba.
 
   python main.py --config=configs/aux_tuning_tiny.py --workdir=workdir_aux --config.frozen_lm=workdir
 """
@@ -22,6 +22,7 @@ def get_config():
     config.log_every_steps = 10  # metrics cadence
     config.eval_every_steps = 100  # eval cadence (eval_loss and eval_keyword_rate)
     config.eval_batches = 8  # validation batches per eval
+    config.eval_at_start = True  # a step-0 eval row: the starting model's keyword rate and perplexity
     config.save_every_steps = 100  # checkpoint cadence
     config.sample_keywords = "river,stone"  # a sample printed at the end ("" = none)
 
@@ -31,6 +32,7 @@ def get_config():
     aux.skip_words = 3  # keywords come from after a document's first words (its lemmas)
     aux.max_keyword_tokens = 16  # the keyword segment's length (left-padded)
     aux.feature_layers = ()  # frozen LM layers whose outputs are projected into the auxiliary inputs
+    aux.keyword_bag = False  # add the keyword-bag term (aux_tuning.model) to the trained model's logits
     aux.eval_samples = 64  # held-out documents whose keywords condition the sampled continuations
     aux.sample_tokens = 32  # tokens per sampled continuation
     aux.temperature = 0.7  # sampling temperature of those continuations

@@ -28,9 +28,9 @@ def training_config():
     c.log_every_steps = 10  # metrics.jsonl / TensorBoard cadence
     c.eval_every_steps = 200  # eval loss and perplexity cadence
     c.eval_batches = 16  # batches of the validation split per eval
+    c.eval_at_start = False  # also evaluate the starting parameters (a step-0 row in metrics.jsonl)
     c.save_every_steps = 200  # checkpoint cadence (and always at the end)
     c.keep_checkpoints = 3  # checkpoints kept in workdir/checkpoints
-
     c.sample_prompt = ""  # greedy sample printed at the end ("" = none)
     c.sample_tokens = 32  # tokens in that sample
 

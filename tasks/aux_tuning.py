@@ -27,10 +27,10 @@ import numpy as np
 from aux_tuning import (
     AuxTunedLM,
     AuxTuningError,
-    contains_keywords,
     held_out_keywords,
     keyword_block,
     keyword_documents,
+    keyword_rates,
     keyword_tokens,
     load_frozen_lm,
     sample_keywords,
@@ -60,7 +60,8 @@ class AuxTuningTask(Task):
                                  f"{lm_cfg.vocab_size} tokens: the two models' logits are added, so they must agree "
                                  "(-1 takes the LM's)")
         aux_cfg = JambaConfig.from_dict({**fields, "vocab_size": lm_cfg.vocab_size})
-        self.model = AuxTunedLM(lm_cfg.replace(dtype=aux_cfg.dtype), aux_cfg, tuple(a.feature_layers))
+        self.model = AuxTunedLM(lm_cfg.replace(dtype=aux_cfg.dtype), aux_cfg, tuple(a.feature_layers),
+                                bool(a.get("keyword_bag", False)))
         self.tokenizer = load_tokenizer(config.data.tokenizer, lm_cfg.vocab_size)
         specs = param_logical_specs(lm_cfg, lm_params)
         self._frozen = FrozenInputs(lm_params, source=source, specs=specs, digest=digest)
@@ -141,7 +142,7 @@ class AuxTuningTask(Task):
         keywords = held_out_keywords(self.documents("validation"), self.config.aux.eval_samples, self.config.seed,
                                      self.config.aux)
         texts = self.sample(params, frozen, keywords, self.config.seed)
-        return {"keyword_rate": float(np.mean([contains_keywords(t, k) for t, k in zip(texts, keywords, strict=True)]))}
+        return keyword_rates(texts, keywords)
 
     def on_end(self, params, frozen):
         kws = [w for w in self.config.get("sample_keywords", "").split(",") if w]

@@ -5,8 +5,10 @@ a Jamba LM reading each document after a keyword prefix,
 
 trained from scratch (`config.init_from = ""`) or fine-tuned in full from a `jamba_lm` checkpoint
 (`config.init_from = DIR`). With `config.num_train_steps = 0` it only evaluates: the frozen LM alone,
-the keywords as a text prompt. Keywords, data and the evaluation (eval_loss of the text given the
-keywords, eval_keyword_rate of sampled continuations) are those of the `aux_tuning` task.
+the keywords as a text prompt. With `config.aux.keyword_bag` the LM also gets the keyword-bag term
+(`aux_tuning.keyword_bag`), as the auxiliary model may. Keywords, data and the evaluation (eval_loss of
+the text given the keywords, eval_keyword_rate and eval_any_keyword_rate of sampled continuations) are
+those of the `aux_tuning` task.
 
   python main.py --config=configs/keyword_lm_tiny.py --config.init_from=workdir
 """
@@ -19,7 +21,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from aux_tuning import contains_keywords, held_out_keywords, keyword_documents, keyword_tokens, sample_keywords
+from aux_tuning import (
+    held_out_keywords,
+    keyword_block,
+    keyword_documents,
+    keyword_rates,
+    keyword_tokens,
+    sample_keywords,
+)
+from aux_tuning.keyword_bag import KeywordBagLM
 from common.tokenizers import load_tokenizer
 from jamba_jax import ConfigError, JambaConfig, JambaForCausalLM, generate, init_params, load_checkpoint
 from jamba_jax.params import activation_bytes, param_logical_specs
@@ -43,7 +53,8 @@ class KeywordLMTask(Task):
             self.cfg = cfg.replace(dtype=fields.get("dtype", cfg.dtype))
         else:
             self.cfg = JambaConfig.from_dict(config.model.to_dict())
-        self.model = JambaForCausalLM(self.cfg)
+        self.bag = bool(config.aux.get("keyword_bag", False))
+        self.model = KeywordBagLM(self.cfg) if self.bag else JambaForCausalLM(self.cfg)
         self.tokenizer = load_tokenizer(config.data.tokenizer, self.cfg.vocab_size)
         self.newline = self.tokenizer.encode("\n")
 
@@ -52,10 +63,11 @@ class KeywordLMTask(Task):
                 "init_from": self.config.init_from}
 
     def init_params(self, rng):
-        return jax.tree.map(jnp.asarray, self._start) if self._start is not None else init_params(self.cfg, rng)
+        lm = jax.tree.map(jnp.asarray, self._start) if self._start is not None else init_params(self.cfg, rng)
+        return KeywordBagLM.wrap(lm) if self.bag else lm
 
     def param_specs(self, params):
-        return param_logical_specs(self.cfg)
+        return self.model.param_specs() if self.bag else param_logical_specs(self.cfg)
 
     def activation_bytes(self, rows: int, seq_len: int, context_shards: int = 1) -> int:
         return activation_bytes(self.cfg, rows, seq_len + self.config.aux.max_keyword_tokens, context_shards)
@@ -73,8 +85,10 @@ class KeywordLMTask(Task):
         ids = (prefix + tok.encode(text) + [tok.eos_id])[:n]
         targets = np.zeros((n,), np.float32)
         targets[len(prefix):len(ids)] = 1.0  # position t is a target when token t belongs to the text
+        kw_ids, kw_mask = keyword_block([keyword_tokens(tok, chosen)], self.config.aux.max_keyword_tokens, tok.pad_id)
         return {"inputs": np.asarray(ids + [tok.pad_id] * (n - len(ids)), np.int32),
-                "mask": np.asarray([1] * len(ids) + [0] * (n - len(ids)), np.int32), "targets": targets}
+                "mask": np.asarray([1] * len(ids) + [0] * (n - len(ids)), np.int32), "targets": targets,
+                "keywords": kw_ids[0], "keyword_mask": kw_mask[0]}
 
     def dataset(self, split, train, process_index, process_count):
         c = self.config
@@ -86,10 +100,14 @@ class KeywordLMTask(Task):
     def sums(self, params, batch, rng, frozen):
         """The text's next-token NLL (the model's chunked `token_nll`: no [batch, length, vocab] array)."""
         inputs = batch["inputs"]
-        out = self.model.apply({"params": params}, inputs, jnp.pad(inputs[:, 1:], [(0, 0), (0, 1)]), batch["mask"],
-                               method="token_nll")
+        targets = jnp.pad(inputs[:, 1:], [(0, 0), (0, 1)])
+        if self.bag:
+            nll = self.model.apply({"params": params}, inputs, targets, batch["mask"], batch["keywords"],
+                                   batch["keyword_mask"], method="token_nll")
+        else:
+            nll = self.model.apply({"params": params}, inputs, targets, batch["mask"], method="token_nll").token_nll
         w = batch["targets"][:, 1:]  # the target of position t is token t + 1
-        return {"loss": jnp.sum(out.token_nll[:, :-1] * w), "tokens": jnp.sum(w)}
+        return {"loss": jnp.sum(nll[:, :-1] * w), "tokens": jnp.sum(w)}
 
     # --- keyword inclusion ---------------------------------------------------------------------------------------
     def extra_eval(self, params, frozen) -> dict:
@@ -104,11 +122,16 @@ class KeywordLMTask(Task):
         mask = np.zeros_like(ids)
         for r, p in enumerate(prefixes):  # left-padded prompts
             ids[r, width - len(p):], mask[r, width - len(p):] = p, 1
+        cache = None
+        if self.bag:
+            kw_ids, kw_mask = keyword_block([keyword_tokens(tok, k) for k in keywords], a.max_keyword_tokens,
+                                            tok.pad_id)
+            cache = self.model.start_cache(params, kw_ids, kw_mask, len(prefixes), width + a.sample_tokens)
         out = generate(self.model, params, ids, attention_mask=mask, max_new_tokens=a.sample_tokens,
                        temperature=a.temperature, top_k=a.top_k or None, eos_token_id=tok.eos_id,
-                       pad_token_id=tok.pad_id, rng=jax.random.PRNGKey(self.config.seed))
+                       pad_token_id=tok.pad_id, rng=jax.random.PRNGKey(self.config.seed), cache=cache)
         texts = [tok.decode([t for t in row if t not in (tok.pad_id, tok.eos_id)]) for row in out]
-        return {"keyword_rate": float(np.mean([contains_keywords(t, k) for t, k in zip(texts, keywords, strict=True)]))}
+        return keyword_rates(texts, keywords)
 
 
 Task = KeywordLMTask

@@ -37,13 +37,14 @@ def random_variables(model, seed=0, head_scale=0.1):
     if "lm_head" in body:
         body["lm_head"] = head_scale * jax.random.normal(jax.random.PRNGKey(seed + 2), body["lm_head"].shape)
     body["model"]["final_layernorm"]["scale"] = jnp.ones_like(body["model"]["final_layernorm"]["scale"])
-    aux["bag_scale"] = head_scale * jnp.ones_like(aux["bag_scale"])
+    if "bag_scale" in aux:
+        aux["bag_scale"] = head_scale * jnp.ones_like(aux["bag_scale"])
     return {"lm": jamba_jax.init_params(model.cfg, jax.random.PRNGKey(seed)), "aux": aux}
 
 
 @pytest.mark.parametrize("feature_layers", [(), (1, 3)])
 def test_combined_logits_are_the_sum_and_start_as_the_lm(feature_layers):
-    model = AuxTunedLM(LM, AUX, feature_layers)
+    model = AuxTunedLM(LM, AUX, feature_layers, keyword_bag=True)
     ids = jnp.asarray(np.random.RandomState(0).randint(3, 97, (2, 9)))
     kw, kw_mask = keyword_block([[5, 6], [7]], 4)
     lm_params = jamba_jax.init_params(LM, jax.random.PRNGKey(0))
@@ -81,8 +82,9 @@ def test_keywords_change_the_auxiliary_logits_and_not_the_lms():
     assert float(jnp.abs(a.aux_logits - b.aux_logits).max()) > 1e-3
 
 
-def test_cached_generation_and_the_chunked_loss_equal_the_full_forward(monkeypatch):
-    model = AuxTunedLM(LM, AUX, (1,))
+@pytest.mark.parametrize("bag", [False, True])
+def test_cached_generation_and_the_chunked_loss_equal_the_full_forward(monkeypatch, bag):
+    model = AuxTunedLM(LM, AUX, (1,), keyword_bag=bag)
     variables = random_variables(model)
     ids = jnp.asarray(np.random.RandomState(2).randint(3, 97, (2, 7)))
     kw, kw_mask = keyword_block([[5, 6, 9], [7]], 4)
@@ -108,6 +110,51 @@ def test_cached_generation_and_the_chunked_loss_equal_the_full_forward(monkeypat
     seq = jnp.concatenate([ids[:, :3], jnp.asarray(tokens)], axis=1)
     logits = model.apply({"params": variables}, seq, keyword_ids=kw, keyword_mask=kw_mask).logits
     np.testing.assert_array_equal(np.asarray(jnp.argmax(logits[:, 2:6], -1)), tokens)
+
+
+def test_the_keyword_bag_lm_starts_as_the_lm_and_its_cache_equals_its_loss(monkeypatch):
+    """The baselines' bag term (aux_tuning.keyword_bag): zero at the start (the LM's NLL exactly), then
+    the cached decode's log-probabilities equal the chunked loss's, and the bag moves them."""
+    import common.losses
+    from aux_tuning.keyword_bag import KeywordBagLM
+
+    model = KeywordBagLM(LM)
+    lm_params = jamba_jax.init_params(LM, jax.random.PRNGKey(3))
+    ids = jnp.asarray(np.random.RandomState(4).randint(3, 97, (2, 6)))
+    targets = jnp.roll(ids, -1, axis=1)
+    kw, kw_mask = keyword_block([[5, 6], [9]], 3)
+    monkeypatch.setattr(common.losses, "LOSS_CHUNK_BYTES", 2 * 97 * 4 * 2)  # 2 positions per chunk
+    nll = jax.jit(lambda p: model.apply({"params": p}, ids, targets, None, kw, kw_mask, method="token_nll"))
+    plain = jamba_jax.JambaForCausalLM(LM).apply({"params": lm_params}, ids, targets, method="token_nll").token_nll
+    np.testing.assert_allclose(np.asarray(nll(KeywordBagLM.wrap(lm_params))), np.asarray(plain), atol=2e-5, rtol=0)
+    params = {**KeywordBagLM.wrap(lm_params), "bag_scale": 0.5 * jnp.ones((LM.hidden_size,))}
+    cache = model.start_cache(params, kw, kw_mask, 2, 6)
+    for t in range(5):
+        out = model.apply({"params": params}, ids[:, t], cache, method="decode")
+        cache = out.cache
+        got = -jnp.take_along_axis(jax.nn.log_softmax(out.logits, -1), targets[:, t, None], -1)[:, 0]
+        np.testing.assert_allclose(np.asarray(got), np.asarray(nll(params)[:, t]), atol=2e-5, rtol=0)
+    assert float(jnp.abs(nll(params) - plain).max()) > 1e-2
+
+
+def test_the_keyword_lm_baseline_trains_with_and_without_the_bag_term(frozen_lm, tmp_path):
+    """configs/keyword_lm_tiny.py fine-tuning the LM a few steps, with the bag term and without: a step-0
+    eval row (the LM as it starts), then training rows; the bag adds its gain to the trained parameters."""
+    from configs import keyword_lm_tiny
+    from tasks.keyword_lm import KeywordLMTask
+
+    for bag in (False, True):
+        c = keyword_lm_tiny.get_config()
+        c.init_from, c.num_train_steps, c.warmup_steps, c.batch_size, c.seq_len = frozen_lm, 4, 1, 4, 32
+        c.log_every_steps, c.eval_every_steps, c.save_every_steps, c.eval_batches = 2, 4, 4, 1
+        c.aux.eval_samples, c.aux.sample_tokens, c.aux.keyword_bag = 4, 8, bag
+        task = KeywordLMTask(c)
+        workdir = str(tmp_path / f"kw{bag}")
+        train.run(task, c, workdir)
+        rows = read_metrics(workdir)
+        assert rows[0]["step"] == 0 and "eval_keyword_rate" in rows[0] and rows[-1]["step"] == 4
+        assert any("loss" in r for r in rows)
+        assert ("bag_scale" in task.init_params(jax.random.PRNGKey(0))) == bag
 
 
 def test_config_errors_are_named():
@@ -189,13 +236,15 @@ def test_training_keeps_the_lm_frozen_and_out_of_the_checkpoints(frozen_lm, full
     assert directory_digest(frozen_lm, None) == before  # never written to
     rows = read_metrics(workdir)
     assert any("loss" in r for r in rows) and any("eval_loss" in r and "eval_keyword_rate" in r for r in rows)
+    # the step-0 row is the frozen LM alone (every auxiliary output starts at zero)
+    assert rows[0]["step"] == 0 and "eval_keyword_rate" in rows[0] and "loss" not in rows[0]
     root = os.path.join(workdir, "checkpoints")
     with ocp.CheckpointManager(root, item_names=("state", "data", "meta"),
                                options=ocp.CheckpointManagerOptions(read_only=True)) as mngr:
         step = mngr.latest_step()
         state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
         meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    assert set(state["params"]) == {"model", "bag_scale", "projection"}
+    assert set(state["params"]) == {"model", "projection"}  # no bag term unless config.aux.keyword_bag
     n_aux = sum(np.asarray(x).size for x in jax.tree.leaves(task.init_params(jax.random.PRNGKey(0))))
     n_opt = sum(np.asarray(x).size for x in jax.tree.leaves(state["opt_state"]) if np.ndim(x))
     assert sum(np.asarray(x).size for x in jax.tree.leaves(state["params"])) == n_aux
@@ -229,7 +278,7 @@ def test_a_resume_against_another_frozen_lm_is_refused(frozen_lm, stopped_run, t
 def test_a_short_run_raises_the_keyword_rate_above_the_frozen_lms(trained_lm, tmp_path):
     config = aux_config(trained_lm, num_train_steps=300, eval_every_steps=300, save_every_steps=300, batch_size=16,
                         learning_rate=1e-2, **{"aux.min_keywords": 1, "aux.max_keywords": 1, "aux.eval_samples": 128,
-                                               "aux.sample_tokens": 24})
+                                               "aux.sample_tokens": 24, "aux.keyword_bag": True})
     task = AuxTuningTask(config)
     # the frozen LM alone: at step 0 the combined model is exactly the LM
     lm_rate = task.extra_eval(task.init_params(jax.random.PRNGKey(0)), task.frozen_inputs().arrays)["keyword_rate"]

@@ -190,6 +190,8 @@ class _Run:
         writer = MetricsWriter(self.workdir, start)  # rows past the restored step (a killed run's) are dropped
         bar = progress_bar(start, c.num_train_steps)
         self._last_time, self._window, metrics = time.perf_counter(), [], {}
+        if start == 0 and c.get("eval_at_start", False):  # the starting point's row (e.g. a frozen LM alone)
+            metrics = self._eval(0, writer, bar)
         for step in range(start + 1, c.num_train_steps + 1):
             self.state, step_metrics = self.train_step(self.state, put_batch(next(self.data_iter), self.rows,
                                                                              self.blocks), self.frozen)
@@ -217,7 +219,7 @@ class _Run:
         tokens = sum(float(m["tokens"]) for m in window)
         metrics = {k: float(np.mean([m[k] for m in window])) for k in window[-1] if k != "tokens"}
         metrics.update(learning_rate=float(learning_rate_schedule(self.config)(step - 1)),
-                       tokens_per_second=tokens / (now - self._last_time))
+                       tokens_per_second=tokens / (now - self._last_time), tokens=tokens)
         writer.write(step, metrics)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_second']:,.0f}")
         self._last_time, self._window = now, []
