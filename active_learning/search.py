@@ -69,6 +69,8 @@ def search_epsilon_greedy(state: State, pool: Pool, c, settings: Settings, u, ke
 def update_search(state: State, pool: Pool, settings: Settings, method: str) -> State:
     """Classes leave the search once found, or once their frequency bounds clear the threshold (for
     egal_nostop, only once found)."""
+    if method == "egal_nostop":  # the ablation: no bounds
+        return state._replace(in_search=state.in_search & ~found(state, pool))
     if method == "egal_eps":
         lo, hi = kl_bounds(state.r_sum / jnp.maximum(state.r_n, 1.0), state.r_n, 1.0 / (1.0 + state.r_n))
         ready = state.r_n > 0
@@ -78,8 +80,6 @@ def update_search(state: State, pool: Pool, settings: Settings, method: str) -> 
         lo, hi = lo * pool.max_weight, hi * pool.max_weight
         ready = n >= 2
     resolved = ready & ((lo > settings.threshold) | (hi < settings.threshold))
-    if method == "egal_nostop":  # the ablation: a class leaves the search only once it is found
-        resolved = jnp.zeros_like(resolved)
     return state._replace(in_search=state.in_search & ~resolved & ~found(state, pool))
 
 

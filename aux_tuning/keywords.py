@@ -45,18 +45,23 @@ def held_out_keywords(docs: list[str], n: int, seed: int, aux_cfg) -> list[list[
     return [sample_keywords(d, rng, aux_cfg) for d in docs[:n]]
 
 
+def _keywords_found(text: str, keywords: list[str]) -> list[bool]:
+    """Per keyword: whether the text holds it, matched by WordNet lemma (the text's lemmas gathered once)."""
+    found = set().union(*(lemmas(w) for w in WORD.findall(text))) if text else set()
+    return [bool(lemmas(k) & found) for k in keywords]
+
+
 def contains_keywords(text: str, keywords: list[str]) -> bool:
     """Every keyword appears in the text, matched by WordNet lemma ("stones" matches "stone")."""
-    found = set().union(*(lemmas(w) for w in WORD.findall(text))) if text else set()
-    return all(lemmas(k) & found for k in keywords)
+    return all(_keywords_found(text, keywords))
 
 
 def keyword_rates(texts: list[str], keyword_lists: list[list[str]]) -> dict[str, float]:
     """{"keyword_rate": fraction of texts with every one of their keywords, "any_keyword_rate": with at
     least one}, matched by WordNet lemma."""
-    pairs = list(zip(texts, keyword_lists, strict=True))
-    return {"keyword_rate": float(np.mean([contains_keywords(t, k) for t, k in pairs])),
-            "any_keyword_rate": float(np.mean([any(contains_keywords(t, [w]) for w in k) for t, k in pairs]))}
+    hits = [_keywords_found(t, k) for t, k in zip(texts, keyword_lists, strict=True)]
+    return {"keyword_rate": float(np.mean([all(h) for h in hits])),
+            "any_keyword_rate": float(np.mean([any(h) for h in hits]))}
 
 
 def sample_keywords(text: str, rng: np.random.Generator, aux_cfg) -> list[str]:

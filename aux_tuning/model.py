@@ -181,7 +181,7 @@ class AuxTunedLM:
 
     def _text_features(self, params, input_ids, attention_mask, keyword_ids, keyword_mask):
         """(the LM's HiddenOutput of the text, the auxiliary model's hidden [B, L, E_aux] at the text positions
-        and its head, the bag logits [B, V])."""
+        and its head, the bag logits [B, V] or None)."""
         frozen, trained = jax.lax.stop_gradient(params["lm"]), params["aux"]
         if keyword_ids is None:
             raise AuxTuningError("auxiliary tuning needs the conditioning keywords (keyword_ids) or a cache "
@@ -205,7 +205,7 @@ class AuxTunedLM:
         lm_out, aux_hidden, aux_head, bag = self._text_features(params, input_ids, attention_mask, keyword_ids,
                                                                 keyword_mask)
         lm_logits = lm_out.hidden @ lm_out.head
-        aux_logits = (aux_hidden @ aux_head).astype(_F32) + bag[:, None, :]
+        aux_logits = _with_bag((aux_hidden @ aux_head).astype(_F32), bag)
         return AuxOutput(logits=lm_logits.astype(_F32) + aux_logits, lm_logits=lm_logits, aux_logits=aux_logits)
 
     def _token_nll(self, params, input_ids, targets, attention_mask=None, keyword_ids=None, keyword_mask=None):
@@ -223,23 +223,27 @@ class AuxTunedLM:
         lm_out, captured = self._lm_features(frozen, "prefill", input_ids, cache.lm, attention_mask)
         aux_out = self.aux.apply({"params": trained["model"]}, input_ids, cache.aux, attention_mask,
                                  self._offsets(trained, captured), method="prefill")
-        aux_logits = aux_out.logits.astype(_F32) + self._bag_logits(trained, cache.bag)
+        aux_logits, bag = aux_out.logits.astype(_F32), self._bag_logits(trained, cache.bag)
+        aux_logits = aux_logits if bag is None else aux_logits + bag
         return StepOutput(lm_out.logits.astype(_F32) + aux_logits, cache.replace(lm=lm_out.cache, aux=aux_out.cache))
 
     def _decode(self, params, token_ids_B, cache: AuxCache) -> StepOutput:
         return self._prefill(params, token_ids_B[:, None], cache)
 
     def _bag_logits(self, trained, bag_BxE):
-        """[B, V] float32: the keyword-bag term, or zeros without it."""
-        if not self.keyword_bag:
-            return jnp.zeros((bag_BxE.shape[0], self.cfg.vocab_size), _F32)
-        return bag_logits(trained, bag_BxE)
+        """[B, V] float32: the keyword-bag term, or None without it (nothing is added)."""
+        return bag_logits(trained, bag_BxE) if self.keyword_bag else None
+
+
+def _with_bag(logits_BxCxV, bag_BxV):
+    """Logits plus the keyword-bag term at every position (the logits themselves without one)."""
+    return logits_BxCxV if bag_BxV is None else logits_BxCxV + bag_BxV[:, None]
 
 
 def _combined_logits(shared, lm_hidden_BxCxE, aux_hidden_BxCxE):
     """A chunk's combined logits [B, C, V] float32 from both models' hidden states and (heads, bag logits)."""
     lm_head, aux_head, bag_BxV = shared
-    return (lm_hidden_BxCxE @ lm_head).astype(_F32) + ((aux_hidden_BxCxE @ aux_head).astype(_F32) + bag_BxV[:, None])
+    return (lm_hidden_BxCxE @ lm_head).astype(_F32) + _with_bag((aux_hidden_BxCxE @ aux_head).astype(_F32), bag_BxV)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))

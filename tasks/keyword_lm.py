@@ -85,10 +85,13 @@ class KeywordLMTask(Task):
         ids = (prefix + tok.encode(text) + [tok.eos_id])[:n]
         targets = np.zeros((n,), np.float32)
         targets[len(prefix):len(ids)] = 1.0  # position t is a target when token t belongs to the text
-        kw_ids, kw_mask = keyword_block([keyword_tokens(tok, chosen)], self.config.aux.max_keyword_tokens, tok.pad_id)
-        return {"inputs": np.asarray(ids + [tok.pad_id] * (n - len(ids)), np.int32),
-                "mask": np.asarray([1] * len(ids) + [0] * (n - len(ids)), np.int32), "targets": targets,
-                "keywords": kw_ids[0], "keyword_mask": kw_mask[0]}
+        row = {"inputs": np.asarray(ids + [tok.pad_id] * (n - len(ids)), np.int32),
+               "mask": np.asarray([1] * len(ids) + [0] * (n - len(ids)), np.int32), "targets": targets}
+        if self.bag:  # the bag term reads the keywords on their own
+            kw_ids, kw_mask = keyword_block([keyword_tokens(tok, chosen)], self.config.aux.max_keyword_tokens,
+                                            tok.pad_id)
+            row.update(keywords=kw_ids[0], keyword_mask=kw_mask[0])
+        return row
 
     def dataset(self, split, train, process_index, process_count):
         c = self.config
