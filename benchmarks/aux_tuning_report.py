@@ -8,8 +8,8 @@ import os
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NAMES = {"b": "(b) auxiliary tuning", "c": "(c) full fine-tuning", "d": "(d) from scratch"}
-COLORS = {"b": "#2a7", "c": "#27a", "d": "#a72"}
+NAMES = {"b": "(b) auxiliary tuning", "c": "(c) full fine-tuning", "d": "(d) from scratch", "e": "(e) from scratch, long"}
+COLORS = {"b": "#2a7", "c": "#27a", "d": "#a72", "e": "#a27"}
 
 
 def stats(values) -> tuple[float, float, float]:
@@ -33,6 +33,23 @@ def group(runs: dict, method: str, bag: bool) -> list[dict]:
     return [r for r in runs.values() if r["method"] == method and r["bag"] == bag]
 
 
+def groups(runs: dict) -> list[tuple[str, bool, list[dict]]]:
+    """(method, bag, runs) of every setting that was run, in table order."""
+    return [(m, bag, g) for m in "bcde" for bag in (False, True) if (g := group(runs, m, bag))]
+
+
+def reach(run_group: list[dict], key: str, target: float) -> float:
+    """Training FLOPs at which the seeds' mean curve of `key` first falls to `target` (linear between
+    evals; nan if it never does)."""
+    x = np.asarray(run_group[0]["flops"], float)
+    y = np.mean([r[key] for r in run_group], axis=0)
+    below = np.nonzero(y <= target)[0]
+    if not len(below):
+        return float("nan")
+    i = below[0]
+    return float(x[0]) if i == 0 else float(x[i - 1] + (x[i] - x[i - 1]) * (y[i - 1] - target) / (y[i - 1] - y[i]))
+
+
 def fmt(s) -> str:
     return f"{s[0]:.3f} +- {s[1]:.3f}" if s[0] < 10 else f"{s[0]:.1f} +- {s[1]:.1f}"
 
@@ -47,12 +64,10 @@ def final_rows(runs: dict) -> list[str]:
     frozen = group(runs, "c", False)  # (a): (c)'s step-0 row, the LM alone prompted with the keyword
     rows.append(f"| (a) frozen LM, keyword as prompt | - | {fmt(stats([r['keyword_rate'][0] for r in frozen]))} | "
                 f"{fmt(stats([r['perplexity'][0] for r in frozen]))} | 0 | 0 |")
-    for m in "bcd":
-        for bag in (False, True):
-            g = group(runs, m, bag)
-            rows.append(f"| {NAMES[m]} | {'yes' if bag else 'no'} | {fmt(stats([r['keyword_rate'][-1] for r in g]))} | "
-                        f"{fmt(stats([r['perplexity'][-1] for r in g]))} | {g[0]['flops'][-1] / 1e12:.2f} | "
-                        f"{np.mean([r['tokens'][-1] for r in g]):,.0f} |")
+    for m, bag, g in groups(runs):
+        rows.append(f"| {NAMES[m]} | {'yes' if bag else 'no'} | {fmt(stats([r['keyword_rate'][-1] for r in g]))} | "
+                    f"{fmt(stats([r['perplexity'][-1] for r in g]))} | {g[0]['flops'][-1] / 1e12:.2f} | "
+                    f"{np.mean([r['tokens'][-1] for r in g]):,.0f} |")
     return rows
 
 
@@ -90,6 +105,36 @@ def bag_effect(runs: dict) -> str:
     return "- the keyword-bag term, final keyword rate without -> with it: " + "; ".join(parts) + ";"
 
 
+def convergence(runs: dict) -> str:
+    """What training from scratch long ((e)) needs to reach the frozen LM and (b), against (b)'s budget."""
+    prompted = stats([r["perplexity"][0] for r in group(runs, "c", False)])
+    b = group(runs, "b", False)
+    b_ppl, budget = stats([r["perplexity"][-1] for r in b]), b[0]["flops"][-1]
+    lm_ppl = stats([r["perplexity"][0] for r in b])  # (b) at step 0: the frozen LM, no keyword
+    e = group(runs, "e", False)
+    if not e:
+        d = stats([r["perplexity"][-1] for r in group(runs, "d", False)])
+        return (f"- (d) ends at perplexity {d[0]:.1f} given the keyword against the frozen LM's {prompted[0]:.1f} with the "
+                f"same prefix ((a)): this budget does not show what training from scratch reaches (run --scratch_steps).")
+    end = stats([r["perplexity"][-1] for r in e])
+    last = np.mean([r["perplexity"][-2] for r in e])
+    steps, flops = e[0]["step"][-1], e[0]["flops"][-1]
+
+    def when(target: float, what: str) -> str:
+        f = reach(e, "perplexity", target)
+        if np.isnan(f):
+            return f"does not reach {what} ({target:.1f}) within its {flops / 1e12:.1f} TFLOPs ({flops / budget:.0f}x (b)'s)"
+        rate = np.mean([at_flops(r, "keyword_rate", f) for r in e])
+        return (f"reaches {what} ({target:.1f}) at {f / 1e12:.1f} TFLOPs, {f / budget:.1f}x (b)'s whole budget "
+                f"(keyword rate there {rate:.3f})")
+
+    return (f"- (e), from scratch without the bag term for {steps} steps ({flops / 1e12:.1f} TFLOPs), ends at "
+            f"perplexity {fmt(end)} given the keyword (keyword rate {fmt(stats([r['keyword_rate'][-1] for r in e]))}); "
+            f"its last eval interval lowered the perplexity by {100 * (1 - end[0] / last):.1f}%. Its mean curve "
+            f"{when(prompted[0], '(a), the frozen LM prompted')} and {when(b_ppl[0], '(b) without the bag term')}; "
+            f"the frozen LM itself, not prompted, is at {lm_ppl[0]:.1f} on this text.")
+
+
 def figure(runs: dict, path: str) -> None:
     import matplotlib
 
@@ -101,14 +146,13 @@ def figure(runs: dict, path: str) -> None:
                            (axes[1], "perplexity", "perplexity of the text given its keyword")):
         frozen = stats([r[key][0] for r in group(runs, "c", False)])
         ax.axhline(frozen[0], color="#999", ls=":", label="(a) frozen LM, prompted")
-        for m in "bcd":
-            for bag in (False, True):
-                g = group(runs, m, bag)
-                x = np.asarray(g[0]["flops"]) / 1e12
-                s = [stats([r[key][i] for r in g]) for i in range(len(x))]
-                ax.errorbar(x, [v[0] for v in s], yerr=[v[1] for v in s], color=COLORS[m], ls="-" if bag else "--",
-                            marker="o", ms=3, capsize=3, label=f"{NAMES[m]}{', bag' if bag else ''}")
-        ax.set_xlabel("training TFLOPs")
+        for m, bag, g in groups(runs):
+            x = np.asarray(g[0]["flops"])[1:] / 1e12  # step 0 (no training) has no place on a log axis
+            s = [stats([r[key][i] for r in g]) for i in range(1, len(x) + 1)]
+            ax.errorbar(x, [v[0] for v in s], yerr=[v[1] for v in s], color=COLORS[m], ls="-" if bag else "--",
+                        marker="o", ms=3, capsize=3, label=f"{NAMES[m]}{', bag' if bag else ''}")
+        ax.set_xlabel("training TFLOPs (from the first eval)")
+        ax.set_xscale("log")
         ax.set_title(title, fontsize=10)
     axes[1].set_yscale("log")
     axes[0].legend(fontsize=7)
@@ -131,8 +175,6 @@ def report(runs: dict, flops: dict, lm_perplexity: float, args) -> None:
     c = aux_tuning_tiny.get_config()
     rows, claims = matched(runs)
     seeds = len(group(runs, "b", False))
-    scratch = stats([r["perplexity"][-1] for r in group(runs, "d", False)])
-    prompted = stats([r["perplexity"][0] for r in group(runs, "c", False)])
     body = f"""## Auxiliary tuning vs its baselines at equal training FLOPs (issues 14, 31)
 
 Command: `python -m benchmarks.aux_tuning --lm_steps {args.lm_steps} --steps {args.steps}{f' --scratch_steps {args.scratch_steps}' if args.scratch_steps else ''}
@@ -144,10 +186,10 @@ parameters (plus {c.model.hidden_size} with the bag term). Task: one keyword per
 fraction of {c.aux.sample_tokens}-token continuations (from <bos>, temperature {c.aux.temperature}, top-k
 {c.aux.top_k}) of 128 held-out documents' keywords that contain it, matched by WordNet lemma (with one
 keyword, "any keyword" is the same rate); perplexity of {c.eval_batches} held-out batches' text given its
-keyword. (b) and (c) train {args.steps} steps, (d) {args.scratch_steps or args.steps}, of {c.batch_size} documents at their own rates (aux
+keyword. (b), (c) and (d) train {args.steps} steps{f', (e) {args.scratch_steps}' if args.scratch_steps else ''}, of {c.batch_size} documents at their own rates (aux
 {c.learning_rate}, LM 3e-3), evaluated every {args.eval_every} steps; mean +- standard error over
 {seeds} seeds. FLOPs: the 6N / 2N matmul rule over the token slots each model processes
-({flops['b'] / 1e9:.1f} GFLOPs a step for (b), {flops['d'] / 1e9:.1f} for (c) and (d)).
+({flops['b'] / 1e9:.1f} GFLOPs a step for (b), {flops['d'] / 1e9:.1f} for (c), (d) and (e)).
 
 At the end of each run:
 
@@ -167,10 +209,7 @@ What the data support (a difference is claimed only where the 95% Student-t inte
 apart):
 {chr(10).join('- ' + c + ';' for c in claims)}
 {bag_effect(runs)}
-- (d) ends its {args.scratch_steps or args.steps} steps at perplexity {scratch[0]:.1f} given the keyword,
-against the frozen LM's {prompted[0]:.1f} with the same prefix ((a)): it is {'not ' if scratch[0] > prompted[0] else ''}at
-the frozen LM's level, so this budget {'does not show' if scratch[0] > prompted[0] else 'shows'} what training from
-scratch reaches at convergence.
+{convergence(runs)}
 """
     print(body)
     write_section("aux_tuning", body)

@@ -1,0 +1,48 @@
+"""The auxiliary-tuning benchmark's bookkeeping: which runs are done (a stopped benchmark resumes), where a
+mean curve crosses a target, and when two intervals count as apart."""
+
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks.aux_tuning import finished
+from benchmarks.aux_tuning_report import apart, reach, stats
+
+
+def _write(path, rows):
+    path.mkdir()
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_a_run_is_finished_only_with_its_last_eval_row(tmp_path):
+    _write(tmp_path / "done", [{"step": 0, "eval_loss": 7.0}, {"step": 10, "loss": 5.0},
+                               {"step": 10, "eval_loss": 4.0}])
+    _write(tmp_path / "stopped", [{"step": 0, "eval_loss": 7.0}, {"step": 10, "loss": 5.0}])
+    _write(tmp_path / "longer", [{"step": 0, "eval_loss": 7.0}, {"step": 10, "eval_loss": 4.0}])
+    (tmp_path / "torn").mkdir()
+    (tmp_path / "torn" / "metrics.jsonl").write_text('{"step": 0, "eval_loss": 7.0}\n{"step": 10, "eval')
+    assert finished(str(tmp_path / "done"), 10)
+    assert not finished(str(tmp_path / "stopped"), 10)  # trained to the end, killed before its eval
+    assert not finished(str(tmp_path / "longer"), 20)  # the same workdir asked for more steps
+    assert not finished(str(tmp_path / "torn"), 10)  # a line cut by a kill
+    assert not finished(str(tmp_path / "absent"), 10)
+
+
+def test_reach_interpolates_the_seed_mean_between_evals():
+    runs = [{"flops": [0.0, 10.0, 20.0], "perplexity": [100.0, 60.0, 40.0]},
+            {"flops": [0.0, 10.0, 20.0], "perplexity": [100.0, 40.0, 20.0]}]
+    # mean curve 100, 50, 30: 45 lies a quarter of the way from 50 to 30
+    assert reach(runs, "perplexity", 45.0) == pytest.approx(12.5)
+    assert reach(runs, "perplexity", 50.0) == pytest.approx(10.0)
+    assert reach(runs, "perplexity", 100.0) == 0.0
+    assert np.isnan(reach(runs, "perplexity", 29.0))
+
+
+def test_intervals_are_apart_only_with_an_interval_on_both_sides():
+    a, b = stats([1.0, 1.1, 0.9]), stats([2.0, 2.1, 1.9])
+    assert a[0] == pytest.approx(1.0) and a[1] == pytest.approx(0.1 / np.sqrt(3))
+    assert a[2] == pytest.approx(a[1] * 4.302653, rel=1e-5)  # Student t, 2 degrees of freedom
+    assert apart(a, b) and apart(b, a)
+    assert not apart(a, stats([1.2, 1.3, 1.1]))  # 1 + 0.248 > 1.2 - 0.248
+    assert not apart(stats([1.0]), stats([5.0]))  # one seed: no interval, no claim
