@@ -8,7 +8,8 @@
       samples its next token with its own settings from its logits and runs it through the model at its
       own position;
   (c) hands each request its new tokens and text, and retires those that end (end token, stop string,
-      max_tokens), freeing their slots.
+      max_tokens), freeing their slots. A request whose max_tokens are all asked of dispatched calls frees
+      its slot at once: the next step refills it while those tokens are still on their way.
 
 Every shape is fixed at start-up (slots x max_model_len; prompt pieces of power-of-two lengths), and
 `warmup()` compiles every program before the first request, so a steady load compiles nothing. The
@@ -39,8 +40,8 @@ from serving.metrics import EngineMetrics, compilations
 from serving.request import DECODE, FINISHED, PREFILL, Output, Request
 from serving.sampling import RequestError, SamplingParams
 from serving.slots import (
-    MIN_BUCKET,
     bucket,
+    bucket_sizes,
     cache_logical_axes,
     decode_slots,
     group_sizes,
@@ -158,6 +159,10 @@ class Engine:
         # on in the new call; its tokens there are dropped, and its slot is reset before reuse.
         decoding = [r for r in busy if r.state == DECODE and r.scheduled < r.sampling.max_tokens]
         previous, self._inflight = self._inflight, self._dispatch(decoding) if decoding else None
+        with self._cv:  # a request whose every token is asked of a dispatched call needs its slot no more: the
+            for r in decoding:  # next step refills it (a slot waiting for its last call's tokens idles a call)
+                if r.scheduled >= r.sampling.max_tokens and self.slots[r.slot] is r:
+                    self._release(r)
         if previous is not None:
             self._collect(*previous)
         self.steps += 1
@@ -266,6 +271,8 @@ class Engine:
             if outs:  # one delivery per call: a stream gets one event for the call's tokens
                 self._deliver(r, Output("".join(o.text for o in outs), [t for o in outs for t in o.token_ids],
                                         outs[-1].finish_reason))
+            if r.cancelled and not r.finished:  # (cancelled after its slot was released: not retired by _step)
+                self._deliver(r, r.finish("cancelled"))
             if r.finished and self.slots[slot] is r:
                 with self._cv:
                     self._release(r)
@@ -290,8 +297,7 @@ class Engine:
         return time.perf_counter() - t0
 
     def _compile_all(self) -> None:
-        lengths = [b for b in piece_sizes(self.config.prefill_chunk) if b >= MIN_BUCKET]
-        lengths = [b for b in lengths or [MIN_BUCKET] if b < self.config.max_model_len]
+        lengths = [b for b in bucket_sizes(self.config.prefill_chunk) if b < self.config.max_model_len]
         for rows in self._group_sizes:
             # every group shape `_group` can pick (more than one row only within max_num_batched_tokens), its
             # padding rows only (nothing is written)

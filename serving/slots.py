@@ -12,7 +12,7 @@ next token is sampled. Every program donates the cache, so it is updated in plac
   reset_slot    a slot made empty before a new sequence: Mamba states zeroed, no real keys, position 0
 
 A new request whose whole prompt fits one chunk (and whose padded prompt leaves room for its max_tokens) is
-prefilled in a group: the prompts that arrived together, left-padded to a power of two (`bucket`) and
+prefilled in a group: the prompts that arrived together, left-padded to 2^k or 3 x 2^(k-2) (`bucket`) and
 batched (`group_sizes` rows), as generate() prefills a left-padded batch. Any other prompt (a long one, a
 continuation) is fed as exact pieces of power-of-two lengths (`piece_sizes`), the largest that fit: none is
 padded, since a padded position would decay a Mamba state that continues from the previous piece. So every
@@ -101,8 +101,16 @@ def group_sizes(num_slots: int) -> list[int]:
 
 
 def bucket(length: int, min_bucket: int = MIN_BUCKET) -> int:
-    """The padded length of a whole prompt in a group prefill: the next power of two, at least min_bucket."""
-    return max(min_bucket, 1 << (length - 1).bit_length())
+    """The padded length of a whole prompt in a group prefill: the next of 2^k and 3 x 2^(k-2) (8, 12, 16, 24,
+    32, 48, ...), at least min_bucket. Padding is computed like any token: against powers of two alone this
+    cuts it from 1.46x to 1.17x a prompt's length, for prompts uniform in [8, 96], at ~1.7x the programs."""
+    b = max(min_bucket, 1 << (length - 1).bit_length())
+    return b * 3 // 4 if length <= b * 3 // 4 and b * 3 // 4 >= min_bucket else b
+
+
+def bucket_sizes(max_chunk: int) -> list[int]:
+    """Every padded length `bucket` gives a prompt of at most max_chunk tokens."""
+    return sorted({bucket(n) for n in range(1, max_chunk + 1)})
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2, 3))

@@ -123,7 +123,7 @@ def test_stop_strings_spanning_tokens_end_the_text_where_they_begin(served):
 def test_cancellation_frees_the_slot_for_the_next_request(served):
     engine = make_engine(served, max_num_seqs=1)
     first, second = prompts(2, seed=4)
-    long = engine.submit(first, dataclasses.replace(GREEDY, max_tokens=40, ignore_eos=True))
+    long = engine.submit(first, dataclasses.replace(GREEDY, max_tokens=48, ignore_eos=True))  # > 6 steps
     waiting = engine.submit(second, dataclasses.replace(GREEDY, max_tokens=10))
     for _ in range(6):
         engine.step()
@@ -270,3 +270,38 @@ def test_incremental_text_equals_decoding_the_whole_output():
         r = Request("r", [1], SamplingParams(max_tokens=len(ids), ignore_eos=True))
         streamed = "".join(r.add_token(t, frozenset(), tok.decode).text for t in ids)
         assert r.finished and r.text == tok.decode(ids) and streamed == r.text
+
+
+def test_a_slot_is_refilled_as_soon_as_its_last_tokens_are_asked_for(served):
+    """max_tokens known: the step that dispatches a request's last decode call frees its slot, and the next
+    step admits the next request there while the first one's tokens are still on their way (no call with the
+    slot idle); both get their own tokens. A request cancelled in that window still ends as cancelled."""
+    engine = make_engine(served, max_num_seqs=1, decode_steps=4)
+    a, b, c = prompts(3, seed=5, longest=6)  # each prefilled whole in one step
+    first = engine.submit(a, dataclasses.replace(GREEDY, max_tokens=6, ignore_eos=True))
+    second = engine.submit(b, dataclasses.replace(GREEDY, max_tokens=4, ignore_eos=True))
+    third = engine.submit(c, dataclasses.replace(GREEDY, max_tokens=4, ignore_eos=True))
+    engine.step()  # first: prefilled, tokens 1-4 asked for
+    assert engine.slots[0] is first
+    engine.step()  # first: tokens 5-6 asked for (its last call): the slot is free
+    assert engine.slots[0] is None and not first.finished
+    engine.step()  # second admitted and its 4 tokens asked for; first's last tokens collected
+    assert first.finished and len(first.output_ids) == 6 and not second.finished
+    engine.cancel(second)  # after its slot went to the third request, before its tokens arrived
+    engine.run_until_idle()
+    assert second.finish_reason == "cancelled" and second.done.is_set()
+    assert first.output_ids == alone(served, a, 6) and third.output_ids == alone(served, c, 4)
+    assert engine.idle and engine.slots == [None]
+
+
+def test_prompts_padded_to_three_quarter_buckets_give_the_tokens_of_generate_alone(served):
+    from serving.slots import bucket, bucket_sizes
+
+    assert [bucket(n) for n in (1, 8, 9, 12, 13, 16, 17, 24, 25, 33, 49, 65, 97)] == [
+        8, 8, 12, 12, 16, 16, 24, 24, 32, 48, 64, 96, 128]
+    assert bucket_sizes(32) == [8, 12, 16, 24, 32]
+    engine = make_engine(served, max_num_seqs=2, prefill_chunk=16, max_num_batched_tokens=16)
+    rng = np.random.default_rng(6)
+    ps = [[1] + rng.integers(3, 2048, size=n - 1).tolist() for n in (9, 12, 14)]  # buckets 12, 12, 16
+    requests = engine.generate(ps, dataclasses.replace(GREEDY, max_tokens=5, ignore_eos=True))
+    assert [r.output_ids for r in requests] == [alone(served, p, 5) for p in ps]
