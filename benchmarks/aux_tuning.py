@@ -66,7 +66,7 @@ def finished(workdir: str, steps: int) -> bool:
 def flops_per_step(lm_dir: str) -> dict[str, float]:
     """Training FLOPs of one optimizer step of each method (module docstring)."""
     import jamba_jax
-    from configs import aux_tuning_tiny
+    from configs import aux_tuning_tiny, jamba_tiny
     from jamba_jax import load_checkpoint
 
     c = aux_tuning_tiny.get_config()
@@ -75,8 +75,9 @@ def flops_per_step(lm_dir: str) -> dict[str, float]:
     n_lm, n_aux = jamba_jax.count_params(lm_cfg)["active"], jamba_jax.count_params(aux_cfg)["active"]
     rows, text, z = c.batch_size, c.seq_len, c.aux.max_keyword_tokens
     prefixed = text + z + 2  # <bos> [keyword tokens] "\n" text (tasks/keyword_lm.py)
+    q = jamba_tiny.get_config()  # the frozen LM's pre-training step (the quick start's packed rows)
     return {"b": rows * (6 * n_aux * (z + text) + 2 * n_lm * text), "c": rows * 6 * n_lm * prefixed,
-            "d": rows * 6 * n_lm * prefixed, "n_lm": n_lm, "n_aux": n_aux}
+            "d": rows * 6 * n_lm * prefixed, "lm": q.batch_size * q.seq_len * 6 * n_lm, "n_lm": n_lm, "n_aux": n_aux}
 
 
 def curve(rows: list[dict], step_flops: float) -> dict:

@@ -105,7 +105,7 @@ def bag_effect(runs: dict) -> str:
     return "- the keyword-bag term, final keyword rate without -> with it: " + "; ".join(parts) + ";"
 
 
-def convergence(runs: dict) -> str:
+def convergence(runs: dict, lm_flops: float) -> str:
     """What training from scratch long ((e)) needs to reach the frozen LM and (b), against (b)'s budget."""
     prompted = stats([r["perplexity"][0] for r in group(runs, "c", False)])
     b = group(runs, "b", False)
@@ -132,7 +132,8 @@ def convergence(runs: dict) -> str:
             f"perplexity {fmt(end)} given the keyword (keyword rate {fmt(stats([r['keyword_rate'][-1] for r in e]))}); "
             f"its last eval interval lowered the perplexity by {100 * (1 - end[0] / last):.1f}%. Its mean curve "
             f"{when(prompted[0], '(a), the frozen LM prompted')} and {when(b_ppl[0], '(b) without the bag term')}; "
-            f"the frozen LM itself, not prompted, is at {lm_ppl[0]:.1f} on this text.")
+            f"the frozen LM itself, not prompted, is at {lm_ppl[0]:.1f} on this text. (b) reuses the frozen LM, whose "
+            f"pre-training took {lm_flops / 1e12:.1f} TFLOPs ({lm_flops / budget:.0f}x (b)'s budget); (e) starts from nothing.")
 
 
 def figure(runs: dict, path: str) -> None:
@@ -209,7 +210,7 @@ What the data support (a difference is claimed only where the 95% Student-t inte
 apart):
 {chr(10).join('- ' + c + ';' for c in claims)}
 {bag_effect(runs)}
-{convergence(runs)}
+{convergence(runs, flops['lm'] * args.lm_steps)}
 """
     print(body)
     write_section("aux_tuning", body)
