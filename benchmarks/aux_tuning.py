@@ -9,7 +9,9 @@ each of (b)-(d) with and without the keyword-bag term (`config.aux.keyword_bag`)
 --steps long; with --scratch_steps N also
 
   (e) (d) without the bag term trained N steps (its own cosine schedule): how much compute training
-      from scratch needs to reach the frozen LM's perplexity (the convergence reference).
+      from scratch needs to reach the frozen LM's perplexity (the convergence reference);
+
+and with --finetune_steps N (f), (c) without the bag term trained N steps: where full fine-tuning flattens.
 
 The frozen LM is the quick start's tiny Jamba trained --lm_steps steps (here, unless --lm names one).
 Task: one keyword per document (a content word after its first words), matched by WordNet lemma in a
@@ -23,7 +25,7 @@ attention scores (one layer in eight, <= 82 positions) and the bag term add unde
 are real text tokens (the loss's targets), padding excluded. Mean +- standard error over seeds in the
 figure; a difference is claimed only where the 95% intervals (Student t, seeds - 1 degrees) are apart.
 
-  python -m benchmarks.aux_tuning [--lm DIR] [--lm_steps 1000] [--steps 400] [--scratch_steps 3000]
+  python -m benchmarks.aux_tuning [--lm DIR] [--lm_steps 1000] [--steps 400] [--scratch_steps 3000] [--finetune_steps 1200]
                                   [--eval_every 100] [--seeds 3] [--jobs 2] [--out bench_aux]
 """
 
@@ -103,7 +105,8 @@ def jobs(args, lm: str) -> list[tuple[str, bool, int, int, list[str]]]:
              "d": [f"--config={ROOT}/configs/keyword_lm_tiny.py", "--config.init_from="]}
     plan = [(m, bag, args.steps) for bag in (False, True) for m in "bcd"]
     plan += [("e", False, args.scratch_steps)] if args.scratch_steps else []
-    return [(m, bag, seed, n, kinds[m.replace("e", "d")] + common + [
+    plan += [("f", False, args.finetune_steps)] if args.finetune_steps else []
+    return [(m, bag, seed, n, kinds[{"e": "d", "f": "c"}.get(m, m)] + common + [
                 f"--config.num_train_steps={n}", f"--config.save_every_steps={n}",
                 f"--config.aux.keyword_bag={bag}", f"--config.seed={seed}"])
             for seed in range(args.seeds) for m, bag, n in plan]
@@ -115,6 +118,7 @@ def main(argv=None):
     parser.add_argument("--lm_steps", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--scratch_steps", type=int, default=0, help="steps of (e), (d) to convergence (0: no (e))")
+    parser.add_argument("--finetune_steps", type=int, default=0, help="steps of (f), (c) run longer (0: no (f))")
     parser.add_argument("--eval_every", type=int, default=100)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (each a process)")
@@ -141,7 +145,7 @@ def main(argv=None):
                 f.result()
                 print(f"[{i + 1}/{len(futures)}] {futures[f]} done", flush=True)
     flops = flops_per_step(lm)
-    flops["e"] = flops["d"]
+    flops["e"], flops["f"] = flops["d"], flops["c"]
     runs = {name(m, bag, s): {"method": m, "bag": bag, "seed": s, **curve(read_rows(workdir(m, bag, s)), flops[m])}
             for m, bag, s, _, _ in todo}
     lm_rows = read_rows(lm)

@@ -8,8 +8,9 @@ import os
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NAMES = {"b": "(b) auxiliary tuning", "c": "(c) full fine-tuning", "d": "(d) from scratch", "e": "(e) from scratch, long"}
-COLORS = {"b": "#2a7", "c": "#27a", "d": "#a72", "e": "#a27"}
+NAMES = {"b": "(b) auxiliary tuning", "c": "(c) full fine-tuning", "d": "(d) from scratch", "e": "(e) from scratch, long",
+         "f": "(f) full fine-tuning, long"}
+COLORS = {"b": "#2a7", "c": "#27a", "d": "#a72", "e": "#a27", "f": "#7ad"}
 
 
 def stats(values) -> tuple[float, float, float]:
@@ -35,7 +36,7 @@ def group(runs: dict, method: str, bag: bool) -> list[dict]:
 
 def groups(runs: dict) -> list[tuple[str, bool, list[dict]]]:
     """(method, bag, runs) of every setting that was run, in table order."""
-    return [(m, bag, g) for m in "bcde" for bag in (False, True) if (g := group(runs, m, bag))]
+    return [(m, bag, g) for m in "bcdef" for bag in (False, True) if (g := group(runs, m, bag))]
 
 
 def reach(run_group: list[dict], key: str, target: float) -> float:
@@ -136,6 +137,15 @@ def convergence(runs: dict, lm_flops: float) -> str:
             f"pre-training took {lm_flops / 1e12:.1f} TFLOPs ({lm_flops / budget:.0f}x (b)'s budget); (e) starts from nothing.")
 
 
+def flattening(runs: dict) -> str:
+    """How much each setting's perplexity still moved over its last eval interval (mean over seeds)."""
+    def change(g):
+        return 100 * (np.mean([r["perplexity"][-1] for r in g]) / np.mean([r["perplexity"][-2] for r in g]) - 1)
+
+    parts = [f"{NAMES[m]}{', bag' if bag else ''} {change(g):+.1f}%" for m, bag, g in groups(runs)]
+    return "- perplexity change over each run's last eval interval (flat is near 0): " + "; ".join(parts) + ";"
+
+
 def figure(runs: dict, path: str) -> None:
     import matplotlib
 
@@ -178,7 +188,7 @@ def report(runs: dict, flops: dict, lm_perplexity: float, args) -> None:
     seeds = len(group(runs, "b", False))
     body = f"""## Auxiliary tuning vs its baselines at equal training FLOPs (issues 14, 31)
 
-Command: `python -m benchmarks.aux_tuning --lm_steps {args.lm_steps} --steps {args.steps}{f' --scratch_steps {args.scratch_steps}' if args.scratch_steps else ''}
+Command: `python -m benchmarks.aux_tuning --lm_steps {args.lm_steps} --steps {args.steps}{f' --scratch_steps {args.scratch_steps}' if args.scratch_steps else ''}{f' --finetune_steps {args.finetune_steps}' if args.finetune_steps else ''}
 --eval_every {args.eval_every} --seeds {seeds}` (one command: the frozen LM, every run, this section; every run's
 curve in `benchmarks/results/aux_tuning/runs.json`). Machine: {machine()}, {args.jobs} runs at a time.
 Frozen LM: the quick start's tiny Jamba ({flops['n_lm']:,} active parameters) trained {args.lm_steps}
@@ -187,10 +197,10 @@ parameters (plus {c.model.hidden_size} with the bag term). Task: one keyword per
 fraction of {c.aux.sample_tokens}-token continuations (from <bos>, temperature {c.aux.temperature}, top-k
 {c.aux.top_k}) of 128 held-out documents' keywords that contain it, matched by WordNet lemma (with one
 keyword, "any keyword" is the same rate); perplexity of {c.eval_batches} held-out batches' text given its
-keyword. (b), (c) and (d) train {args.steps} steps{f', (e) {args.scratch_steps}' if args.scratch_steps else ''}, of {c.batch_size} documents at their own rates (aux
+keyword. (b), (c) and (d) train {args.steps} steps{f', (e) {args.scratch_steps}' if args.scratch_steps else ''}{f', (f) {args.finetune_steps}' if args.finetune_steps else ''}, of {c.batch_size} documents at their own rates (aux
 {c.learning_rate}, LM 3e-3), evaluated every {args.eval_every} steps; mean +- standard error over
 {seeds} seeds. FLOPs: the 6N / 2N matmul rule over the token slots each model processes
-({flops['b'] / 1e9:.1f} GFLOPs a step for (b), {flops['d'] / 1e9:.1f} for (c), (d) and (e)).
+({flops['b'] / 1e9:.1f} GFLOPs a step for (b), {flops['d'] / 1e9:.1f} for (c) to (f)).
 
 At the end of each run:
 
@@ -210,6 +220,7 @@ What the data support (a difference is claimed only where the 95% Student-t inte
 apart):
 {chr(10).join('- ' + c + ';' for c in claims)}
 {bag_effect(runs)}
+{flattening(runs)}
 {convergence(runs, flops['lm'] * args.lm_steps)}
 """
     print(body)
