@@ -345,7 +345,8 @@ class Engine:
         logging.exception("the serving engine stopped")
         with self._cv:
             self.error = error
-            pending = [r for r in self.slots if r is not None] + list(self.waiting)
+            flying = [r for r, _, _ in self._inflight[1]] if self._inflight is not None else []  # (slots released)
+            pending = list(dict.fromkeys([r for r in self.slots if r is not None] + flying + list(self.waiting)))
             self.waiting.clear()
             self.slots = [None] * len(self.slots)
             self._inflight = None

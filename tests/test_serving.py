@@ -257,6 +257,16 @@ def test_an_engine_bug_ends_the_requests_with_error_instead_of_hanging(served, m
         engine.stop(30)
 
 
+def test_an_engine_bug_also_ends_a_request_whose_slot_was_released(served):
+    engine = make_engine(served, max_num_seqs=1, decode_steps=4)
+    r = engine.submit(prompts(1, seed=7, longest=6)[0], dataclasses.replace(GREEDY, max_tokens=6, ignore_eos=True))
+    engine.step()
+    engine.step()  # its last call dispatched: the slot is free, its tokens still in flight
+    assert engine.slots == [None] and not r.finished
+    engine._fail(RuntimeError("a bug"))
+    assert r.done.is_set() and r.finish_reason == "error"
+
+
 def test_incremental_text_equals_decoding_the_whole_output():
     """A request's text, built token by token (and what it streamed), equals the tokenizer's decoding of all its
     tokens: random ids (partial UTF-8 characters included) and a text with accents, CJK and an emoji."""
