@@ -143,7 +143,14 @@ def flattening(runs: dict) -> str:
         return 100 * (np.mean([r["perplexity"][-1] for r in g]) / np.mean([r["perplexity"][-2] for r in g]) - 1)
 
     parts = [f"{NAMES[m]}{', bag' if bag else ''} {change(g):+.1f}%" for m, bag, g in groups(runs)]
-    return "- perplexity change over each run's last eval interval (flat is near 0): " + "; ".join(parts) + ";"
+    line = "- perplexity change over each run's last eval interval (flat is near 0): " + "; ".join(parts) + ";"
+    c = group(runs, "c", False)
+    start, first = (np.mean([r["perplexity"][i] for r in c]) for i in (0, 1))
+    if first > start:
+        line += (f"\n- (c) and (f) fine-tune at the LM's pre-training rate (3e-3, configs/keyword_lm_tiny.py): their "
+                 f"perplexity first rises from {start:.1f} to {first:.1f} at step {c[0]['step'][1]} before it falls; a "
+                 f"lower fine-tuning rate was not tried;")
+    return line
 
 
 def figure(runs: dict, path: str) -> None:
