@@ -147,9 +147,8 @@ def flattening(runs: dict) -> str:
     c = group(runs, "c", False)
     start, first = (np.mean([r["perplexity"][i] for r in c]) for i in (0, 1))
     if first > start:
-        line += (f"\n- (c) and (f) fine-tune at the LM's pre-training rate (3e-3, configs/keyword_lm_tiny.py): their "
-                 f"perplexity first rises from {start:.1f} to {first:.1f} at step {c[0]['step'][1]} before it falls; a "
-                 f"lower fine-tuning rate was not tried;")
+        line += (f"\n- (c) first loses perplexity at its rate ({start:.1f} -> {first:.1f} at step {c[0]['step'][1]}) "
+                 f"before it falls: a lower --finetune_lr would serve it better;")
     return line
 
 
@@ -204,8 +203,8 @@ parameters (plus {c.model.hidden_size} with the bag term). Task: one keyword per
 fraction of {c.aux.sample_tokens}-token continuations (from <bos>, temperature {c.aux.temperature}, top-k
 {c.aux.top_k}) of 128 held-out documents' keywords that contain it, matched by WordNet lemma (with one
 keyword, "any keyword" is the same rate); perplexity of {c.eval_batches} held-out batches' text given its
-keyword. (b), (c) and (d) train {args.steps} steps{f', (e) {args.scratch_steps}' if args.scratch_steps else ''}{f', (f) {args.finetune_steps}' if args.finetune_steps else ''}, of {c.batch_size} documents at their own rates (aux
-{c.learning_rate}, LM 3e-3), evaluated every {args.eval_every} steps; mean +- standard error over
+keyword. (b), (c) and (d) train {args.steps} steps{f', (e) {args.scratch_steps}' if args.scratch_steps else ''}{f', (f) {args.finetune_steps}' if args.finetune_steps else ''}, of {c.batch_size} documents at peak rates (aux
+{c.learning_rate}, (c) and (f) {args.finetune_lr:g}, (d) and (e) 3e-3), evaluated every {args.eval_every} steps; mean +- standard error over
 {seeds} seeds. FLOPs: the 6N / 2N matmul rule over the token slots each model processes
 ({flops['b'] / 1e9:.1f} GFLOPs a step for (b), {flops['d'] / 1e9:.1f} for (c) to (f)).
 
