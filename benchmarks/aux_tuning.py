@@ -79,7 +79,8 @@ def flops_per_step(lm_dir: str) -> dict[str, float]:
     prefixed = text + z + 2  # <bos> [keyword tokens] "\n" text (tasks/keyword_lm.py)
     q = jamba_tiny.get_config()  # the frozen LM's pre-training step (the quick start's packed rows)
     return {"b": rows * (6 * n_aux * (z + text) + 2 * n_lm * text), "c": rows * 6 * n_lm * prefixed,
-            "d": rows * 6 * n_lm * prefixed, "lm": q.batch_size * q.seq_len * 6 * n_lm, "n_lm": n_lm, "n_aux": n_aux}
+            "d": rows * 6 * n_lm * prefixed, "e": rows * 6 * n_lm * prefixed, "f": rows * 6 * n_lm * prefixed,
+            "lm": q.batch_size * q.seq_len * 6 * n_lm, "n_lm": n_lm, "n_aux": n_aux}
 
 
 def curve(rows: list[dict], step_flops: float) -> dict:
@@ -148,7 +149,6 @@ def main(argv=None):
                 f.result()
                 print(f"[{i + 1}/{len(futures)}] {futures[f]} done", flush=True)
     flops = flops_per_step(lm)
-    flops["e"], flops["f"] = flops["d"], flops["c"]
     runs = {name(m, bag, s): {"method": m, "bag": bag, "seed": s, **curve(read_rows(workdir(m, bag, s)), flops[m])}
             for m, bag, s, _, _ in todo}
     lm_rows = read_rows(lm)

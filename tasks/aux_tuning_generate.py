@@ -33,7 +33,8 @@ def load_run(path: str):
         raise AuxTuningError(f"the frozen LM at {lm_dir} is not the one {path} was trained against (digest {digest}, "
                              f"the run recorded {record['digest']})")
     model = AuxTunedLM(JambaConfig.from_dict(meta["lm"]), JambaConfig.from_dict(meta["model"]),
-                       tuple(meta["aux"]["feature_layers"]), bool(meta["aux"].get("keyword_bag", True)))
+                       tuple(meta["aux"]["feature_layers"]),
+                       bool(meta["aux"].get("keyword_bag", True)))  # (runs from before the option had the term)
     abstract = jax.eval_shape(model.init_aux, jax.random.PRNGKey(0))
     _, aux_params, _ = restore_run_params(path, abstract)
     tokenizer = load_tokenizer(meta.get("tokenizer", ""), model.cfg.vocab_size)

@@ -20,6 +20,7 @@ from common.tokenizers import load_tokenizer
 from jamba_jax.cache import HybridCache
 from serving import Engine, EngineConfig, EngineConfigError, QueueFullError, RequestError, SamplingParams
 from serving.sampling import sample_rows
+from serving.slots import bucket, bucket_sizes
 
 GREEDY = SamplingParams(temperature=0.0)
 
@@ -305,8 +306,6 @@ def test_a_slot_is_refilled_as_soon_as_its_last_tokens_are_asked_for(served):
 
 
 def test_prompts_padded_to_three_quarter_buckets_give_the_tokens_of_generate_alone(served):
-    from serving.slots import bucket, bucket_sizes
-
     assert [bucket(n) for n in (1, 8, 9, 12, 13, 16, 17, 24, 25, 33, 49, 65, 97)] == [
         8, 8, 12, 12, 16, 16, 24, 24, 32, 48, 64, 96, 128]
     assert bucket_sizes(32) == [8, 12, 16, 24, 32]
