@@ -52,7 +52,7 @@ def combine_local(x_TxE, top_idx_TxK, top_w_TxK, weights, act, impl: str = "auto
     weights: the (gate, up, down) `kernels.grouped_matmul.ExpertWeight`s."""
     t = top_idx_TxK.shape[0]
     n_exp = weights[0].w.shape[0]
-    impl = expert_ffn_impl(impl, t, n_exp)
+    impl = expert_ffn_impl(impl, t, n_exp, top_idx_TxK.shape[-1])
     perm = permute(top_idx_TxK)
     group_sizes_X = jnp.bincount(perm.expert_M, length=n_exp).astype(jnp.int32)
     if capacity_factor > 0:

@@ -17,8 +17,9 @@ expert's rows get (x A) B on top, jamba_jax.lora).
            float32 and written once (autodiff of a loop over blocks adds a full [X, E, F] cotangent per
            block: 1.45x slower fwd+bwd at hidden 1024, BENCHMARKS `mfu`).
   dense    every token through every expert, the experts a batch dimension (each weight read where it
-           lies, no permutation), the chosen outputs kept: for few tokens (decoding) on the CPU, where
-           T x X rows are no more than the blocked form pads to.
+           lies, no permutation), the chosen outputs kept: for few tokens (decoding, short prompts) on the
+           CPU, where the T x (X - K) rows it adds cost less than the blocked form's weight copies and
+           per-block reads (`DENSE_MAX_EXTRA_ROWS`).
 
 Every implementation tags the experts' hidden activations act(x W_gate) * (x W_up) with
 `checkpoint_name(..., HIDDEN_NAME)`, so a remat policy can keep them (`jamba_jax.remat`).
@@ -41,18 +42,25 @@ from kernels.platform import current_platform
 
 FFN_IMPLS = ("auto", "ragged", "blocked", "dense")
 HIDDEN_NAME = "moe_hidden"  # the checkpoint_name of the experts' hidden activations, act(x W_gate) * (x W_up)
-DENSE_MAX_ROWS = 64  # tokens x experts up to which "auto" runs every token through every expert on the CPU
+# "auto" on the CPU runs every token through every expert while tokens x (experts - top_k), the rows it computes
+# beyond the chosen ones, stay within this: the dense form reads each weight once in one product per expert, the
+# blocked one slices it and reads it again per block, which costs more than the extra rows below the bound (one
+# MoE layer inside a model, weights coming from memory: hidden 256 / 4 experts top-2, dense 0.72-0.87x the
+# blocked time up to 384 tokens, 1.1x at 512; hidden 1024 / expert 3584 crosses at 512 extra rows for 4
+# experts and 450-900 for 16)
+DENSE_MAX_EXTRA_ROWS = 512
 
 
-def expert_ffn_impl(impl: str, num_tokens: int, num_experts: int) -> str:
-    """`impl`, or for "auto": "ragged" on GPU and TPU; on the CPU "blocked", or "dense" for few tokens."""
+def expert_ffn_impl(impl: str, num_tokens: int, num_experts: int, top_k: int) -> str:
+    """`impl`, or for "auto": "ragged" on GPU and TPU; on the CPU "blocked", or "dense" for few tokens
+    (`DENSE_MAX_EXTRA_ROWS`)."""
     if impl not in FFN_IMPLS:
         raise ValueError(f"expert FFN impl={impl!r}: expected one of {FFN_IMPLS}")
     if impl != "auto":
         return impl
     if current_platform() != "cpu":
         return "ragged"
-    return "dense" if num_tokens * num_experts <= DENSE_MAX_ROWS else "blocked"
+    return "dense" if num_tokens * max(num_experts - top_k, 0) <= DENSE_MAX_EXTRA_ROWS else "blocked"
 
 
 class ExpertWeight(NamedTuple):

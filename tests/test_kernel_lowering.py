@@ -231,12 +231,12 @@ def test_cpu_fast_paths_sit_behind_impl_choices():
     from kernels.cumsum import cumsum_impl
     from kernels.grouped_matmul import expert_ffn_impl
 
-    assert cumsum_impl("auto") == "matmul" and expert_ffn_impl("auto", 1, 4) == "dense"
-    assert expert_ffn_impl("auto", 96, 4) == "blocked"
+    assert cumsum_impl("auto") == "matmul" and expert_ffn_impl("auto", 1, 4, 2) == "dense"
+    assert expert_ffn_impl("auto", 1024, 4, 2) == "blocked"
     for platform in ("gpu", "tpu"):
         with target_platform(platform):
-            assert cumsum_impl("auto") == "xla" and expert_ffn_impl("auto", 1, 4) == "ragged"
+            assert cumsum_impl("auto") == "xla" and expert_ffn_impl("auto", 1, 4, 2) == "ragged"
     with pytest.raises(ValueError, match="cumsum impl"):
         cumsum_impl("nope")
     with pytest.raises(ValueError, match="expert FFN impl"):
-        expert_ffn_impl("nope", 1, 4)
+        expert_ffn_impl("nope", 1, 4, 2)

@@ -202,7 +202,9 @@ def test_dense_experts_for_few_tokens_skip_choices_of_no_expert():
     from kernels.grouped_matmul import ExpertWeight, expert_ffn_impl
 
     cfg = CFG.replace(num_experts=4, num_experts_per_tok=2)
-    assert expert_ffn_impl("auto", 1, 4) == "dense" and expert_ffn_impl("auto", 96, 4) == "blocked"
+    # dense while the rows beyond the chosen ones, tokens x (experts - top_k), stay within 512
+    assert expert_ffn_impl("auto", 256, 4, 2) == "dense" and expert_ffn_impl("auto", 257, 4, 2) == "blocked"
+    assert expert_ffn_impl("auto", 36, 16, 2) == "dense" and expert_ffn_impl("auto", 37, 16, 2) == "blocked"
     r = np.random.RandomState(2)
     x = jnp.asarray(r.randn(3, cfg.hidden_size), jnp.float32)
     idx = jnp.asarray([[0, 4], [4, 2], [1, 3]])
