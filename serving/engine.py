@@ -4,9 +4,10 @@
   (a) empties cancelled requests' slots, admits waiting requests into free slots (their state reset)
       and feeds prompts a piece at a time, first come first served, within `max_num_batched_tokens`
       less the decoding slots (so prompt pieces interleave with decode steps);
-  (b) runs `decode_steps` compiled decode steps over every slot in one device call: each decoding slot
-      samples its next token with its own settings from its logits and runs it through the model at its
-      own position;
+  (b) runs `decode_steps` compiled decode steps over every slot in one device call (fewer, a power of two,
+      while requests wait and a slot's max_tokens end sooner: the call ends where that slot frees): each
+      decoding slot samples its next token with its own settings from its logits and runs it through the
+      model at its own position;
   (c) hands each request its new tokens and text, and retires those that end (end token, stop string,
       max_tokens), freeing their slots. A request whose max_tokens are all asked of dispatched calls frees
       its slot at once: the next step refills it while those tokens are still on their way.
@@ -98,6 +99,7 @@ class Engine:
         self._stopping = False
         self.steps = 0
         self._group_sizes = group_sizes(s)
+        self._call_lengths = sorted(set(piece_sizes(config.decode_steps)) | {config.decode_steps})
         self._inflight = None  # the decode call whose tokens the host has not read yet
         self.error: Exception | None = None  # what stopped the loop, if anything did
 
@@ -238,9 +240,18 @@ class Engine:
         self.logits, self.cache = prefill_group(self.model, self.params, self.cache, self.logits, slots, ids, mask)
         return rows * b
 
+    def _call_length(self, decoding: list[Request]) -> int:
+        """decode_steps, or while requests wait, the longest compiled length within the first end of a slot's
+        max_tokens: a slot freed mid-call would idle for the rest of it (the serving benchmark's 64 requests, first
+        come first served: 552 decode steps in calls of 8, 522 in calls of one)."""
+        first_end = min(r.sampling.max_tokens - r.scheduled for r in decoding)
+        if not self.waiting or first_end >= self.config.decode_steps:
+            return self.config.decode_steps
+        return max(n for n in self._call_lengths if n <= first_end)
+
     def _dispatch(self, decoding: list[Request]):
-        """Starts one decode call (`decode_steps` steps) over the slots; returns what `_collect` reads."""
-        s, k = self._sampling, self.config.decode_steps
+        """Starts one decode call (`_call_length` steps) over the slots; returns what `_collect` reads."""
+        s, k = self._sampling, self._call_length(decoding)
         active, budget = np.zeros(len(self.slots), bool), np.zeros(len(self.slots), np.int32)
         rows = []
         for r in decoding:
@@ -260,7 +271,7 @@ class Engine:
 
     def _collect(self, tokens, rows) -> None:
         """Hands each request the tokens a decode call made for it, up to where it ends."""
-        tokens = np.asarray(tokens)  # [decode_steps, slots]
+        tokens = np.asarray(tokens)  # [call length, slots]
         for r, slot, n in rows:
             outs = []
             for token in tokens[:n, slot]:
@@ -311,9 +322,9 @@ class Engine:
             self.logits, self.cache = prefill_slot(self.model, self.params, self.cache, self.logits, np.int32(0),
                                                    np.zeros((1, n), np.int32))
         s, idle = self._sampling, np.zeros(len(self.slots), bool)
-        for keep in (False, True):
+        for keep, k in itertools.product((False, True), self._call_lengths):
             out = decode_slots(self.model, self.params, self.cache, self.logits, idle, s["temperature"], s["top_k"],
-                               s["top_p"], s["seed"], s["step"], idle.astype(np.int32), self.config.decode_steps, keep)
+                               s["top_p"], s["seed"], s["step"], idle.astype(np.int32), k, keep)
             _, self.logits, self.cache = jax.block_until_ready(out)
         self.cache = jax.block_until_ready(reset_slot(self.model.cfg, self.cache, np.int32(0)))
 

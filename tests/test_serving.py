@@ -305,6 +305,21 @@ def test_a_slot_is_refilled_as_soon_as_its_last_tokens_are_asked_for(served):
     assert engine.idle and engine.slots == [None]
 
 
+def test_while_requests_wait_a_decode_call_ends_where_a_slot_frees(served, monkeypatch):
+    """With a request waiting, a call is cut to the longest compiled length (powers of two, and decode_steps)
+    within the first slot's remaining max_tokens, so the slot is refilled at once instead of idling to the end
+    of a full call; with none waiting, calls keep decode_steps. Tokens are generate()'s either way."""
+    engine = make_engine(served, max_num_seqs=1, decode_steps=4)
+    lengths, real = [], serving.engine.decode_slots
+    monkeypatch.setattr(serving.engine, "decode_slots", lambda *a: lengths.append(a[11]) or real(*a))
+    a, b = prompts(2, seed=8, longest=6)
+    first = engine.submit(a, dataclasses.replace(GREEDY, max_tokens=7, ignore_eos=True))
+    second = engine.submit(b, dataclasses.replace(GREEDY, max_tokens=3, ignore_eos=True))
+    engine.run_until_idle()
+    assert lengths == [4, 2, 1, 4]  # first: 7 = 4 + 2 + 1 while the second waits; the second alone: one call
+    assert first.output_ids == alone(served, a, 7) and second.output_ids == alone(served, b, 3)
+
+
 def test_prompts_padded_to_three_quarter_buckets_give_the_tokens_of_generate_alone(served):
     assert [bucket(n) for n in (1, 8, 9, 12, 13, 16, 17, 24, 25, 33, 49, 65, 97)] == [
         8, 8, 12, 12, 16, 16, 24, 24, 32, 48, 64, 96, 128]
