@@ -107,29 +107,39 @@ def scan_chunked(u, dt, A, B, C, h0, reset, chunk=64):
 # chunks in reverse; each recomputes its T states from the saved one, then runs the reverse-time
 # recurrence g_t = C_t dy_t + keep_{t+1} exp(dt_{t+1} A) g_{t+1} (the same algebra as the Pallas
 # kernel's backward), which saves the work autodiff through a rematerialised scan repeats.
+# The forward's states lie [b, n, d] (A as A^T [n, d]): the per-step exp and update run along the
+# contiguous channels d, where [b, d, n] put the 16-wide state axis minor (2.0x the time of a step on
+# the CPU: 7.1 -> 3.5 ms for 2 x 512 steps at d 512, n 16). The backward stays on [b, d, n] (see _bwd);
+# h0 and h_last are [b, d, n].
 # ------------------------------------------------------------------------------------------------
-def _step(A, h, u_t, dt_t, b_t, keep_t):
-    decay = keep_t[:, None, None] * jnp.exp(dt_t[:, :, None] * A)
-    return decay * h + (dt_t * u_t)[:, :, None] * b_t[:, None, :]
+def _step(At, h, u_t, dt_t, b_t, keep_t):
+    decay = keep_t[:, None, None] * jnp.exp(dt_t[:, None, :] * At)
+    return decay * h + (dt_t * u_t)[:, None, :] * b_t[:, :, None]
+
+
+def _nd(x):  # [b, d, n] <-> [b, n, d]
+    return jnp.swapaxes(x, -1, -2)
 
 
 def _forward(u, dt, A, B, C, keep, h0, chunk):
+    """(y, h_last [b, d, n], the states at each chunk's start [n_chunks, b, n, d])."""
     length = u.shape[1]
     n_chunks = -(-length // chunk)
     xs = (_to_chunks(u, n_chunks, chunk), _to_chunks(dt, n_chunks, chunk), _to_chunks(B, n_chunks, chunk),
           _to_chunks(C, n_chunks, chunk), _to_chunks(keep, n_chunks, chunk, fill=1.0))
+    At = A.T
 
     def chunk_body(h_start, xs_c):
         def step(h, x):
             u_t, dt_t, b_t, c_t, k_t = x
-            h = _step(A, h, u_t, dt_t, b_t, k_t)
-            return h, jnp.einsum("bdn,bn->bd", h, c_t)
+            h = _step(At, h, u_t, dt_t, b_t, k_t)
+            return h, jnp.einsum("bnd,bn->bd", h, c_t)
 
         h_end, y_c = jax.lax.scan(step, h_start, xs_c)
         return h_end, (y_c, h_start)
 
-    h_last, (y, hs) = jax.lax.scan(chunk_body, h0, xs)
-    return _from_chunks(y, length), h_last, hs
+    h_last, (y, hs) = jax.lax.scan(chunk_body, _nd(h0), xs)
+    return _from_chunks(y, length), _nd(h_last), hs
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
@@ -147,8 +157,10 @@ def _fwd(u, dt, A, B, C, keep, h0, chunk):
 
 
 def _bwd(chunk, res, cts):
-    u, dt, A, B, C, keep, hs = res
+    u, dt, A, B, C, keep, hs = res  # (hs [n_chunks, b, n, d], as the forward keeps them)
     dy, dh_last = cts
+    hs = _nd(hs)  # the reverse pass runs on [b, d, n]: its per-step sums over n and b are dots there, which on
+    # [b, n, d] XLA:CPU either transposes every step or runs as slower reductions (1.4-1.7x this backward's time)
     length = u.shape[1]
     n_chunks = hs.shape[0]
     ch = lambda x, fill=0.0: _to_chunks(x, n_chunks, chunk, fill)  # noqa: E731
