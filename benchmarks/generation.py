@@ -43,7 +43,10 @@ def _prefill_child(length: int, model_name: str) -> None:
                       "cache_bytes": jamba_jax.cache_bytes(cfg, 1, length, "float32")["total"]}))
 
 
-def decode_figures(batches, prompt_len, new_tokens, model_name: str):
+def decode_figures(batches, prompt_len, new_tokens, model_name: str, repeats: int = 5):
+    """Per batch: (batch, our median seconds, transformers' median seconds, new tokens, same tokens): each side
+    timed `repeats` times back to back after its warm-up (one timed run apiece moved a ratio by 1.5x between
+    runs; runs alternated one by one, or after pauses, slowed both: each woke after the other's threads)."""
     import torch
 
     hf, cfg, params = tiny_models(model_name)
@@ -52,17 +55,21 @@ def decode_figures(batches, prompt_len, new_tokens, model_name: str):
     for batch in batches:
         ids = np.random.RandomState(batch).randint(3, cfg.vocab_size, (batch, prompt_len))
         jamba_jax.generate(model, params, ids, max_new_tokens=new_tokens)  # compile
-        start = time.perf_counter()
-        ours = jamba_jax.generate(model, params, ids, max_new_tokens=new_tokens)
-        t_ours = time.perf_counter() - start
+        ours_s = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            ours = jamba_jax.generate(model, params, ids, max_new_tokens=new_tokens)
+            ours_s.append(time.perf_counter() - start)
+        theirs_s = []
         with torch.no_grad():
             hf.generate(torch.tensor(ids), do_sample=False, max_new_tokens=2, min_new_tokens=2)  # warm-up
-            start = time.perf_counter()
-            theirs = hf.generate(torch.tensor(ids), do_sample=False, max_new_tokens=new_tokens,
-                                 min_new_tokens=new_tokens, eos_token_id=None)
-            t_hf = time.perf_counter() - start
+            for _ in range(repeats):
+                start = time.perf_counter()
+                theirs = hf.generate(torch.tensor(ids), do_sample=False, max_new_tokens=new_tokens,
+                                     min_new_tokens=new_tokens, eos_token_id=None)
+                theirs_s.append(time.perf_counter() - start)
         same = bool((theirs[:, prompt_len:].numpy() == ours).all())
-        rows.append((batch, t_ours, t_hf, batch * new_tokens, same))
+        rows.append((batch, float(np.median(ours_s)), float(np.median(theirs_s)), batch * new_tokens, same))
     return rows
 
 
@@ -91,6 +98,7 @@ def main(argv=None):
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--prompt_len", type=int, default=16)
     parser.add_argument("--new_tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs of each, alternated; medians")
     parser.add_argument("--prefill_lengths", type=int, nargs="*", default=[8192, 32768, 131072])
     parser.add_argument("--prefill_child", type=int, default=None, help=argparse.SUPPRESS)
     add_model_arg(parser)
@@ -100,7 +108,7 @@ def main(argv=None):
 
     from benchmarks.common import machine, write_section
 
-    decode = decode_figures(args.batches, args.prompt_len, args.new_tokens, args.model)
+    decode = decode_figures(args.batches, args.prompt_len, args.new_tokens, args.model, args.repeats)
     prefill = {}
     for length in args.prefill_lengths:
         out = subprocess.run([sys.executable, "-m", "benchmarks.generation", "--prefill_child", str(length), "--model", args.model],
@@ -113,8 +121,8 @@ Command: `python -m benchmarks.generation --batches {' '.join(map(str, args.batc
 Machine: {machine()}; the {MODEL_NAMES[args.model]}, float32, random weights (the same in both for decode).
 
 Decode: prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, no EOS; wall time of the whole
-`generate` call (prefill + decode) after a warm-up; transformers `generate(do_sample=False)` with its hybrid
-cache (Mamba state update, KV cache) on the same prompts.
+`generate` call (prefill + decode) after a warm-up, median of {args.repeats} runs back to back; then transformers' `generate(do_sample=False)`
+with its hybrid cache (Mamba state update, KV cache) on the same prompts, the same way.
 
 | batch | jamba_jax s | tokens/s | transformers s | tokens/s | speed-up | same tokens |
 | ---: | ---: | ---: | ---: | ---: | ---: | --- |"""]
