@@ -8,6 +8,7 @@ import pytest
 
 from benchmarks.aux_tuning import finished
 from benchmarks.aux_tuning_report import apart, reach, stats
+from benchmarks.serving import fcfs_decode_steps
 
 
 def _write(path, rows):
@@ -46,3 +47,13 @@ def test_intervals_are_apart_only_with_an_interval_on_both_sides():
     assert apart(a, b) and apart(b, a)
     assert not apart(a, stats([1.2, 1.3, 1.1]))  # 1 + 0.248 > 1.2 - 0.248
     assert not apart(stats([1.0]), stats([5.0]))  # one seed: no interval, no claim
+
+
+def test_first_come_first_served_decode_steps():
+    """Each request takes the first slot to free: 2 slots, outputs 5, 1, 1, 1, 4 -> slot B runs 1, 1, 1 (ends at
+    3) and then 4 (ends at 7); slot A's 5 ends first."""
+    assert fcfs_decode_steps([5, 1, 1, 1, 4], 2) == 7
+    assert fcfs_decode_steps([3, 3, 3], 3) == 3 and fcfs_decode_steps([3, 3, 3], 1) == 9
+    from benchmarks.serving import workload
+
+    assert fcfs_decode_steps(workload(64)[1], 8) == 522  # the figure README.md quotes
