@@ -98,7 +98,7 @@ def main(argv=None):
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--prompt_len", type=int, default=16)
     parser.add_argument("--new_tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs of each, alternated; medians")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs of each side, back to back; medians")
     parser.add_argument("--prefill_lengths", type=int, nargs="*", default=[8192, 32768, 131072])
     parser.add_argument("--prefill_child", type=int, default=None, help=argparse.SUPPRESS)
     add_model_arg(parser)
