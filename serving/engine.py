@@ -251,7 +251,12 @@ class Engine:
 
     def _dispatch(self, decoding: list[Request]):
         """Starts one decode call (`_call_length` steps) over the slots; returns what `_collect` reads."""
-        s, k = self._sampling, self._call_length(decoding)
+        # a prompt fed in pieces continues from its slot's Mamba state: while one waits, decoding must leave the
+        # inactive slots' states alone (a group prefill starts afresh and overwrites them); such calls keep
+        # decode_steps (one compiled length for them: each length is a program compiled at start-up)
+        half_fed = any(r is not None and r.state == PREFILL and not (r.prefilled == 0 and self._groupable(r))
+                       for r in self.slots)
+        s, k = self._sampling, self.config.decode_steps if half_fed else self._call_length(decoding)
         active, budget = np.zeros(len(self.slots), bool), np.zeros(len(self.slots), np.int32)
         rows = []
         for r in decoding:
@@ -260,10 +265,6 @@ class Engine:
             budget[r.slot] = r.sampling.max_tokens - r.scheduled  # (the call stops the row there)
             rows.append((r, r.slot, min(k, int(budget[r.slot]))))
             r.scheduled += rows[-1][2]
-        # a prompt fed in pieces continues from its slot's Mamba state: while one waits, decoding must leave the
-        # inactive slots' states alone (a group prefill starts afresh and overwrites them)
-        half_fed = any(r is not None and r.state == PREFILL and not (r.prefilled == 0 and self._groupable(r))
-                       for r in self.slots)
         tokens, self.logits, self.cache = decode_slots(self.model, self.params, self.cache, self.logits, active,
                                                        s["temperature"], s["top_k"], s["top_p"], s["seed"], s["step"],
                                                        budget, k, half_fed)
@@ -322,7 +323,7 @@ class Engine:
             self.logits, self.cache = prefill_slot(self.model, self.params, self.cache, self.logits, np.int32(0),
                                                    np.zeros((1, n), np.int32))
         s, idle = self._sampling, np.zeros(len(self.slots), bool)
-        for keep, k in itertools.product((False, True), self._call_lengths):
+        for keep, k in [(False, k) for k in self._call_lengths] + [(True, self.config.decode_steps)]:
             out = decode_slots(self.model, self.params, self.cache, self.logits, idle, s["temperature"], s["top_k"],
                                s["top_p"], s["seed"], s["step"], idle.astype(np.int32), k, keep)
             _, self.logits, self.cache = jax.block_until_ready(out)

@@ -33,7 +33,7 @@ def setup(hf_dir):
     cfg, params = jamba_jax.load_checkpoint(path)
     model, tok = jamba_jax.JambaForCausalLM(cfg), load_tokenizer(os.path.join(path, "tokenizer.json"), cfg.vocab_size)
     engine = Engine(model, params, tok, EngineConfig(max_num_seqs=4, max_model_len=96, max_num_batched_tokens=16,
-                                                     prefill_chunk=16), end_ids=[tok.eos_id])
+                                                     prefill_chunk=16, decode_steps=2), end_ids=[tok.eos_id])
     engine.warmup()
     with ServerThread(engine, model_name="tiny-jamba") as server:
         client = openai.OpenAI(base_url=server.base_url, api_key="none", max_retries=0, timeout=60)

@@ -35,7 +35,8 @@ def served(hf_dir):
 
 def make_engine(served, **kw):
     model, params, tok = served
-    config = dict(max_num_seqs=3, max_model_len=64, max_num_batched_tokens=8, prefill_chunk=8)
+    # decode_steps 2: the warm-up compiles a decode program per call length (1 and 2 here, 1, 2, 4, 8 at 8)
+    config = dict(max_num_seqs=3, max_model_len=64, max_num_batched_tokens=8, prefill_chunk=8, decode_steps=2)
     engine = Engine(model, params, tok, EngineConfig(**{**config, **kw}), end_ids=[tok.eos_id])
     engine.warmup()
     return engine
