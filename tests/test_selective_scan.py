@@ -266,3 +266,25 @@ def test_many_chunks_and_tiles_with_padding(name, fn, d):
     grads = jax.grad(lambda a: loss(fn, a))(args)
     for k, gr, gi in zip("u dt A B C h0".split(), grads_r, grads, strict=True):
         np.testing.assert_allclose(gi, gr, rtol=RTOL, atol=ATOL, err_msg=f"{name} d{k}")
+
+
+@pytest.mark.parametrize("limit", [0, 1 << 30])
+def test_the_fused_scan_backward_gives_the_reference_gradients_in_either_state_layout(limit, monkeypatch):
+    """The fused scan's backward runs on [b, n, d] states up to ND_BACKWARD_MAX_BYTES a state and on [b, d, n]
+    beyond (a choice of speed on the CPU): both give the reference's gradients, resets and h0 included."""
+    monkeypatch.setattr(ssm_xla, "ND_BACKWARD_MAX_BYTES", limit)
+    x = make_inputs(14, length=23, d=9, n=4, with_h0=True, with_reset=True)
+    args = tuple(jnp.asarray(x[k]) for k in ("u", "delta", "A", "B", "C", "initial_state"))
+    args = (args[0], jax.nn.softplus(args[1])) + args[2:]
+    reset = jnp.asarray(x["reset"])
+    g = jnp.asarray(np.random.RandomState(15).randn(*x["u"].shape).astype(np.float32))
+    gh = jnp.asarray(np.random.RandomState(16).randn(*x["initial_state"].shape).astype(np.float32))
+
+    def loss(fn, a):
+        y, h = fn(*a, reset)
+        return jnp.sum(y * g) + jnp.sum(h * gh)
+
+    grads_r = jax.grad(lambda a: loss(ssm_xla.scan_reference, a))(args)
+    grads = jax.grad(lambda a: loss(lambda *z: ssm_xla.scan_fused(*z, chunk=5), a))(args)
+    for k, gr, gi in zip("u dt A B C h0".split(), grads_r, grads, strict=True):
+        np.testing.assert_allclose(gi, gr, rtol=RTOL, atol=ATOL, err_msg=f"d{k}, limit {limit}")
