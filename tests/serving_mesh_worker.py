@@ -52,7 +52,8 @@ for kind, model, weights in runs:
     alone = [jamba_jax.generate(model, weights, np.asarray([p]), max_new_tokens=10, prefill_chunk=1)[0].tolist()
              for p in prompts]
     engine = serving.Engine(model, weights, Ids(), serving.EngineConfig(max_num_seqs=4, max_model_len=48,
-                                                                        max_num_batched_tokens=8, prefill_chunk=8),
+                                                                        max_num_batched_tokens=8, prefill_chunk=8,
+                                                                        decode_steps=2),  # (fewer programs)
                             mesh=mesh)
     engine.warmup()
     before = serving.compilations()

@@ -246,9 +246,15 @@ def test_bad_shapes_and_impl_are_named():
 def test_many_chunks_and_tiles_with_padding(name, fn, d):
     """Several chunks (length 45 is no multiple of the chunk) and several d-tiles (7 pads to 8
     channels of GPU tiles of 4; 260 to three TPU tiles of 128), n = 4 (a TPU state of 4 sublanes)."""
-    x = make_inputs(11, length=45, d=d, n=4, with_h0=True, with_reset=True)
+    _outputs_and_gradients_equal_the_reference(fn, make_inputs(11, length=45, d=d, n=4, with_h0=True,
+                                                                with_reset=True), name)
+
+
+def _outputs_and_gradients_equal_the_reference(fn, x, name):
+    """fn(u, softplus(delta), A, B, C, h0, reset): y, h_last and the gradients of a random projection of both
+    with respect to u, dt, A, B, C and h0 equal scan_reference's."""
     u, dt, A, B, C, h0 = (jnp.asarray(x[k]) for k in ("u", "delta", "A", "B", "C", "initial_state"))
-    dt = jax.nn.softplus(dt)
+    args = (u, jax.nn.softplus(dt), A, B, C, h0)
     reset = jnp.asarray(x["reset"])
     g = jnp.asarray(np.random.RandomState(12).randn(*x["u"].shape).astype(np.float32))
     gh = jnp.asarray(np.random.RandomState(13).randn(*x["initial_state"].shape).astype(np.float32))
@@ -257,7 +263,6 @@ def test_many_chunks_and_tiles_with_padding(name, fn, d):
         y, h = impl_fn(*args, reset)
         return jnp.sum(y * g) + jnp.sum(h * gh)
 
-    args = (u, dt, A, B, C, h0)
     y_r, h_r = ssm_xla.scan_reference(*args, reset)
     y, h = fn(*args, reset)
     np.testing.assert_allclose(y, y_r, rtol=RTOL, atol=ATOL)
@@ -273,18 +278,6 @@ def test_the_fused_scan_backward_gives_the_reference_gradients_in_either_state_l
     """The fused scan's backward runs on [b, n, d] states up to ND_BACKWARD_MAX_BYTES a state and on [b, d, n]
     beyond (a choice of speed on the CPU): both give the reference's gradients, resets and h0 included."""
     monkeypatch.setattr(ssm_xla, "ND_BACKWARD_MAX_BYTES", limit)
-    x = make_inputs(14, length=23, d=9, n=4, with_h0=True, with_reset=True)
-    args = tuple(jnp.asarray(x[k]) for k in ("u", "delta", "A", "B", "C", "initial_state"))
-    args = (args[0], jax.nn.softplus(args[1])) + args[2:]
-    reset = jnp.asarray(x["reset"])
-    g = jnp.asarray(np.random.RandomState(15).randn(*x["u"].shape).astype(np.float32))
-    gh = jnp.asarray(np.random.RandomState(16).randn(*x["initial_state"].shape).astype(np.float32))
-
-    def loss(fn, a):
-        y, h = fn(*a, reset)
-        return jnp.sum(y * g) + jnp.sum(h * gh)
-
-    grads_r = jax.grad(lambda a: loss(ssm_xla.scan_reference, a))(args)
-    grads = jax.grad(lambda a: loss(lambda *z: ssm_xla.scan_fused(*z, chunk=5), a))(args)
-    for k, gr, gi in zip("u dt A B C h0".split(), grads_r, grads, strict=True):
-        np.testing.assert_allclose(gi, gr, rtol=RTOL, atol=ATOL, err_msg=f"d{k}, limit {limit}")
+    _outputs_and_gradients_equal_the_reference(lambda *a: ssm_xla.scan_fused(*a, chunk=5),
+                                               make_inputs(14, length=23, d=9, n=4, with_h0=True, with_reset=True),
+                                               f"scan, limit {limit}")
