@@ -246,7 +246,7 @@ fused_core.defvjp(_fwd, _bwd)
 
 
 def scan_fused(u, dt, A, B, C, h0, reset, chunk=None):
-    """Sequential scan, never more than one chunk of [b, d, n] states alive; chunks of about
+    """Sequential scan, never more than one chunk of states alive ([b, n, d] or [b, d, n]); chunks of about
     sqrt(L) steps balance the saved boundary states against the per-chunk recompute buffer."""
     chunk = max(1, min(chunk or int(round(u.shape[1] ** 0.5)), u.shape[1]))
     keep = jnp.ones(u.shape[:2], _F32) if reset is None else (~reset).astype(_F32)
