@@ -78,7 +78,24 @@ def model_config(name: str):
 
 
 def machine() -> str:
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    return (f"{platform.processor() or platform.machine()}{cpu_model()}, {os.cpu_count()} cores, "
+            f"Python {platform.python_version()}")
+
+
+def cpu_model() -> str:
+    """' (the CPU's model name, its widest vector instructions)' from /proc/cpuinfo, '' where there is none: one
+    benchmark section's figures compare only on one CPU."""
+    try:
+        info = open("/proc/cpuinfo").read()
+    except OSError:
+        return ""
+    name = re.search(r"^model name\s*:\s*(.+)$", info, re.M)
+    flags = re.search(r"^flags\s*:\s*(.+)$", info, re.M)
+    flags = set(flags.group(1).split()) if flags else set()
+    vector = next((label for flag, label in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX")) if flag in flags),
+                  None)
+    parts = [x for x in (name.group(1).strip() if name else None, vector) if x]
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def write_section(name: str, body: str) -> None:
