@@ -1,6 +1,7 @@
 """The serving engine on N virtual CPU devices (a tensor x expert mesh), for tests/test_serving.py: a
-small random Jamba, plain, ExpertsInt8 and with an int8 KV cache, each request's greedy tokens from the engine on
-the mesh and from generate() on one device. JAX reads XLA_FLAGS once, so the mesh needs its own process.
+small random Jamba, plain and int8 (ExpertsInt8 weights with an int8 KV cache, one engine for both: each engine
+is programs of its own to compile), each request's greedy tokens from the engine on the mesh and from generate()
+on one device. JAX reads XLA_FLAGS once, so the mesh needs its own process.
 
   python tests/serving_mesh_worker.py --devices 8 --mesh '{"tensor": 2, "expert": 4}'
 
@@ -45,9 +46,8 @@ rng = np.random.default_rng(0)
 prompts = [rng.integers(1, 256, size=int(rng.integers(1, 20))).tolist() for _ in range(6)]
 mesh = make_mesh(json.loads(args.mesh))
 result = {}
-kv_int8 = jamba_jax.JambaForCausalLM(cfg.replace(kv_cache_dtype="int8"))
-runs = [("plain", plain, params), ("experts_int8", plain, jamba_jax.quantize_experts_int8(cfg, params)),
-        ("kv_int8", kv_int8, params)]
+int8 = jamba_jax.JambaForCausalLM(cfg.replace(kv_cache_dtype="int8"))
+runs = [("plain", plain, params), ("int8", int8, jamba_jax.quantize_experts_int8(cfg, params))]
 for kind, model, weights in runs:
     alone = [jamba_jax.generate(model, weights, np.asarray([p]), max_new_tokens=10, prefill_chunk=1)[0].tolist()
              for p in prompts]
@@ -62,5 +62,7 @@ for kind, model, weights in runs:
     kv = kv.q if isinstance(kv, kv_store.Int8KV) else kv  # (an int8 store: its values, the scales split alike)
     result[kind] = {"engine": [r.output_ids for r in requests], "alone": alone,
                     "compilations": serving.compilations() - before, "kv_sharding": str(kv.sharding.spec),
+                    "kv_dtype": str(kv.dtype), "expert_dtype": str(engine.params["model"]["layers_1"]["feed_forward"]
+                                                                    ["experts"]["gate_proj"].dtype),
                     "devices": len(engine.params["lm_head"].sharding.device_set)}
 print("RESULT " + json.dumps(result))
