@@ -41,10 +41,11 @@ def setup(hf_dir):
 
 
 def reference(setup, ids, n):
-    """The text generate() gives the prompt ids alone (greedy, to the end token), and its token count."""
-    _, _, model, params, tok = setup
+    """The text generate() gives the prompt ids alone (greedy, to the end token), and its token count (a cache of
+    the engine's max_model_len: one program for every prompt length)."""
+    server, _, model, params, tok = setup
     out = jamba_jax.generate(model, params, np.asarray([ids]), max_new_tokens=n, eos_token_id=tok.eos_id,
-                             prefill_chunk=1)[0].tolist()
+                             prefill_chunk=1, max_length=server.engine.config.max_model_len)[0].tolist()
     out = out[:out.index(tok.eos_id)] if tok.eos_id in out else out
     return tok.decode(out), len(out)
 

@@ -42,11 +42,12 @@ def make_engine(served, **kw):
     return engine
 
 
-def alone(served, prompt, n):
-    """The tokens `generate()` gives the prompt alone, greedy, cut after the end token."""
+def alone(served, prompt, n, max_length=64):
+    """The tokens `generate()` gives the prompt alone, greedy, cut after the end token. The cache has the engines'
+    max_model_len, as theirs: one shape for every prompt, so generate's programs compile once, not per length."""
     model, params, tok = served
     out = jamba_jax.generate(model, params, np.asarray([prompt]), max_new_tokens=n, eos_token_id=tok.eos_id,
-                             prefill_chunk=1)[0].tolist()
+                             prefill_chunk=1, max_length=max_length)[0].tolist()
     return out[:out.index(tok.eos_id)] if tok.eos_id in out else out
 
 
