@@ -49,8 +49,8 @@ result = {}
 int8 = jamba_jax.JambaForCausalLM(cfg.replace(kv_cache_dtype="int8"))
 runs = [("plain", plain, params), ("int8", int8, jamba_jax.quantize_experts_int8(cfg, params))]
 for kind, model, weights in runs:
-    alone = [jamba_jax.generate(model, weights, np.asarray([p]), max_new_tokens=10, prefill_chunk=1)[0].tolist()
-             for p in prompts]
+    alone = [jamba_jax.generate(model, weights, np.asarray([p]), max_new_tokens=10, prefill_chunk=1,
+                                max_length=48)[0].tolist() for p in prompts]  # (the engine's cache length: one program)
     engine = serving.Engine(model, weights, Ids(), serving.EngineConfig(max_num_seqs=4, max_model_len=48,
                                                                         max_num_batched_tokens=8, prefill_chunk=8,
                                                                         decode_steps=2),  # (fewer programs)

@@ -23,6 +23,7 @@ from serving.sampling import sample_rows
 from serving.slots import bucket, bucket_sizes
 
 GREEDY = SamplingParams(temperature=0.0)
+MAX_MODEL_LEN = 64  # the engines' (make_engine), and the cache of generate() alone
 
 
 @pytest.fixture(scope="module")
@@ -36,18 +37,19 @@ def served(hf_dir):
 def make_engine(served, **kw):
     model, params, tok = served
     # decode_steps 2: the warm-up compiles a decode program per call length (1 and 2 here, 1, 2, 4, 8 at 8)
-    config = dict(max_num_seqs=3, max_model_len=64, max_num_batched_tokens=8, prefill_chunk=8, decode_steps=2)
+    config = dict(max_num_seqs=3, max_model_len=MAX_MODEL_LEN, max_num_batched_tokens=8, prefill_chunk=8,
+                  decode_steps=2)
     engine = Engine(model, params, tok, EngineConfig(**{**config, **kw}), end_ids=[tok.eos_id])
     engine.warmup()
     return engine
 
 
-def alone(served, prompt, n, max_length=64):
+def alone(served, prompt, n):
     """The tokens `generate()` gives the prompt alone, greedy, cut after the end token. The cache has the engines'
     max_model_len, as theirs: one shape for every prompt, so generate's programs compile once, not per length."""
     model, params, tok = served
     out = jamba_jax.generate(model, params, np.asarray([prompt]), max_new_tokens=n, eos_token_id=tok.eos_id,
-                             prefill_chunk=1, max_length=max_length)[0].tolist()
+                             prefill_chunk=1, max_length=MAX_MODEL_LEN)[0].tolist()
     return out[:out.index(tok.eos_id)] if tok.eos_id in out else out
 
 
