@@ -205,7 +205,8 @@ def _bwd(chunk, res, cts):
     u, dt, A, B, C, keep, hs = res  # (hs [n_chunks, b, n, d], as the forward keeps them)
     dy, dh_last = cts
     lay = _Layout(hs[0].size * hs.dtype.itemsize <= ND_BACKWARD_MAX_BYTES)
-    hs, a = hs if lay.nd else _ND.state(hs), lay.a(A)
+    hs = hs if lay.nd else _ND.state(hs)  # (the forward keeps [b, n, d])
+    a = lay.a(A)
     length = u.shape[1]
     n_chunks = hs.shape[0]
     ch = lambda x, fill=0.0: _to_chunks(x, n_chunks, chunk, fill)  # noqa: E731

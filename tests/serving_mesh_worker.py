@@ -1,6 +1,6 @@
 """The serving engine on N virtual CPU devices (a tensor x expert mesh), for tests/test_serving.py: a
-small random Jamba, plain and int8 (ExpertsInt8 weights with an int8 KV cache, one engine for both: each engine
-is programs of its own to compile), each request's greedy tokens from the engine on the mesh and from generate()
+small random Jamba, plain and int8 (ExpertsInt8 weights with an int8 KV cache in one engine: each engine compiles
+programs of its own), each request's greedy tokens from the engine on the mesh and from generate()
 on one device. JAX reads XLA_FLAGS once, so the mesh needs its own process.
 
   python tests/serving_mesh_worker.py --devices 8 --mesh '{"tensor": 2, "expert": 4}'
@@ -45,13 +45,14 @@ plain = jamba_jax.JambaForCausalLM(cfg)
 rng = np.random.default_rng(0)
 prompts = [rng.integers(1, 256, size=int(rng.integers(1, 20))).tolist() for _ in range(6)]
 mesh = make_mesh(json.loads(args.mesh))
+MAX_MODEL_LEN = 48  # the engines', and the cache of generate() alone (one shape: one program for every prompt)
 result = {}
 int8 = jamba_jax.JambaForCausalLM(cfg.replace(kv_cache_dtype="int8"))
 runs = [("plain", plain, params), ("int8", int8, jamba_jax.quantize_experts_int8(cfg, params))]
 for kind, model, weights in runs:
     alone = [jamba_jax.generate(model, weights, np.asarray([p]), max_new_tokens=10, prefill_chunk=1,
-                                max_length=48)[0].tolist() for p in prompts]  # (the engine's cache length: one program)
-    engine = serving.Engine(model, weights, Ids(), serving.EngineConfig(max_num_seqs=4, max_model_len=48,
+                                max_length=MAX_MODEL_LEN)[0].tolist() for p in prompts]
+    engine = serving.Engine(model, weights, Ids(), serving.EngineConfig(max_num_seqs=4, max_model_len=MAX_MODEL_LEN,
                                                                         max_num_batched_tokens=8, prefill_chunk=8,
                                                                         decode_steps=2),  # (fewer programs)
                             mesh=mesh)
