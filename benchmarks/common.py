@@ -86,7 +86,8 @@ def cpu_model() -> str:
     """' (the CPU's model name, its widest vector instructions)' from /proc/cpuinfo, '' where there is none: one
     benchmark section's figures compare only on one CPU."""
     try:
-        info = open("/proc/cpuinfo").read()
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
     except OSError:
         return ""
     name = re.search(r"^model name\s*:\s*(.+)$", info, re.M)
