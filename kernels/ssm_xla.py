@@ -8,7 +8,6 @@ A [d, n], B, C [b, L, n], h0 [b, d, n] (float32) and reset [b, L] bool or None, 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -108,62 +107,39 @@ def scan_chunked(u, dt, A, B, C, h0, reset, chunk=64):
 # chunks in reverse; each recomputes its T states from the saved one, then runs the reverse-time
 # recurrence g_t = C_t dy_t + keep_{t+1} exp(dt_{t+1} A) g_{t+1} (the same algebra as the Pallas
 # kernel's backward), which saves the work autodiff through a rematerialised scan repeats.
-# The forward's states lie [b, n, d] (A as A^T [n, d]): the per-step exp and update run along the
-# contiguous channels d, where [b, d, n] put the 16-wide state axis minor (2.0x the time of a step on
-# the CPU: 7.1 -> 3.5 ms for 2 x 512 steps at d 512, n 16). The backward's per-step sums over n and
-# over the batch are dots whose operands XLA:CPU transposes every step on [b, n, d]: cheap while a state
-# is small, so the backward runs on [b, n, d] up to ND_BACKWARD_MAX_BYTES a state and on [b, d, n]
-# beyond (as products and reductions instead of dots those sums took 1.4-1.7x the time at every size).
+# States lie [b, n, d] (A as A^T [n, d]) in both passes: each step's exp and update run along the contiguous
+# channels d, where [b, d, n] put the 16-wide state axis minor (2.0x the time of a forward step on the CPU).
+# Every per-step sum in the backward is a dot XLA takes as its operands lie (batch b, contracting n or d), none
+# with the channels as a batch dimension, which XLA:CPU served by transposing a state every step: sum_n s A is
+# sum_n (s A) x 1, and dA's sum over the batch is left to the end (the carry holds its [b, n, d] terms).
 # h0 and h_last are [b, d, n].
 # ------------------------------------------------------------------------------------------------
-# [b, n, d] backward / [b, d, n] backward, 2 x L states: 0.77-0.84x at 32 and 64 KB (d 512, b 1 and 2),
-# 1.2-1.8x at 128 and 256 KB (d 1024 b 2, d 512 b 8)
-ND_BACKWARD_MAX_BYTES = 64 * 1024
 
 
-class _Layout(NamedTuple):
-    """How states lie: [b, n, d] (`nd`) or [b, d, n]; each per-step sum is written as the dot whose
-    operands XLA takes as they lie (batch, free, contracting for the left; batch, contracting, free for the
-    right) where one exists."""
-
-    nd: bool
-
-    def ch(self, x_BxD):  # a per-channel row against a state
-        return x_BxD[:, None, :] if self.nd else x_BxD[:, :, None]
-
-    def st(self, x_BxN):  # a per-state-index row against a state
-        return x_BxN[:, :, None] if self.nd else x_BxN[:, None, :]
-
-    def a(self, A_DxN):  # A as the states lie
-        return A_DxN.T if self.nd else A_DxN
-
-    def state(self, h_BxDxN):  # [b, d, n] <-> this layout (its own inverse)
-        return jnp.swapaxes(h_BxDxN, -1, -2) if self.nd else h_BxDxN
-
-    def sum_n(self, s, x_BxN):  # sum_n s x -> [b, d]
-        return jnp.einsum("bn,bnd->bd", x_BxN, s) if self.nd else jnp.einsum("bdn,bn->bd", s, x_BxN)
-
-    def sum_n_a(self, s, a):  # sum_n s A -> [b, d]
-        return jnp.einsum("bnd,nd->bd", s, a) if self.nd else jnp.einsum("bdn,dn->bd", s, a)
-
-    def sum_d(self, s, x_BxD):  # sum_d s x -> [b, n]
-        return jnp.einsum("bnd,bd->bn", s, x_BxD) if self.nd else jnp.einsum("bd,bdn->bn", x_BxD, s)
-
-    def sum_b(self, s, x_BxD):  # sum_b s x -> A's layout
-        return jnp.einsum("bnd,bd->nd", s, x_BxD) if self.nd else jnp.einsum("bdn,bd->dn", s, x_BxD)
+def _ch(x_BxD):  # a per-channel row against a [b, n, d] state
+    return x_BxD[:, None, :]
 
 
-_ND = _Layout(True)
+def _st(x_BxN):  # a per-state-index row against a [b, n, d] state
+    return x_BxN[:, :, None]
 
 
-def _decay(lay, a, dt_t, keep_t):
-    return keep_t[:, None, None] * jnp.exp(lay.ch(dt_t) * a)
+def _state(h):  # [b, d, n] <-> [b, n, d]
+    return jnp.swapaxes(h, -1, -2)
 
 
-def _step(lay, a, h, u_t, dt_t, b_t, keep_t):
+def _sum_n(s_BxNxD, x_BxN):  # sum_n s x -> [b, d]
+    return jnp.einsum("bn,bnd->bd", x_BxN, s_BxNxD)
+
+
+def _sum_d(s_BxNxD, x_BxD):  # sum_d s x -> [b, n]
+    return jnp.einsum("bnd,bd->bn", s_BxNxD, x_BxD)
+
+
+def _step(a_NxD, h, u_t, dt_t, b_t, keep_t):
     """(h_t, its decay) from h_{t-1}."""
-    decay = _decay(lay, a, dt_t, keep_t)
-    return decay * h + lay.ch(dt_t * u_t) * lay.st(b_t), decay
+    decay = keep_t[:, None, None] * jnp.exp(_ch(dt_t) * a_NxD)
+    return decay * h + _ch(dt_t * u_t) * _st(b_t), decay
 
 
 def _forward(u, dt, A, B, C, keep, h0, chunk):
@@ -172,19 +148,19 @@ def _forward(u, dt, A, B, C, keep, h0, chunk):
     n_chunks = -(-length // chunk)
     xs = (_to_chunks(u, n_chunks, chunk), _to_chunks(dt, n_chunks, chunk), _to_chunks(B, n_chunks, chunk),
           _to_chunks(C, n_chunks, chunk), _to_chunks(keep, n_chunks, chunk, fill=1.0))
-    a = _ND.a(A)
+    a = A.T
 
     def chunk_body(h_start, xs_c):
         def step(h, x):
             u_t, dt_t, b_t, c_t, k_t = x
-            h, _ = _step(_ND, a, h, u_t, dt_t, b_t, k_t)
-            return h, _ND.sum_n(h, c_t)
+            h, _ = _step(a, h, u_t, dt_t, b_t, k_t)
+            return h, _sum_n(h, c_t)
 
         h_end, y_c = jax.lax.scan(step, h_start, xs_c)
         return h_end, (y_c, h_start)
 
-    h_last, (y, hs) = jax.lax.scan(chunk_body, _ND.state(h0), xs)
-    return _from_chunks(y, length), _ND.state(h_last), hs
+    h_last, (y, hs) = jax.lax.scan(chunk_body, _state(h0), xs)
+    return _from_chunks(y, length), _state(h_last), hs
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
@@ -202,45 +178,45 @@ def _fwd(u, dt, A, B, C, keep, h0, chunk):
 
 
 def _bwd(chunk, res, cts):
-    u, dt, A, B, C, keep, hs = res  # (hs [n_chunks, b, n, d], as the forward keeps them)
+    u, dt, A, B, C, keep, hs = res  # (hs [n_chunks, b, n, d])
     dy, dh_last = cts
-    lay = _Layout(hs[0].size * hs.dtype.itemsize <= ND_BACKWARD_MAX_BYTES)
-    hs = hs if lay.nd else _ND.state(hs)  # (the forward keeps [b, n, d])
-    a = lay.a(A)
+    a = A.T
     length = u.shape[1]
     n_chunks = hs.shape[0]
     ch = lambda x, fill=0.0: _to_chunks(x, n_chunks, chunk, fill)  # noqa: E731
     xs = (ch(u), ch(dt), ch(B), ch(C), ch(keep, 1.0), ch(dy), hs)
+    ones_BxN = jnp.ones(B.shape[:1] + B.shape[2:], _F32)
 
     def chunk_bwd(carry, xs_c):
         u_c, dt_c, b_c, c_c, k_c, dy_c, h_start = xs_c
 
         def fstep(h, x):  # recompute the chunk's states, keeping each step's decay for the reverse pass
-            h, decay = _step(lay, a, h, *x)
+            h, decay = _step(a, h, *x)
             return h, (h, decay)
 
         _, (h_all, decay_all) = jax.lax.scan(fstep, h_start, (u_c, dt_c, b_c, k_c))
         h_prev_all = jnp.concatenate([h_start[None], h_all[:-1]], axis=0)
 
         def bstep(carry, x):
-            g, da = carry
+            g, da_BxNxD = carry
             u_t, dt_t, b_t, c_t, dy_t, h_t, h_prev, decay = x
-            g = g + lay.ch(dy_t) * lay.st(c_t)
-            gb = lay.sum_n(g, b_t)
+            g = g + _ch(dy_t) * _st(c_t)
+            gb = _sum_n(g, b_t)
             gdh = g * decay * h_prev
             outs = (dt_t * gb,                                           # du
-                    u_t * gb + lay.sum_n_a(gdh, a),                      # d(dt)
-                    lay.sum_d(g, dt_t * u_t),                            # dB
-                    lay.sum_d(h_t, dy_t))                                # dC
-            return (g * decay, da + lay.sum_b(gdh, dt_t)), outs
+                    u_t * gb + _sum_n(gdh * a, ones_BxN),                # d(dt)
+                    _sum_d(g, dt_t * u_t),                               # dB
+                    _sum_d(h_t, dy_t))                                   # dC
+            return (g * decay, da_BxNxD + gdh * _ch(dt_t)), outs
 
         carry, outs = jax.lax.scan(bstep, carry, (u_c, dt_c, b_c, c_c, dy_c, h_all, h_prev_all, decay_all),
                                    reverse=True)
         return carry, outs
 
-    (g, da), (du, ddt, db, dc) = jax.lax.scan(chunk_bwd, (lay.state(dh_last), jnp.zeros_like(a)), xs, reverse=True)
-    return (_from_chunks(du, length), _from_chunks(ddt, length), lay.a(da), _from_chunks(db, length),
-            _from_chunks(dc, length), jnp.zeros_like(keep), lay.state(g))
+    g_last = _state(dh_last)
+    (g, da), (du, ddt, db, dc) = jax.lax.scan(chunk_bwd, (g_last, jnp.zeros_like(g_last)), xs, reverse=True)
+    return (_from_chunks(du, length), _from_chunks(ddt, length), da.sum(0).T, _from_chunks(db, length),
+            _from_chunks(dc, length), jnp.zeros_like(keep), _state(g))
 
 
 fused_core.defvjp(_fwd, _bwd)
