@@ -102,11 +102,14 @@ def scan_chunked(u, dt, A, B, C, h0, reset, chunk=64):
 
 
 # ------------------------------------------------------------------------------------------------
-# Fused sequential scan with a hand-written VJP. Forward: lax.scan over chunks of T steps, an inner
-# lax.scan discretising inside each step; it saves only the state at each chunk's start. Backward:
-# chunks in reverse; each recomputes its T states from the saved one, then runs the reverse-time
-# recurrence g_t = C_t dy_t + keep_{t+1} exp(dt_{t+1} A) g_{t+1} (the same algebra as the Pallas
-# kernel's backward), which saves the work autodiff through a rematerialised scan repeats.
+# Fused sequential scan with a hand-written VJP. Forward: a loop over chunks of T steps, an inner loop
+# discretising inside each step; it saves only the state at each chunk's start. Backward: chunks in reverse;
+# each recomputes its T states from the saved one, then runs the reverse-time recurrence
+# g_t = C_t dy_t + keep_{t+1} exp(dt_{t+1} A) g_{t+1} (the same algebra as the Pallas kernel's backward),
+# which saves the work autodiff through a rematerialised scan repeats.
+# Each step reads its inputs and writes its outputs at its index of the time axis of the [b, L, ...] arrays,
+# as they lie: a time-major copy of each (what lax.scan over them takes) is a transpose per array and pass,
+# which XLA:CPU runs at a few GB/s.
 # States lie [b, n, d] (A as A^T [n, d]) in both passes: each step's exp and update run along the contiguous
 # channels d, where [b, d, n] put the 16-wide state axis minor (2.0x the time of a forward step on the CPU).
 # Every per-step sum in the backward is a dot XLA takes as its operands lie (batch b, contracting n or d), none
@@ -142,25 +145,36 @@ def _step(a_NxD, h, u_t, dt_t, b_t, keep_t):
     return decay * h + _ch(dt_t * u_t) * _st(b_t), decay
 
 
+def _at(x, i):  # step i of a [b, L, ...] input
+    return jax.lax.dynamic_index_in_dim(x, i, axis=1, keepdims=False)
+
+
+def _put(buf, x, i, axis=1):  # x written as step i of a [b, L, ...] (or, axis 0, [T, ...]) buffer
+    return jax.lax.dynamic_update_index_in_dim(buf, x.astype(buf.dtype), i, axis)
+
+
 def _forward(u, dt, A, B, C, keep, h0, chunk):
-    """(y, h_last [b, d, n], the states at each chunk's start [n_chunks, b, n, d])."""
+    """(y, h_last [b, d, n], the states at each chunk's start [n_chunks, b, n, d]). Steps index the time axis
+    of the [b, L, ...] inputs and output where they lie (a time-major copy of each is a transpose XLA:CPU
+    runs at a few GB/s)."""
     length = u.shape[1]
     n_chunks = -(-length // chunk)
-    xs = (_to_chunks(u, n_chunks, chunk), _to_chunks(dt, n_chunks, chunk), _to_chunks(B, n_chunks, chunk),
-          _to_chunks(C, n_chunks, chunk), _to_chunks(keep, n_chunks, chunk, fill=1.0))
     a = A.T
 
-    def chunk_body(h_start, xs_c):
-        def step(h, x):
-            u_t, dt_t, b_t, c_t, k_t = x
-            h, _ = _step(a, h, u_t, dt_t, b_t, k_t)
-            return h, _sum_n(h, c_t)
+    def step(i, carry):
+        h, y = carry
+        h, _ = _step(a, h, _at(u, i), _at(dt, i), _at(B, i), _at(keep, i))
+        return h, _put(y, _sum_n(h, _at(C, i)), i)
 
-        h_end, y_c = jax.lax.scan(step, h_start, xs_c)
-        return h_end, (y_c, h_start)
+    def chunk_body(c, carry):
+        h, y, hs = carry
+        h, y = jax.lax.fori_loop(c * chunk, jnp.minimum((c + 1) * chunk, length), step, (h, y))
+        return h, y, _put(hs, carry[0], c, axis=0)
 
-    h_last, (y, hs) = jax.lax.scan(chunk_body, _state(h0), xs)
-    return _from_chunks(y, length), _state(h_last), hs
+    h = _state(h0)
+    h_last, y, hs = jax.lax.fori_loop(0, n_chunks, chunk_body, (h, jnp.zeros_like(u), jnp.zeros((n_chunks,) + h.shape,
+                                                                                                    _F32)))
+    return y, _state(h_last), hs
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
@@ -183,40 +197,45 @@ def _bwd(chunk, res, cts):
     a = A.T
     length = u.shape[1]
     n_chunks = hs.shape[0]
-    ch = lambda x, fill=0.0: _to_chunks(x, n_chunks, chunk, fill)  # noqa: E731
-    xs = (ch(u), ch(dt), ch(B), ch(C), ch(keep, 1.0), ch(dy), hs)
     ones_BxN = jnp.ones(B.shape[:1] + B.shape[2:], _F32)
 
-    def chunk_bwd(carry, xs_c):
-        u_c, dt_c, b_c, c_c, k_c, dy_c, h_start = xs_c
+    def chunk_bwd(j, carry):
+        (g, da), grads, h_buf, decay_buf = carry
+        c = n_chunks - 1 - j
+        start = c * chunk
+        steps = jnp.minimum(chunk, length - start)
 
-        def fstep(h, x):  # recompute the chunk's states, keeping each step's decay for the reverse pass
-            h, decay = _step(a, h, *x)
-            return h, (h, decay)
+        def fstep(t, carry):  # recompute the chunk's states (h_buf[t + 1] = h_t, h_buf[0] its start) and decays
+            h, h_buf, decay_buf = carry
+            h, decay = _step(a, h, _at(u, start + t), _at(dt, start + t), _at(B, start + t), _at(keep, start + t))
+            return h, _put(h_buf, h, t + 1, 0), _put(decay_buf, decay, t, 0)
 
-        _, (h_all, decay_all) = jax.lax.scan(fstep, h_start, (u_c, dt_c, b_c, k_c))
-        h_prev_all = jnp.concatenate([h_start[None], h_all[:-1]], axis=0)
+        h_start = jax.lax.dynamic_index_in_dim(hs, c, keepdims=False)
+        _, h_buf, decay_buf = jax.lax.fori_loop(0, steps, fstep, (h_start, _put(h_buf, h_start, 0, 0), decay_buf))
 
-        def bstep(carry, x):
-            g, da_BxNxD = carry
-            u_t, dt_t, b_t, c_t, dy_t, h_t, h_prev, decay = x
+        def bstep(r, carry):
+            (g, da), (du, ddt, db, dc) = carry
+            t = steps - 1 - r
+            i = start + t
+            u_t, dt_t, b_t, c_t, dy_t = (_at(x, i) for x in (u, dt, B, C, dy))
+            h_prev, h_t = (jax.lax.dynamic_index_in_dim(h_buf, k, keepdims=False) for k in (t, t + 1))
+            decay = jax.lax.dynamic_index_in_dim(decay_buf, t, keepdims=False)
             g = g + _ch(dy_t) * _st(c_t)
             gb = _sum_n(g, b_t)
             gdh = g * decay * h_prev
-            outs = (dt_t * gb,                                           # du
-                    u_t * gb + _sum_n(gdh * a, ones_BxN),                # d(dt)
-                    _sum_d(g, dt_t * u_t),                               # dB
-                    _sum_d(h_t, dy_t))                                   # dC
-            return (g * decay, da_BxNxD + gdh * _ch(dt_t)), outs
+            grads = (_put(du, dt_t * gb, i), _put(ddt, u_t * gb + _sum_n(gdh * a, ones_BxN), i),
+                     _put(db, _sum_d(g, dt_t * u_t), i), _put(dc, _sum_d(h_t, dy_t), i))
+            return (g * decay, da + gdh * _ch(dt_t)), grads
 
-        carry, outs = jax.lax.scan(bstep, carry, (u_c, dt_c, b_c, c_c, dy_c, h_all, h_prev_all, decay_all),
-                                   reverse=True)
-        return carry, outs
+        carry = jax.lax.fori_loop(0, steps, bstep, ((g, da), grads))
+        return carry + (h_buf, decay_buf)
 
-    g_last = _state(dh_last)
-    (g, da), (du, ddt, db, dc) = jax.lax.scan(chunk_bwd, (g_last, jnp.zeros_like(g_last)), xs, reverse=True)
-    return (_from_chunks(du, length), _from_chunks(ddt, length), da.sum(0).T, _from_chunks(db, length),
-            _from_chunks(dc, length), jnp.zeros_like(keep), _state(g))
+    g = _state(dh_last)
+    h_buf = jnp.zeros((chunk + 1,) + g.shape, _F32)
+    grads = (jnp.zeros_like(u), jnp.zeros_like(dt), jnp.zeros_like(B), jnp.zeros_like(C))
+    init = ((g, jnp.zeros_like(g)), grads, h_buf, h_buf[1:])
+    (g, da), (du, ddt, db, dc), _, _ = jax.lax.fori_loop(0, n_chunks, chunk_bwd, init)
+    return du, ddt, da.sum(0).T, db, dc, jnp.zeros_like(keep), _state(g)
 
 
 fused_core.defvjp(_fwd, _bwd)
