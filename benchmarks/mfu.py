@@ -105,11 +105,17 @@ def component(source: str) -> str:
     return "other (residuals, casts, copies)"
 
 
+CONTAINERS = ("while", "conditional", "call")  # ops whose trace events enclose the events of the ops they run
+
+
 def op_sources(hlo_text: str) -> dict[str, str]:
-    """{HLO instruction name: its op_name metadata (where in the program it came from)}."""
+    """{HLO instruction name: its op_name metadata (where in the program it came from)}, for the ops that do
+    work: a loop's or a call's own event spans its body's events, which are counted on their own."""
     out = {}
     for m in re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{[^}]*op_name=\"([^\"]*)\"", hlo_text, re.M):
-        out[m.group(1)] = m.group(2)
+        opcode = re.search(r" ([a-z][\w\-]*)\(", m.group(0))
+        if opcode is None or opcode.group(1) not in CONTAINERS:
+            out[m.group(1)] = m.group(2)
     return out
 
 
