@@ -167,13 +167,13 @@ def _forward(u, dt, A, B, C, keep, h0, chunk):
         return h, _put(y, _sum_n(h, _at(C, i)), i)
 
     def chunk_body(c, carry):
-        h, y, hs = carry
-        h, y = jax.lax.fori_loop(c * chunk, jnp.minimum((c + 1) * chunk, length), step, (h, y))
-        return h, y, _put(hs, carry[0], c, axis=0)
+        h_start, y, hs = carry
+        h, y = jax.lax.fori_loop(c * chunk, jnp.minimum((c + 1) * chunk, length), step, (h_start, y))
+        return h, y, _put(hs, h_start, c, axis=0)
 
     h = _state(h0)
-    h_last, y, hs = jax.lax.fori_loop(0, n_chunks, chunk_body, (h, jnp.zeros_like(u), jnp.zeros((n_chunks,) + h.shape,
-                                                                                                    _F32)))
+    hs = jnp.zeros((n_chunks,) + h.shape, _F32)
+    h_last, y, hs = jax.lax.fori_loop(0, n_chunks, chunk_body, (h, jnp.zeros_like(u), hs))
     return y, _state(h_last), hs
 
 
@@ -242,7 +242,7 @@ fused_core.defvjp(_fwd, _bwd)
 
 
 def scan_fused(u, dt, A, B, C, h0, reset, chunk=None):
-    """Sequential scan, never more than one chunk of states alive ([b, n, d] or [b, d, n]); chunks of about
+    """Sequential scan, never more than one chunk of [b, n, d] states alive; chunks of about
     sqrt(L) steps balance the saved boundary states against the per-chunk recompute buffer."""
     chunk = max(1, min(chunk or int(round(u.shape[1] ** 0.5)), u.shape[1]))
     keep = jnp.ones(u.shape[:2], _F32) if reset is None else (~reset).astype(_F32)
