@@ -71,7 +71,7 @@ Machine: {machine()}; jax {jax.__version__}, torch {torch.__version__}, transfor
 mambapy {getattr(mambapy, '__version__', 'installed')}. The {MODEL_NAMES[args.model]}, float32, batch {args.batch} x {args.seq_len}
 tokens, one full step each: forward, next-token loss + router aux loss, backward, global-norm clipping,
 AdamW update. Median of {args.repeats} after warm-up. transformers uses `use_mambapy=True` (its fastest
-CPU training path); ours is the jitted `training.train` step (fused lax.scan, blocked grouped-matmul MoE).
+CPU training path); ours is the jitted `training.train` step (fused sequential scan, blocked grouped-matmul MoE).
 
 | implementation | seconds / step | tokens / s | ratio |
 | --- | ---: | ---: | ---: |

@@ -40,7 +40,7 @@ def get_config():
     model.mamba_dt_rank = 256  # ceil(4096 / 16)
     model.dtype = "bfloat16"  # compute dtype on accelerators
     model.param_dtype = "float32"  # master weights
-    model.scan_impl = "auto"  # the Pallas kernel on GPU/TPU, the fused lax.scan on CPU
+    model.scan_impl = "auto"  # the Pallas kernel on GPU/TPU, the fused sequential loop on CPU
     model.attention_impl = "auto"  # CPU: blockwise flash attention (XLA); GPU/TPU: the Pallas kernel (common.attention)
     model.remat_policy = "full"  # keep only each layer's input for the backward pass (jamba_jax.remat)
     model.scan_layers = True  # one nn.scan over the repeats of the 8-layer cycle: compile time flat in depth

@@ -11,9 +11,9 @@ from h = 0 exactly as an unpacked sequence does.
 
 Implementations (`impl=`):
   reference    plain jnp, float32, materialises [batch, length, d_inner, d_state]: the oracle.
-  scan         fused `lax.scan` that discretises inside the step. The outer scan runs over chunks
-               whose inner scan is rematerialised, so neither the forward nor the backward pass
-               holds more than one chunk of [batch, d_inner, d_state] states. CPU default.
+  scan         fused sequential loop that discretises inside the step. The outer loop runs over chunks
+               whose states the backward recomputes from each chunk's start (a hand-written VJP), so
+               neither pass holds more than one chunk of [batch, d_state, d_inner] states. CPU default.
   associative  `lax.associative_scan` over (exp(dt A), dt B u) pairs (the S5 form), parallel in
                length, materialises [batch, length, d_inner, d_state].
   chunked      associative scan inside chunks of 64 steps, state carried across chunks: memory
