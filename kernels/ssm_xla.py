@@ -139,10 +139,13 @@ def _sum_d(s_BxNxD, x_BxD):  # sum_d s x -> [b, n]
     return jnp.einsum("bnd,bd->bn", s_BxNxD, x_BxD)
 
 
+def _decay(a_NxD, dt_t, keep_t):  # keep_t exp(dt_t A) [b, n, d]
+    return keep_t[:, None, None] * jnp.exp(_ch(dt_t) * a_NxD)
+
+
 def _step(a_NxD, h, u_t, dt_t, b_t, keep_t):
-    """(h_t, its decay) from h_{t-1}."""
-    decay = keep_t[:, None, None] * jnp.exp(_ch(dt_t) * a_NxD)
-    return decay * h + _ch(dt_t * u_t) * _st(b_t), decay
+    """h_t from h_{t-1}."""
+    return _decay(a_NxD, dt_t, keep_t) * h + _ch(dt_t * u_t) * _st(b_t)
 
 
 def _at(x, i):  # step i of a [b, L, ...] input
@@ -163,7 +166,7 @@ def _forward(u, dt, A, B, C, keep, h0, chunk):
 
     def step(i, carry):
         h, y = carry
-        h, _ = _step(a, h, _at(u, i), _at(dt, i), _at(B, i), _at(keep, i))
+        h = _step(a, h, _at(u, i), _at(dt, i), _at(B, i), _at(keep, i))
         return h, _put(y, _sum_n(h, _at(C, i)), i)
 
     def chunk_body(c, carry):
@@ -200,18 +203,18 @@ def _bwd(chunk, res, cts):
     ones_BxN = jnp.ones(B.shape[:1] + B.shape[2:], _F32)
 
     def chunk_bwd(j, carry):
-        (g, da), grads, h_buf, decay_buf = carry
+        (g, da), grads, h_buf = carry
         c = n_chunks - 1 - j
         start = c * chunk
         steps = jnp.minimum(chunk, length - start)
 
-        def fstep(t, carry):  # recompute the chunk's states (h_buf[t + 1] = h_t, h_buf[0] its start) and decays
-            h, h_buf, decay_buf = carry
-            h, decay = _step(a, h, _at(u, start + t), _at(dt, start + t), _at(B, start + t), _at(keep, start + t))
-            return h, _put(h_buf, h, t + 1, 0), _put(decay_buf, decay, t, 0)
+        def fstep(t, carry):  # recompute the chunk's states (h_buf[t + 1] = h_t, h_buf[0] its start)
+            h, h_buf = carry
+            h = _step(a, h, _at(u, start + t), _at(dt, start + t), _at(B, start + t), _at(keep, start + t))
+            return h, _put(h_buf, h, t + 1, 0)
 
         h_start = jax.lax.dynamic_index_in_dim(hs, c, keepdims=False)
-        _, h_buf, decay_buf = jax.lax.fori_loop(0, steps, fstep, (h_start, _put(h_buf, h_start, 0, 0), decay_buf))
+        _, h_buf = jax.lax.fori_loop(0, steps, fstep, (h_start, _put(h_buf, h_start, 0, 0)))
 
         def bstep(r, carry):
             (g, da), (du, ddt, db, dc) = carry
@@ -219,7 +222,7 @@ def _bwd(chunk, res, cts):
             i = start + t
             u_t, dt_t, b_t, c_t, dy_t = (_at(x, i) for x in (u, dt, B, C, dy))
             h_prev, h_t = (jax.lax.dynamic_index_in_dim(h_buf, k, keepdims=False) for k in (t, t + 1))
-            decay = jax.lax.dynamic_index_in_dim(decay_buf, t, keepdims=False)
+            decay = _decay(a, dt_t, _at(keep, i))  # (recomputed: a [T, b, n, d] buffer of them cost more)
             g = g + _ch(dy_t) * _st(c_t)
             gb = _sum_n(g, b_t)
             gdh = g * decay * h_prev
@@ -228,13 +231,13 @@ def _bwd(chunk, res, cts):
             return (g * decay, da + gdh * _ch(dt_t)), grads
 
         carry = jax.lax.fori_loop(0, steps, bstep, ((g, da), grads))
-        return carry + (h_buf, decay_buf)
+        return carry + (h_buf,)
 
     g = _state(dh_last)
     h_buf = jnp.zeros((chunk + 1,) + g.shape, _F32)
     grads = (jnp.zeros_like(u), jnp.zeros_like(dt), jnp.zeros_like(B), jnp.zeros_like(C))
-    init = ((g, jnp.zeros_like(g)), grads, h_buf, h_buf[1:])
-    (g, da), (du, ddt, db, dc), _, _ = jax.lax.fori_loop(0, n_chunks, chunk_bwd, init)
+    init = ((g, jnp.zeros_like(g)), grads, h_buf)
+    (g, da), (du, ddt, db, dc), _ = jax.lax.fori_loop(0, n_chunks, chunk_bwd, init)
     return du, ddt, da.sum(0).T, db, dc, jnp.zeros_like(keep), _state(g)
 
 
