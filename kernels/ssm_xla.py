@@ -157,9 +157,7 @@ def _put(buf, x, i, axis=1):  # x written as step i of a [b, L, ...] (or, axis 0
 
 
 def _forward(u, dt, A, B, C, keep, h0, chunk):
-    """(y, h_last [b, d, n], the states at each chunk's start [n_chunks, b, n, d]). Steps index the time axis
-    of the [b, L, ...] inputs and output where they lie (a time-major copy of each is a transpose XLA:CPU
-    runs at a few GB/s)."""
+    """(y, h_last [b, d, n], the states at each chunk's start [n_chunks, b, n, d])."""
     length = u.shape[1]
     n_chunks = -(-length // chunk)
     a = A.T
@@ -182,9 +180,9 @@ def _forward(u, dt, A, B, C, keep, h0, chunk):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
 def fused_core(u, dt, A, B, C, keep, h0, chunk):
-    # without a gradient no chunk-start state is kept, so the chunks (which bound what the backward holds) only
-    # add a loop level: one chunk of every step, 5-10% faster on CPU from 64 to 512 steps, and no more memory
-    # (the states are never materialised over time; y is the output either way)
+    # without a gradient no chunk-start state is needed (the chunks bound what the backward holds): one chunk of
+    # every step keeps no [n_chunks, b, n, d] buffer; as fast as sqrt(L) chunks (within 6% either way, 64 to 2,048
+    # steps, on the CPU)
     y, h_last, _ = _forward(u, dt, A, B, C, keep, h0, u.shape[1])
     return y, h_last
 
