@@ -336,7 +336,8 @@ def main(argv=None):
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--rates", type=float, nargs="*", default=[2.0, 4.0, 8.0])
     parser.add_argument("--decode_steps", type=int, default=8, help="the server's --config.decode_steps")
-    parser.add_argument("--no_write", action="store_true", help="print the section, leave BENCHMARKS.md and the figure alone")
+    parser.add_argument("--no_write", action="store_true",
+                        help="print the section, leave BENCHMARKS.md and the figure alone")
     args = parser.parse_args(argv)
     prompts, outputs = workload(args.requests)
     with tempfile.TemporaryDirectory() as checkpoint:

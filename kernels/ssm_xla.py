@@ -12,6 +12,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from kernels import ssm_step
+
 _F32 = jnp.float32
 
 
@@ -139,13 +141,13 @@ def _sum_d(s_BxNxD, x_BxD):  # sum_d s x -> [b, n]
     return jnp.einsum("bnd,bd->bn", s_BxNxD, x_BxD)
 
 
-def _decay(a_NxD, dt_t, keep_t):  # keep_t exp(dt_t A) [b, n, d]
-    return keep_t[:, None, None] * jnp.exp(_ch(dt_t) * a_NxD)
+def _decay(a_NxD, dt_t, keep_t):  # keep_t exp(dt_t A) [b, n, d]: the kernels' step algebra, batched
+    return ssm_step.decay(a_NxD, _ch(dt_t), keep_t[:, None, None])
 
 
 def _step(a_NxD, h, u_t, dt_t, b_t, keep_t):
     """h_t from h_{t-1}."""
-    return _decay(a_NxD, dt_t, keep_t) * h + _ch(dt_t * u_t) * _st(b_t)
+    return ssm_step.forward(h, a_NxD, _ch(dt_t), _ch(u_t), _st(b_t), keep_t[:, None, None])
 
 
 def _at(x, i):  # step i of a [b, L, ...] input
