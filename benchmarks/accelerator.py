@@ -3,7 +3,7 @@ own limits, measured in the same process.
 
   python -m benchmarks.accelerator [--out DIR] [--small] [--skip train,decode]
 
-On a GPU or TPU (under 8 minutes on one H100):
+On a GPU or TPU (estimated at about 8 minutes on one H100, plus part 7: three compilations of its decode loop):
   1. checks: the Pallas selective scan (forward, every gradient, reset, bf16), int8_matmul and the
      flash-attention forward (values, and gradients through the blockwise backward), compiled,
      against their jnp references; then flash attention vs the blockwise XLA path for a 2K prefill
@@ -18,7 +18,9 @@ On a GPU or TPU (under 8 minutes on one H100):
   5. a bf16 Jamba train step at about 1B parameters: tokens/s and model FLOPs utilisation
      (6 x active parameters + 12 x attention layers x hidden x sequence per token, PaLM's count)
      against the measured matmul peak;
-  6. decode tokens/s at batch 1 and 64 with the same model (random weights).
+  6. decode tokens/s at batch 1 and 64 with the same model (random weights);
+  7. decode from a long cache per KV cache dtype (float32, bfloat16, int8), batch 8 from 128K tokens, against
+     the bandwidth bound for the bytes each step reads (issue 32; `benchmarks.decode`).
 Targets (issue 12): scan >= 50% of measured HBM bandwidth; train step >= 35% MFU.
 
 On a CPU the same program runs at small shapes (Pallas kernels interpreted) so that it is known
@@ -55,6 +57,9 @@ from benchmarks.accelerator_kernels import (
     tune_gpu_scan,
 )
 from benchmarks.common import copy_bandwidth, write_section
+from benchmarks.decode import DECODE_TOKENS, filled_cache, measure, step_seconds
+from benchmarks.decode import table as long_decode_table
+from common.attention import kv_store
 from jamba_jax.losses import target_weights
 from kernels import current_platform
 from training.optim import make_optimizer
@@ -143,20 +148,35 @@ def train_speed(small: bool, peak: float) -> dict:
                 tokens_per_s=tokens / t, mfu=flops_per_token * tokens / t / peak, compile_s=compile_s)
 
 
-def decode_speed(small: bool) -> list[dict]:
+def _decode_model(small: bool):
+    """The 1B model for decoding, its weights in the compute dtype (what a server holds)."""
     cfg = model_config(small).replace(remat_policy="none")
-    model = jamba_jax.JambaForCausalLM(cfg)
-    params = jamba_jax.init_params(cfg, jax.random.PRNGKey(0))
-    prompt, new = (16, 16) if small else (128, 128)
+    params = jax.tree.map(lambda x: x.astype(cfg.compute_dtype), jamba_jax.init_params(cfg, jax.random.PRNGKey(0)))
+    return cfg, jamba_jax.JambaForCausalLM(cfg), params
+
+
+def decode_speed(small: bool) -> list[dict]:
+    """Prefill + first token through `generate`, and decode tokens/s from a step of the compiled decode loop after
+    a prompt's worth of cache (`benchmarks.decode.step_seconds`), at batch 1 and 64."""
+    cfg, model, params = _decode_model(small)
+    prompt = 16 if small else 128
     rows = []
     for batch in (1, 64):
         ids = np.random.RandomState(batch).randint(3, cfg.vocab_size, (batch, prompt)).astype(np.int32)
-        run = functools.partial(jamba_jax.generate, model, params, ids, eos_token_id=None)
-        t1 = timed(functools.partial(run, max_new_tokens=1), repeats=3)
-        tn = timed(functools.partial(run, max_new_tokens=new), repeats=3)
-        rows.append(dict(batch=batch, prompt=prompt, new_tokens=new, prefill_s=t1,
-                         decode_tokens_per_s=batch * (new - 1) / max(tn - t1, 1e-9)))
+        t1 = timed(functools.partial(jamba_jax.generate, model, params, ids, max_new_tokens=1, eos_token_id=None),
+                   repeats=3)
+        step = step_seconds(model, params, filled_cache(cfg, prompt, None, batch))
+        rows.append(dict(batch=batch, prompt=prompt, new_tokens=DECODE_TOKENS, prefill_s=t1,
+                         decode_tokens_per_s=batch / step))
     return rows
+
+
+def long_decode(small: bool, bandwidth: float) -> dict:
+    """Issue 32's decode from a long cache on the device: the 1B model (bf16 weights), batch 8 from 128K tokens
+    (small: batch 2 from 2K), per KV cache dtype: ms per token against HBM bandwidth for the bytes a step reads."""
+    cfg, _, params = _decode_model(small)
+    batch, context = (2, 2048) if small else (8, 131072)
+    return measure(context, list(kv_store.KV_CACHE_DTYPES), cfg, params, batch, bandwidth, contexts=(context,))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -207,6 +227,12 @@ def report(res: dict) -> str:
         lines += [f"Train step (bf16 compute, float32 params, remat, AdamW), {t['params'] / 1e6:,.1f}M parameters "
                   f"({t['active'] / 1e6:,.1f}M active), batch {t['batch']} x {t['seq']}: {t['seconds'] * 1e3:.0f} ms, "
                   f"{t['tokens_per_s']:,.0f} tokens/s, MFU {t['mfu']:.1%} (compile {t['compile_s']:.0f} s).", ""]
+    if res.get("long_decode"):
+        r0 = res["long_decode"]["rows"][0]
+        lines += [f"Decode from a long cache (issue 32), the same model with bf16 weights, batch {r0['batch']}, "
+                  f"{r0['context']:,} tokens of random keys and values per row, per KV cache dtype; bound: the bytes a "
+                  "step reads (active weights, the KV cache, the Mamba states) over the memory bandwidth above.", ""]
+        lines += long_decode_table(res["long_decode"]) + [""]
     if res.get("decode"):
         lines += ["| decode batch | prompt | new tokens | prefill + 1 token s | decode tokens/s |",
                   "| ---: | ---: | ---: | ---: | ---: |"]
@@ -219,12 +245,22 @@ def report(res: dict) -> str:
     return "\n".join(lines)
 
 
+def save(out: str, res: dict, body: str | None = None) -> None:
+    """DIR/accelerator.json (the results so far), and with the report DIR/accelerator.md."""
+    os.makedirs(out, exist_ok=True)
+    if body is not None:
+        with open(os.path.join(out, "accelerator.md"), "w") as f:
+            f.write(body + "\n")
+    with open(os.path.join(out, "accelerator.json"), "w") as f:
+        json.dump(res, f, indent=1, default=float)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--small", action="store_true", help="small shapes (the default on a CPU)")
     parser.add_argument("--out", default="", help="also write accelerator.md and accelerator.json here")
     parser.add_argument("--skip", default="",
-                        help="comma-separated parts to skip: checks,attention,scan,int8,train,decode")
+                        help="comma-separated parts to skip: checks,attention,scan,int8,train,decode,long_decode")
     parser.add_argument("--no-write", action="store_true", help="do not rewrite BENCHMARKS.md")
     parser.add_argument("--tune", action="store_true", help="also sweep the GPU scan kernel's knobs (GPU only)")
     args = parser.parse_args(argv)
@@ -245,7 +281,8 @@ def main(argv=None):
              ("tune", lambda: tune_gpu_scan() if args.tune and current_platform() == "gpu" else None),
              ("int8", lambda: int8_speed(small)),
              ("train", lambda: train_speed(small, res["peak"])),
-             ("decode", lambda: decode_speed(small))]
+             ("decode", lambda: decode_speed(small)),
+             ("long_decode", lambda: long_decode(small, res["bandwidth"]))]
     for name, fn in parts:
         if name in skip:
             continue
@@ -256,15 +293,13 @@ def main(argv=None):
             traceback.print_exc()
             res["errors"].append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
         print(f"[{name}] {time.perf_counter() - t0:.1f} s", flush=True)
+        if args.out:  # the parts so far, should the device's time limit stop the run before the end
+            save(args.out, res)
     res["wall_s"] = time.perf_counter() - start
     body = report(res)
     print(body)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "accelerator.md"), "w") as f:
-            f.write(body + "\n")
-        with open(os.path.join(args.out, "accelerator.json"), "w") as f:
-            json.dump(res, f, indent=1, default=float)
+        save(args.out, res, body)
     if not args.no_write:
         write_section("accelerator_small" if small else "accelerator", body)
     failed = [c for c in res.get("checks", []) if not c["ok"]]

@@ -1,5 +1,6 @@
 """The benchmarks' bookkeeping: which auxiliary-tuning runs are done (a stopped benchmark resumes), where a
-mean curve crosses a target, when two intervals count as apart, which ops the mfu breakdown counts."""
+mean curve crosses a target, when two intervals count as apart, which ops the mfu breakdown counts, what the
+long-cache decode benchmark fills and reports."""
 
 import json
 import re
@@ -9,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jamba_jax
 from benchmarks.aux_tuning import finished
 from benchmarks.aux_tuning_report import apart, reach, stats
 from benchmarks.mfu import op_sources
@@ -75,3 +77,30 @@ def test_the_mfu_breakdown_counts_a_loops_body_ops_and_not_the_loop():
     sources = op_sources(hlo)
     assert sources and not set(containers) & set(sources)
     assert any("while/body" in src for src in sources.values())  # its body's ops, with their sources
+
+
+def test_long_cache_decode_measures_each_dtype_from_the_same_keys():
+    """benchmarks.decode (and the accelerator script's part 7 through it): every dtype's cache holds the same random
+    keys and values (rounded to its dtype), each row of the table is timed and bounded by its own bytes, and the
+    most a dtype can gain is float32's bound over its own."""
+    from benchmarks.decode import filled_cache, measure, table
+    from common.attention import kv_store
+    from jamba_jax.layers import KVCache
+
+    cfg = jamba_jax.JambaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1,
+                                num_experts=1, num_experts_per_tok=1, mamba_d_state=4, mamba_dt_rank=4)
+    stores = {d: next(c for c in filled_cache(cfg, 16, d, batch=2).layers if isinstance(c, KVCache))
+              for d in ("float32", "bfloat16", "int8")}
+    ref = kv_store.read(stores["float32"].k, jnp.float32)
+    assert ref.shape == (2, 2, 16 + 64, 8) and float(jnp.abs(ref[:, :, :16]).std()) > 0.5
+    assert not bool(jnp.any(ref[:, :, 16:]))  # the decode slots start empty
+    for d, tol in (("bfloat16", 1e-2), ("int8", 2e-2)):
+        np.testing.assert_allclose(kv_store.read(stores[d].k, jnp.float32), ref, atol=tol * 4)
+    result = measure(16, ["float32", "int8"], cfg, batch=2, bandwidth=1e10, contexts=(16,))
+    rows = {r["dtype"]: r for r in result["rows"]}
+    assert set(rows) == {"float32", "int8"} and all(r["step_s"] > 0 and r["batch"] == 2 for r in rows.values())
+    assert rows["int8"]["bytes"] < rows["float32"]["bytes"]
+    assert result["errors"]["float32"] == 0.0 and 0 < result["errors"]["int8"] < 0.05
+    int8_line = next(line for line in table(result) if line.startswith("| int8 "))
+    assert f"| {rows['float32']['bytes'] / rows['int8']['bytes']:.2f}x |" in int8_line
