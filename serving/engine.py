@@ -2,8 +2,8 @@
 (`serving.slots`), and one loop in which every step
 
   (a) empties cancelled requests' slots, admits waiting requests into free slots (their state reset)
-      and feeds prompts a piece at a time, first come first served, within `max_num_batched_tokens`
-      less the decoding slots (so prompt pieces interleave with decode steps);
+      and feeds prompts, first come first served, within `max_num_batched_tokens` less the decoding
+      slots: new whole prompts as one group, run beside (b) on a thread of its own; the rest in pieces;
   (b) runs `decode_steps` compiled decode steps over every slot in one device call (fewer, a power of two,
       while requests wait and a slot's max_tokens end sooner: the call ends where that slot frees): each
       decoding slot samples its next token with its own settings from its logits and runs it through the
@@ -21,6 +21,7 @@ and a request's `on_output` is called from the engine's thread.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import itertools
@@ -42,14 +43,17 @@ from serving.request import DECODE, FINISHED, PREFILL, Output, Request
 from serving.sampling import RequestError, SamplingParams
 from serving.slots import (
     bucket,
-    bucket_sizes,
     cache_logical_axes,
+    compile_all,
     decode_slots,
-    group_sizes,
+    group_rows,
     init_slots,
+    insert_rows,
+    kv_dtype,
     next_piece,
+    pack_group,
     piece_sizes,
-    prefill_group,
+    prefill_rows,
     prefill_slot,
     reset_slot,
 )
@@ -98,9 +102,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.steps = 0
-        self._group_sizes = group_sizes(s)
         self._call_lengths = sorted(set(piece_sizes(config.decode_steps)) | {config.decode_steps})
         self._inflight = None  # the decode call whose tokens the host has not read yet
+        self._prefiller = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jamba-prefill")
         self.error: Exception | None = None  # what stopped the loop, if anything did
 
     def _on_mesh(self):
@@ -155,7 +159,9 @@ class Engine:
         if not busy and self._inflight is None:
             return False
         decoding = [r for r in busy if r.state == DECODE]
-        self._prefill([r for r in busy if r.state == PREFILL], self.config.max_num_batched_tokens - len(decoding))
+        beside = any(r.scheduled < r.sampling.max_tokens for r in decoding)  # a decode call follows
+        budget = self.config.max_num_batched_tokens - len(decoding)
+        group = self._prefill([r for r in busy if r.state == PREFILL], budget, beside)
         # the next decode call goes to the device before the previous call's tokens are read: the host's work
         # on them (text, stop checks, streaming) overlaps the device's. A request that those tokens end runs
         # on in the new call; its tokens there are dropped, and its slot is reset before reuse.
@@ -167,6 +173,8 @@ class Engine:
                     self._release(r)
         if previous is not None:
             self._collect(*previous)
+        if group is not None:
+            self._insert_group(*group)
         self.steps += 1
         return True
 
@@ -191,14 +199,22 @@ class Engine:
         self.metrics.waiting.set(len(self.waiting))
         self.metrics.running.set(sum(r is not None for r in self.slots))
 
-    def _prefill(self, requests: list[Request], budget: int) -> None:
+    def _prefill(self, requests: list[Request], budget: int, beside: bool):
         """Prompts within `budget` tokens (at least one piece): new requests' whole prompts in a group, first
-        come first served, then the others' pieces (`serving.slots`)."""
+        come first served, then the others' pieces (`serving.slots`). With `beside` (a decode call follows) the
+        group's prefill runs on the prefill thread beside that call (a CPU decode call of few rows leaves the
+        cores half idle) and what `_insert_group` finishes after it is returned; else it is finished here."""
         budget = max(budget, 1)  # prompts always advance
         group = self._group(requests, budget)
+        started = self._start_group(group) if group else None
         if group:
-            budget -= self._prefill_group(group)
+            budget -= started[3].size
+            if not beside:
+                self._insert_group(*started)
+                started = None
         for r in requests:
+            if group and r in group:
+                continue
             while budget > 0 and r.prefilled < len(r.prompt_ids):
                 n = next_piece(len(r.prompt_ids) - r.prefilled, self.config.prefill_chunk, budget)
                 piece = np.asarray([r.prompt_ids[r.prefilled:r.prefilled + n]], np.int32)  # (numpy: no convert program)
@@ -207,8 +223,12 @@ class Engine:
                 r.prefilled += n
                 budget -= n
             if r.prefilled == len(r.prompt_ids) and r.state == PREFILL:
-                r.state = DECODE
-                self.metrics.prompt_tokens.inc(len(r.prompt_ids))
+                self._prefilled(r)
+        return started
+
+    def _prefilled(self, r: Request) -> None:
+        r.state = DECODE
+        self.metrics.prompt_tokens.inc(len(r.prompt_ids))
 
     def _groupable(self, r: Request) -> bool:
         """A new request whose prompt fits one chunk, with room for its max_tokens after the padded prompt."""
@@ -222,23 +242,32 @@ class Engine:
         for r in requests:
             if not self._groupable(r):
                 break
-            rows = next(g for g in self._group_sizes if g >= len(group) + 1)
+            rows = group_rows(len(group) + 1, len(self.slots))
             if rows * max(bucket(len(x.prompt_ids)) for x in group + [r]) > budget and group:
                 break
             group.append(r)
         return group
 
-    def _prefill_group(self, group: list[Request]) -> int:
-        """Prefills the group's prompts in one call; returns the tokens it ran (padding included)."""
-        rows = next(g for g in self._group_sizes if g >= len(group))
-        b = max(bucket(len(r.prompt_ids)) for r in group)
-        ids, mask = np.zeros((rows, b), np.int32), np.zeros((rows, b), np.int32)
-        slots = np.full(rows, len(self.slots), np.int32)  # padding rows: past the cache, dropped
-        for i, r in enumerate(group):
-            ids[i, b - len(r.prompt_ids):], mask[i, b - len(r.prompt_ids):], slots[i] = r.prompt_ids, 1, r.slot
+    def _start_group(self, group: list[Request]):
+        """Starts the group's prompts in one `prefill_rows` call on the prefill thread; returns (group, the
+        call's future, its slot per row, its mask) for `_insert_group`. Until then the requests stay in
+        PREFILL with nothing prefilled: no decode call runs them, and their slots' states are rewritten whole."""
+        ids, mask, slots = pack_group([r.prompt_ids for r in group], [r.slot for r in group], len(self.slots))
+        dtype = kv_dtype(self.cache)
+
+        def run():
+            with self._on_mesh():  # (the mesh and its rules are the calling thread's)
+                return jax.block_until_ready(prefill_rows(self.model, self.params, ids, mask, dtype))
+
+        return group, self._prefiller.submit(run), slots, mask
+
+    def _insert_group(self, group: list[Request], future, slots, mask) -> None:
+        """Waits for the group's prefill and puts its rows into their slots; the requests then decode."""
+        new_logits, new = future.result()
+        self.logits, self.cache = insert_rows(self.model.cfg, self.cache, self.logits, slots, mask, new_logits, new)
+        for r in group:
             r.prefilled = len(r.prompt_ids)
-        self.logits, self.cache = prefill_group(self.model, self.params, self.cache, self.logits, slots, ids, mask)
-        return rows * b
+            self._prefilled(r)
 
     def _call_length(self, decoding: list[Request]) -> int:
         """decode_steps, or while requests wait, the longest compiled length within the first end of a slot's
@@ -304,30 +333,11 @@ class Engine:
         """Compiles every program a load can need (each prompt piece length, the decode step, the reset) on
         slot 0, then empties it; returns the seconds it took."""
         t0 = time.perf_counter()
+        c = self.config
         with self._on_mesh():
-            self._compile_all()
+            self.logits, self.cache = compile_all(self.model, self.params, self.cache, self.logits, c.prefill_chunk,
+                                                  c.max_model_len, c.max_num_batched_tokens, self._call_lengths)
         return time.perf_counter() - t0
-
-    def _compile_all(self) -> None:
-        lengths = [b for b in bucket_sizes(self.config.prefill_chunk) if b < self.config.max_model_len]
-        for rows in self._group_sizes:
-            # every group shape `_group` can pick (more than one row only within max_num_batched_tokens), its
-            # padding rows only (nothing is written)
-            for b in [b for b in lengths if rows == 1 or rows * b <= self.config.max_num_batched_tokens]:
-                self.logits, self.cache = prefill_group(self.model, self.params, self.cache, self.logits,
-                                                        np.full(rows, len(self.slots), np.int32),
-                                                        np.zeros((rows, b), np.int32), np.ones((rows, b), np.int32))
-        sizes = [n for n in piece_sizes(self.config.prefill_chunk) if n < self.config.max_model_len]
-        for n in sizes:
-            self.cache = reset_slot(self.model.cfg, self.cache, np.int32(0))
-            self.logits, self.cache = prefill_slot(self.model, self.params, self.cache, self.logits, np.int32(0),
-                                                   np.zeros((1, n), np.int32))
-        s, idle = self._sampling, np.zeros(len(self.slots), bool)
-        for keep, k in [(False, k) for k in self._call_lengths] + [(True, self.config.decode_steps)]:
-            out = decode_slots(self.model, self.params, self.cache, self.logits, idle, s["temperature"], s["top_k"],
-                               s["top_p"], s["seed"], s["step"], idle.astype(np.int32), k, keep)
-            _, self.logits, self.cache = jax.block_until_ready(out)
-        self.cache = jax.block_until_ready(reset_slot(self.model.cfg, self.cache, np.int32(0)))
 
     def run_until_idle(self) -> None:
         """Steps until no request waits or runs (without the thread: tests, benchmarks)."""

@@ -1,11 +1,13 @@
-"""The slot cache of the serving engine and the three compiled programs that touch it.
+"""The slot cache of the serving engine and the compiled programs that fill and advance it.
 
 One `HybridCache` of `num_slots` rows, each row a sequence at its own length (the cache's index is one
 position per row): the attention layers' KV of `max_model_len` per slot, the Mamba layers' conv window
 and SSM state per slot, and beside it the float32 logits of each slot's last position, from which its
-next token is sampled. Every program donates the cache, so it is updated in place:
+next token is sampled. Every program that takes the cache donates it, so it is updated in place:
 
-  prefill_group whole prompts of several requests new to their slots, left-padded to one length, batched
+  prefill_rows  whole prompts of several requests new to their slots, left-padded to one length, batched,
+                into a cache of their own (no slot touched: it may run beside a decode call), and
+  insert_rows   those rows put into their slots
   prefill_slot  a piece of one slot's prompt into its row (a batch-1 prefill on that row, written back)
   decode_slots  a few tokens for every slot (each with its own sampling settings), run through the model,
                 in one device loop
@@ -25,6 +27,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from common.attention import kv_store
 from common.sharding import constrain
@@ -73,7 +76,8 @@ def _pinned(cfg, cache: HybridCache) -> HybridCache:
     return jax.tree.map(constrain, cache, cache_logical_axes(cfg, cache))  # (each array's axes: a whole subtree)
 
 
-def _kv_dtype(cache: HybridCache):
+def kv_dtype(cache: HybridCache):
+    """The KV stores' dtype (None without attention layers)."""
     return next((kv_store.dtype_of(c.k) for c in cache.layers if isinstance(c, KVCache)), None)
 
 
@@ -100,6 +104,22 @@ def group_sizes(num_slots: int) -> list[int]:
     return sorted({min(1 << i, num_slots) for i in range(num_slots.bit_length() + 1)})
 
 
+def group_rows(n: int, num_slots: int) -> int:
+    """The rows of a group prefill of n prompts: the first of `group_sizes` that holds them."""
+    return next(g for g in group_sizes(num_slots) if g >= n)
+
+
+def pack_group(prompts: list[list[int]], slots: list[int], num_slots: int):
+    """(ids, mask [rows, B] int32, slot per row): the prompts left-padded to the bucket of the longest, in
+    `group_rows` rows; padding rows get slot num_slots (past the cache: dropped)."""
+    rows, b = group_rows(len(prompts), num_slots), max(bucket(len(p)) for p in prompts)
+    ids, mask = np.zeros((rows, b), np.int32), np.zeros((rows, b), np.int32)
+    slot_ids = np.full(rows, num_slots, np.int32)
+    for i, (p, slot) in enumerate(zip(prompts, slots, strict=True)):
+        ids[i, b - len(p):], mask[i, b - len(p):], slot_ids[i] = p, 1, slot
+    return ids, mask, slot_ids
+
+
 def bucket(length: int, min_bucket: int = MIN_BUCKET) -> int:
     """The padded length of a whole prompt in a group prefill: the next of 2^k and 3 x 2^(k-2) (8, 12, 16, 24,
     32, 48, ...), at least min_bucket. Padding is computed like any token: against powers of two alone this
@@ -113,27 +133,42 @@ def bucket_sizes(max_chunk: int) -> list[int]:
     return sorted({bucket(n) for n in range(1, max_chunk + 1)})
 
 
-@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2, 3))
-def prefill_group(model, params, cache: HybridCache, logits_SxV, slots_G, ids_GxB, mask_GxB):
-    """Whole prompts of G requests new to their slots, left-padded to one length B, in one batched prefill
-    from a fresh state (the padding leaves the real tokens' results as they are: Jamba has no positional
-    embedding, masked keys are unseen and a zero Mamba state stays zero through zeroed inputs). Each row's
-    keys land at [0, B) of its slot, its position is B; rows whose slot index is past the cache are padding
-    of the group and are dropped."""
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def prefill_rows(model, params, ids_GxB, mask_GxB, kv_dtype=None):
+    """Whole prompts of G requests, left-padded to one length B, in one batched prefill from a fresh state (the
+    padding leaves the real tokens' results as they are: Jamba has no positional embedding, masked keys are
+    unseen and a zero Mamba state stays zero through zeroed inputs): (float32 logits [G, V] of each row's last
+    position, their cache of G rows x B positions). It touches no slot, so it may run while a decode call
+    updates the slots (`insert_rows` then puts the rows in)."""
     g, b = ids_GxB.shape
-    out = model.apply({"params": params}, ids_GxB, init_cache(model.cfg, g, b, _kv_dtype(cache)),
-                      attention_mask=mask_GxB, method="prefill")
-    lead = (slice(None),) * _row_axis(model.cfg)
+    out = model.apply({"params": params}, ids_GxB, init_cache(model.cfg, g, b, kv_dtype), attention_mask=mask_GxB,
+                      method="prefill")
+    return out.logits.astype(jnp.float32), out.cache
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(1, 2))
+def insert_rows(cfg, cache: HybridCache, logits_SxV, slots_G, mask_GxB, new_logits_GxV, new: HybridCache):
+    """`prefill_rows`' results put in the slots: each row's keys land at [0, B) of its slot, its Mamba states
+    replace the slot's, its position is B; rows whose slot index is past the cache are padding of the group and
+    are dropped."""
+    b = mask_GxB.shape[1]
+    lead = (slice(None),) * _row_axis(cfg)
 
     def put(c, n):  # KV (values, and an int8 store's scales): positions [0, B) of each slot; Mamba: whole rows
         at = lead + ((slots_G, slice(None), slice(0, b)) if isinstance(c, KVCache) else (slots_G,))
-        return jax.tree.map(lambda x, new: x.at[at].set(new.astype(x.dtype), mode="drop"), c, n)
+        return jax.tree.map(lambda x, v: x.at[at].set(v.astype(x.dtype), mode="drop"), c, n)
 
-    layers = tuple(put(c, n) for c, n in zip(cache.layers, out.cache.layers, strict=True))
-    new = HybridCache(cache.index.at[slots_G].set(b, mode="drop"),
+    layers = tuple(put(c, n) for c, n in zip(cache.layers, new.layers, strict=True))
+    out = HybridCache(cache.index.at[slots_G].set(b, mode="drop"),
                       cache.valid.at[slots_G, :b].set(mask_GxB.astype(bool), mode="drop"), layers)
-    logits = constrain(logits_SxV.at[slots_G].set(out.logits.astype(jnp.float32), mode="drop"), (None, None))
-    return logits, _pinned(model.cfg, new)
+    logits = constrain(logits_SxV.at[slots_G].set(new_logits_GxV, mode="drop"), (None, None))
+    return logits, _pinned(cfg, out)
+
+
+def prefill_group(model, params, cache: HybridCache, logits_SxV, slots_G, ids_GxB, mask_GxB):
+    """`prefill_rows` then `insert_rows`: (logits, cache) with the group's prompts in their slots."""
+    new_logits, new = prefill_rows(model, params, ids_GxB, mask_GxB, kv_dtype(cache))
+    return insert_rows(model.cfg, cache, logits_SxV, slots_G, mask_GxB, new_logits, new)
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2, 3))
@@ -203,3 +238,26 @@ def reset_slot(cfg, cache: HybridCache, slot) -> HybridCache:
 
     layers = tuple(MambaCache(*map(zero_row, c)) if isinstance(c, MambaCache) else c for c in cache.layers)
     return _pinned(cfg, HybridCache(cache.index.at[slot].set(0), cache.valid.at[slot].set(False), layers))
+
+
+def compile_all(model, params, cache: HybridCache, logits_SxV, prefill_chunk: int, max_model_len: int,
+                max_num_batched_tokens: int, call_lengths) -> tuple:
+    """Runs every program a load can need once (each group shape, each prompt piece length, each decode call
+    length, the reset) on padding rows or slot 0, which it leaves empty: (logits, cache)."""
+    num_slots = cache.valid.shape[0]
+    lengths = [b for b in bucket_sizes(prefill_chunk) if b < max_model_len]
+    for rows in group_sizes(num_slots):
+        # every group shape the engine can pick (more than one row only within max_num_batched_tokens), its
+        # padding rows only (nothing is written)
+        for b in [b for b in lengths if rows == 1 or rows * b <= max_num_batched_tokens]:
+            logits_SxV, cache = prefill_group(model, params, cache, logits_SxV, np.full(rows, num_slots, np.int32),
+                                              np.zeros((rows, b), np.int32), np.ones((rows, b), np.int32))
+    for n in [n for n in piece_sizes(prefill_chunk) if n < max_model_len]:
+        cache = reset_slot(model.cfg, cache, np.int32(0))
+        logits_SxV, cache = prefill_slot(model, params, cache, logits_SxV, np.int32(0), np.zeros((1, n), np.int32))
+    idle, zeros = np.zeros(num_slots, bool), np.zeros(num_slots, np.int32)
+    sampling = (np.zeros(num_slots, np.float32), zeros, np.ones(num_slots, np.float32), zeros, zeros)
+    for keep, k in [(False, k) for k in call_lengths] + [(True, max(call_lengths))]:
+        out = decode_slots(model, params, cache, logits_SxV, idle, *sampling, zeros, k, keep)
+        _, logits_SxV, cache = jax.block_until_ready(out)
+    return logits_SxV, jax.block_until_ready(reset_slot(model.cfg, cache, np.int32(0)))

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -74,6 +75,39 @@ def test_staggered_arrivals_give_each_request_the_tokens_of_generate_alone(serve
         want = jamba_jax.generate(model, params, np.asarray([p]), max_new_tokens=n, prefill_chunk=1)[0].tolist()
         assert r.output_ids == want and r.finish_reason == "length"
     assert engine.idle and engine.slots == [None] * 3
+
+
+def test_a_new_prompt_is_prefilled_beside_the_running_decode_call(served, monkeypatch):
+    """A whole prompt that arrives while another request decodes is prefilled on the prefill thread while the
+    step's decode call runs (that call starts before the prefill goes on); alone, a prompt is prefilled before
+    its first decode call. Both requests get the tokens of generate() alone."""
+    model, params, _ = served
+    engine = make_engine(served, max_num_seqs=2, decode_steps=2)
+    decode_started, seen = threading.Event(), []
+    real_rows, real_decode = serving.engine.prefill_rows, serving.engine.decode_slots
+
+    def rows(*args):
+        seen.append((threading.current_thread().name, decode_started.wait(timeout=60 if seen else 0)))
+        return real_rows(*args)
+
+    def decode(*args):
+        decode_started.set()
+        return real_decode(*args)
+
+    monkeypatch.setattr(serving.engine, "prefill_rows", rows)
+    monkeypatch.setattr(serving.engine, "decode_slots", decode)
+    ps = prompts(2, seed=11, longest=6)
+    first = engine.submit(ps[0], dataclasses.replace(GREEDY, max_tokens=8, ignore_eos=True))
+    engine.step()  # alone: prefilled, then its first decode call
+    decode_started.clear()
+    second = engine.submit(ps[1], dataclasses.replace(GREEDY, max_tokens=5, ignore_eos=True))
+    engine.step()  # its prefill beside the first one's decode call
+    engine.run_until_idle()
+    assert seen == [("jamba-prefill_0", False), ("jamba-prefill_0", True)]
+    for p, r in zip(ps, (first, second), strict=True):
+        want = jamba_jax.generate(model, params, np.asarray([p]), max_new_tokens=r.sampling.max_tokens,
+                                  prefill_chunk=1)[0].tolist()
+        assert r.output_ids == want
 
 
 def test_a_reused_slot_starts_from_a_clean_state(served, monkeypatch):
