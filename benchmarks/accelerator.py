@@ -180,6 +180,24 @@ def long_decode(small: bool, bandwidth: float) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
+def _decode_report(res: dict) -> list[str]:
+    """Parts 7 and 6: decode from a long cache per KV dtype, decode tokens/s."""
+    lines = []
+    if res.get("long_decode"):
+        r0 = res["long_decode"]["rows"][0]
+        lines += [f"Decode from a long cache (issue 32), the same model with bf16 weights, batch {r0['batch']}, "
+                  f"{r0['context']:,} tokens of random keys and values per row, per KV cache dtype; bound: the bytes a "
+                  "step reads (active weights, the KV cache, the Mamba states) over the memory bandwidth above.", ""]
+        lines += long_decode_table(res["long_decode"]) + [""]
+    if res.get("decode"):
+        lines += ["| decode batch | prompt | new tokens | prefill + 1 token s | decode tokens/s |",
+                  "| ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {r['batch']} | {r['prompt']} | {r['new_tokens']} | {r['prefill_s']:.3f} | "
+                  f"{r['decode_tokens_per_s']:,.0f} |" for r in res["decode"]]
+        lines.append("")
+    return lines
+
+
 def report(res: dict) -> str:
     small = res["small"]
     lines = ["## Accelerator: kernels compiled, scan bandwidth, int8 matmul, 1B train step, decode (issue 12)", "",
@@ -227,18 +245,7 @@ def report(res: dict) -> str:
         lines += [f"Train step (bf16 compute, float32 params, remat, AdamW), {t['params'] / 1e6:,.1f}M parameters "
                   f"({t['active'] / 1e6:,.1f}M active), batch {t['batch']} x {t['seq']}: {t['seconds'] * 1e3:.0f} ms, "
                   f"{t['tokens_per_s']:,.0f} tokens/s, MFU {t['mfu']:.1%} (compile {t['compile_s']:.0f} s).", ""]
-    if res.get("long_decode"):
-        r0 = res["long_decode"]["rows"][0]
-        lines += [f"Decode from a long cache (issue 32), the same model with bf16 weights, batch {r0['batch']}, "
-                  f"{r0['context']:,} tokens of random keys and values per row, per KV cache dtype; bound: the bytes a "
-                  "step reads (active weights, the KV cache, the Mamba states) over the memory bandwidth above.", ""]
-        lines += long_decode_table(res["long_decode"]) + [""]
-    if res.get("decode"):
-        lines += ["| decode batch | prompt | new tokens | prefill + 1 token s | decode tokens/s |",
-                  "| ---: | ---: | ---: | ---: | ---: |"]
-        lines += [f"| {r['batch']} | {r['prompt']} | {r['new_tokens']} | {r['prefill_s']:.3f} | "
-                  f"{r['decode_tokens_per_s']:,.0f} |" for r in res["decode"]]
-        lines.append("")
+    lines += _decode_report(res)
     lines += [f"Total wall time {res['wall_s']:.0f} s."]
     if res.get("errors"):
         lines += ["", "Errors:"] + [f"- {e}" for e in res["errors"]]
