@@ -134,14 +134,14 @@ def bucket_sizes(max_chunk: int) -> list[int]:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
-def prefill_rows(model, params, ids_GxB, mask_GxB, kv_dtype=None):
+def prefill_rows(model, params, ids_GxB, mask_GxB, cache_dtype=None):
     """Whole prompts of G requests, left-padded to one length B, in one batched prefill from a fresh state (the
     padding leaves the real tokens' results as they are: Jamba has no positional embedding, masked keys are
     unseen and a zero Mamba state stays zero through zeroed inputs): (float32 logits [G, V] of each row's last
-    position, their cache of G rows x B positions). It touches no slot, so it may run while a decode call
-    updates the slots (`insert_rows` then puts the rows in)."""
+    position, their cache of G rows x B positions, KV in `cache_dtype`). It touches no slot, so it may run while a
+    decode call updates the slots (`insert_rows` then puts the rows in)."""
     g, b = ids_GxB.shape
-    out = model.apply({"params": params}, ids_GxB, init_cache(model.cfg, g, b, kv_dtype), attention_mask=mask_GxB,
+    out = model.apply({"params": params}, ids_GxB, init_cache(model.cfg, g, b, cache_dtype), attention_mask=mask_GxB,
                       method="prefill")
     return out.logits.astype(jnp.float32), out.cache
 
