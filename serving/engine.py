@@ -205,10 +205,10 @@ class Engine:
         group's prefill runs on the prefill thread beside that call (a CPU decode call of few rows leaves the
         cores half idle) and what `_insert_group` finishes after it is returned; else it is finished here."""
         budget = max(budget, 1)  # prompts always advance
-        group = self._group(requests, budget)
-        started = self._start_group(group) if group else None
+        group, started = self._group(requests, budget), None
         if group:
-            budget -= started[3].size
+            started = self._start_group(group)
+            budget -= started[3].size  # the group's padded tokens (its mask's size)
             if not beside:
                 self._insert_group(*started)
                 started = None
