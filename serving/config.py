@@ -41,11 +41,13 @@ class EngineConfig:
 
 
 def memory_needed(cfg, params, config: EngineConfig, param_shardings=None, cache_shardings=None) -> dict[str, int]:
-    """Bytes the engine holds on a device: weights, the slot cache, logits, one step's activations (the
-    weights and the cache as sharded, when they are)."""
+    """Bytes the engine holds on a device: weights, the slot cache and the staged prompts' (`serving.staging`:
+    up to max_num_seqs rows of a chunk), logits, one step's activations (the weights and the slot cache as
+    sharded, when they are)."""
     weights = tree_bytes(params, param_shardings)
     cache = jax.eval_shape(lambda: init_slots(cfg, config.max_num_seqs, config.max_model_len, config.cache_dtype))[0]
-    cache = tree_bytes(cache, cache_shardings)
+    staged = jax.eval_shape(lambda: init_slots(cfg, config.max_num_seqs, config.prefill_chunk, config.cache_dtype))
+    cache = tree_bytes(cache, cache_shardings) + tree_bytes(staged)
     per_token = forward_bytes_per_token(cfg)
     steps = per_token * (config.prefill_chunk + config.max_num_seqs) + 2 * config.max_num_seqs * cfg.vocab_size * 4
     return {"weights": weights, "cache": cache, "activations": steps, "total": weights + cache + steps}

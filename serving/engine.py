@@ -1,9 +1,9 @@
 """The continuous-batching engine: a fixed number of slots over one slot-indexed hybrid cache
 (`serving.slots`), and one loop in which every step
 
-  (a) empties cancelled requests' slots, admits waiting requests into free slots (their state reset)
-      and feeds prompts, first come first served, within `max_num_batched_tokens` less the decoding
-      slots: new whole prompts as one group, run beside (b) on a thread of its own; the rest in pieces;
+  (a) empties cancelled requests' slots, fills free slots first come first served and feeds prompts within
+      `max_num_batched_tokens` less the decoding slots: whole prompts prefilled ahead in groups, beside (b)
+      on a thread of its own, then put into slots (`serving.staging`); the rest in pieces in their slots;
   (b) runs `decode_steps` compiled decode steps over every slot in one device call (fewer, a power of two,
       while requests wait and a slot's max_tokens end sooner: the call ends where that slot frees): each
       decoding slot samples its next token with its own settings from its logits and runs it through the
@@ -42,11 +42,9 @@ from serving.metrics import EngineMetrics, compilations
 from serving.request import DECODE, FINISHED, PREFILL, Output, Request
 from serving.sampling import RequestError, SamplingParams
 from serving.slots import (
-    bucket,
     cache_logical_axes,
     compile_all,
     decode_slots,
-    group_rows,
     init_slots,
     insert_rows,
     kv_dtype,
@@ -57,6 +55,7 @@ from serving.slots import (
     prefill_slot,
     reset_slot,
 )
+from serving.staging import Staging
 
 
 class EngineStoppedError(RuntimeError):
@@ -93,9 +92,9 @@ class Engine:
         self.metrics = EngineMetrics()
         self.slots: list[Request | None] = [None] * s
         self.waiting: deque[Request] = deque()
-        self._sampling = {k: np.zeros(s, d) for k, d in
-                          [("temperature", np.float32), ("top_k", np.int32), ("top_p", np.float32),
-                           ("seed", np.int32), ("step", np.int32)]}
+        self.staging = Staging(s, config.prefill_chunk, config.max_model_len)  # prompts prefilled ahead of slots
+        self._sampling = {k: np.zeros(s, np.float32 if k in ("temperature", "top_p") else np.int32)
+                          for k in ("temperature", "top_k", "top_p", "seed", "step")}
         self._ids = itertools.count()
         self._seeds = np.random.default_rng()
         self._cv = threading.Condition()
@@ -154,18 +153,22 @@ class Engine:
     def _step(self) -> bool:
         with self._cv:
             self._retire_cancelled()
+        self._place()
+        with self._cv:
             self._admit()
-            busy = [r for r in self.slots if r is not None]
-        if not busy and self._inflight is None:
+        if self.idle:
             return False
-        decoding = [r for r in busy if r.state == DECODE]
+        decoding = [r for r in self.slots if r is not None and r.state == DECODE]
         beside = any(r.scheduled < r.sampling.max_tokens for r in decoding)  # a decode call follows
         budget = self.config.max_num_batched_tokens - len(decoding)
-        group = self._prefill([r for r in busy if r.state == PREFILL], budget, beside)
+        budget -= self._stage(max(budget, 1), beside)
+        self._prefill([r for r in self.slots if r is not None and r.state == PREFILL], budget)
         # the next decode call goes to the device before the previous call's tokens are read: the host's work
         # on them (text, stop checks, streaming) overlaps the device's. A request that those tokens end runs
-        # on in the new call; its tokens there are dropped, and its slot is reset before reuse.
-        decoding = [r for r in busy if r.state == DECODE and r.scheduled < r.sampling.max_tokens]
+        # on in the new call; its tokens there are dropped, and its slot is reset before reuse. (A prompt the
+        # pieces above just finished decodes in this call too: left out, its Mamba state would run on unkept.)
+        decoding = [r for r in self.slots if r is not None and r.state == DECODE
+                    and r.scheduled < r.sampling.max_tokens]
         previous, self._inflight = self._inflight, self._dispatch(decoding) if decoding else None
         with self._cv:  # a request whose every token is asked of a dispatched call needs its slot no more: the
             for r in decoding:  # next step refills it (a slot waiting for its last call's tokens idles a call)
@@ -173,8 +176,6 @@ class Engine:
                     self._release(r)
         if previous is not None:
             self._collect(*previous)
-        if group is not None:
-            self._insert_group(*group)
         self.steps += 1
         return True
 
@@ -182,39 +183,79 @@ class Engine:
         for r in [r for r in self.waiting if r.cancelled]:
             self.waiting.remove(r)
             self._deliver(r, r.finish("cancelled"))
+        for r in self.staging.requests():  # (its row is skipped when the group's rows are placed)
+            if r.cancelled:
+                self._deliver(r, r.finish("cancelled"))
         for r in self.slots:
             if r is not None and r.cancelled and not r.finished:
                 self._deliver(r, r.finish("cancelled"))
                 self._release(r)
 
     def _admit(self) -> None:
+        """Waiting requests whose prompts are fed in pieces into free slots, while one heads the queue (a whole
+        prompt heading it waits to be staged: first come first served)."""
         for slot, held in enumerate(self.slots):
-            if held is None and self.waiting:
+            if held is None and self.waiting and not self.staging.groupable(self.waiting[0]):
                 r = self.waiting.popleft()
                 self.cache = reset_slot(self.model.cfg, self.cache, np.int32(slot))
-                r.slot, r.state = slot, PREFILL
-                self.slots[slot] = r
-                for k in ("temperature", "top_k", "top_p", "seed"):
-                    self._sampling[k][slot] = getattr(r.sampling, k)
-        self.metrics.waiting.set(len(self.waiting))
+                self._occupy(r, slot, PREFILL)
+        self._count_queue()
+
+    def _occupy(self, r: Request, slot: int, state: str) -> None:
+        r.slot, r.state = slot, state
+        self.slots[slot] = r
+        for k in ("temperature", "top_k", "top_p", "seed"):
+            self._sampling[k][slot] = getattr(r.sampling, k)
+
+    def _count_queue(self) -> None:
+        self.metrics.waiting.set(len(self.waiting) + len(self.staging))
         self.metrics.running.set(sum(r is not None for r in self.slots))
 
-    def _prefill(self, requests: list[Request], budget: int, beside: bool):
-        """Prompts within `budget` tokens (at least one piece): new requests' whole prompts in a group, first
-        come first served, then the others' pieces (`serving.slots`). With `beside` (a decode call follows) the
-        group's prefill runs on the prefill thread beside that call (a CPU decode call of few rows leaves the
-        cores half idle) and what `_insert_group` finishes after it is returned; else it is finished here."""
-        budget = max(budget, 1)  # prompts always advance
-        group, started = self._group(requests, budget), None
-        if group:
-            started = self._start_group(group)
-            budget -= started[3].size  # the group's padded tokens (its mask's size)
-            if not beside:
-                self._insert_group(*started)
-                started = None
+    def _place(self) -> None:
+        """Staged requests into the free slots, oldest first (waiting for their group's prefill if it still
+        runs): each row's keys, states and logits replace the slot's whole (`insert_rows`); they then decode."""
+        free = [slot for slot, r in enumerate(self.slots) if r is None]
+        for group, rows in self.staging.take(len(free)):
+            new_logits, new = group.future.result()
+            slots = np.full(group.mask.shape[0], len(self.slots), np.int32)  # (rows left out: past the cache)
+            with self._cv:
+                for row, r in rows:
+                    slots[row] = free.pop(0)
+                    self._occupy(r, int(slots[row]), DECODE)
+                    r.prefilled = len(r.prompt_ids)
+                    self.metrics.prompt_tokens.inc(len(r.prompt_ids))
+            self.logits, self.cache = insert_rows(self.model.cfg, self.cache, self.logits, slots, group.mask,
+                                                  new_logits, new)
+
+    def _stage(self, budget: int, beside: bool) -> int:
+        """When staging runs low, starts the prefill of the next group of waiting requests (`serving.staging`)
+        on the prefill thread, and with `beside` (a decode call follows: a CPU decode call of few rows leaves
+        the cores half idle) leaves it running; else places it at once. Returns the group's padded tokens."""
+        if not self.staging.wants_group():
+            return 0
+        with self._cv:
+            group = self.staging.choose(list(self.waiting), budget)
+            for _ in group:
+                self.waiting.popleft()
+        if not group:
+            return 0
+        ids, mask = pack_group([r.prompt_ids for r in group], len(self.slots))
+        dtype = kv_dtype(self.cache)
+
+        def run():
+            with self._on_mesh():  # (the mesh and its rules are the calling thread's)
+                return jax.block_until_ready(prefill_rows(self.model, self.params, ids, mask, dtype))
+
+        self.staging.add(group, self._prefiller.submit(run), mask)
+        if not beside:
+            self._place()
+        return mask.size
+
+    def _prefill(self, requests: list[Request], budget: int) -> None:
+        """Pieces of the prompts in slots within `budget` tokens (at least one piece: prompts always advance),
+        first come first served (`serving.slots`)."""
+        budget = max(budget, 1)
         for r in requests:
-            if group and r in group:
-                continue
             while budget > 0 and r.prefilled < len(r.prompt_ids):
                 n = next_piece(len(r.prompt_ids) - r.prefilled, self.config.prefill_chunk, budget)
                 piece = np.asarray([r.prompt_ids[r.prefilled:r.prefilled + n]], np.int32)  # (numpy: no convert program)
@@ -223,68 +264,24 @@ class Engine:
                 r.prefilled += n
                 budget -= n
             if r.prefilled == len(r.prompt_ids) and r.state == PREFILL:
-                self._prefilled(r)
-        return started
-
-    def _prefilled(self, r: Request) -> None:
-        r.state = DECODE
-        self.metrics.prompt_tokens.inc(len(r.prompt_ids))
-
-    def _groupable(self, r: Request) -> bool:
-        """A new request whose prompt fits one chunk, with room for its max_tokens after the padded prompt."""
-        n = len(r.prompt_ids)
-        return (r.prefilled == 0 and n <= self.config.prefill_chunk
-                and bucket(n) + r.sampling.max_tokens <= self.config.max_model_len)
-
-    def _group(self, requests: list[Request], budget: int) -> list[Request]:
-        """The longest first-come run of groupable requests whose padded batch fits `budget` tokens."""
-        group: list[Request] = []
-        for r in requests:
-            if not self._groupable(r):
-                break
-            rows = group_rows(len(group) + 1, len(self.slots))
-            if rows * max(bucket(len(x.prompt_ids)) for x in group + [r]) > budget and group:
-                break
-            group.append(r)
-        return group
-
-    def _start_group(self, group: list[Request]):
-        """Starts the group's prompts in one `prefill_rows` call on the prefill thread; returns (group, the
-        call's future, its slot per row, its mask) for `_insert_group`. Until then the requests stay in
-        PREFILL with nothing prefilled: no decode call runs them, and their slots' states are rewritten whole."""
-        ids, mask, slots = pack_group([r.prompt_ids for r in group], [r.slot for r in group], len(self.slots))
-        dtype = kv_dtype(self.cache)
-
-        def run():
-            with self._on_mesh():  # (the mesh and its rules are the calling thread's)
-                return jax.block_until_ready(prefill_rows(self.model, self.params, ids, mask, dtype))
-
-        return group, self._prefiller.submit(run), slots, mask
-
-    def _insert_group(self, group: list[Request], future, slots, mask) -> None:
-        """Waits for the group's prefill and puts its rows into their slots; the requests then decode."""
-        new_logits, new = future.result()
-        self.logits, self.cache = insert_rows(self.model.cfg, self.cache, self.logits, slots, mask, new_logits, new)
-        for r in group:
-            r.prefilled = len(r.prompt_ids)
-            self._prefilled(r)
+                r.state = DECODE
+                self.metrics.prompt_tokens.inc(len(r.prompt_ids))
 
     def _call_length(self, decoding: list[Request]) -> int:
         """decode_steps, or while requests wait, the longest compiled length within the first end of a slot's
         max_tokens: a slot freed mid-call would idle for the rest of it (the serving benchmark's 64 requests, first
         come first served: 552 decode steps in calls of 8, 522 in calls of one)."""
         first_end = min(r.sampling.max_tokens - r.scheduled for r in decoding)
-        if not self.waiting or first_end >= self.config.decode_steps:
+        if not (self.waiting or len(self.staging)) or first_end >= self.config.decode_steps:
             return self.config.decode_steps
         return max(n for n in self._call_lengths if n <= first_end)
 
     def _dispatch(self, decoding: list[Request]):
         """Starts one decode call (`_call_length` steps) over the slots; returns what `_collect` reads."""
         # a prompt fed in pieces continues from its slot's Mamba state: while one waits, decoding must leave the
-        # inactive slots' states alone (a group prefill starts afresh and overwrites them); such calls keep
+        # inactive slots' states alone (a staged row replaces a slot's states whole); such calls keep
         # decode_steps (one compiled length for them: each length is a program compiled at start-up)
-        half_fed = any(r is not None and r.state == PREFILL and not (r.prefilled == 0 and self._groupable(r))
-                       for r in self.slots)
+        half_fed = any(r is not None and r.state == PREFILL for r in self.slots)
         s, k = self._sampling, self.config.decode_steps if half_fed else self._call_length(decoding)
         active, budget = np.zeros(len(self.slots), bool), np.zeros(len(self.slots), np.int32)
         rows = []
@@ -368,8 +365,10 @@ class Engine:
         with self._cv:
             self.error = error
             flying = [r for r, _, _ in self._inflight[1]] if self._inflight is not None else []  # (slots released)
-            pending = list(dict.fromkeys([r for r in self.slots if r is not None] + flying + list(self.waiting)))
+            pending = list(dict.fromkeys([r for r in self.slots if r is not None] + flying
+                                         + self.staging.requests() + list(self.waiting)))
             self.waiting.clear()
+            self.staging.clear()
             self.slots = [None] * len(self.slots)
             self._inflight = None
         for r in pending:
@@ -387,7 +386,8 @@ class Engine:
 
     @property
     def idle(self) -> bool:
-        return not self.waiting and all(r is None for r in self.slots) and self._inflight is None
+        return (not self.waiting and not len(self.staging) and all(r is None for r in self.slots)
+                and self._inflight is None)
 
     def generate(self, prompts, sampling: SamplingParams | list[SamplingParams]) -> list[Request]:
         """Runs `prompts` (lists of token ids) to the end on this thread; the finished requests, in order."""

@@ -109,15 +109,14 @@ def group_rows(n: int, num_slots: int) -> int:
     return next(g for g in group_sizes(num_slots) if g >= n)
 
 
-def pack_group(prompts: list[list[int]], slots: list[int], num_slots: int):
-    """(ids, mask [rows, B] int32, slot per row): the prompts left-padded to the bucket of the longest, in
-    `group_rows` rows; padding rows get slot num_slots (past the cache: dropped)."""
+def pack_group(prompts: list[list[int]], num_slots: int):
+    """(ids, mask [rows, B] int32): the prompts left-padded to the bucket of the longest, in `group_rows`
+    rows (padding rows all padding)."""
     rows, b = group_rows(len(prompts), num_slots), max(bucket(len(p)) for p in prompts)
     ids, mask = np.zeros((rows, b), np.int32), np.zeros((rows, b), np.int32)
-    slot_ids = np.full(rows, num_slots, np.int32)
-    for i, (p, slot) in enumerate(zip(prompts, slots, strict=True)):
-        ids[i, b - len(p):], mask[i, b - len(p):], slot_ids[i] = p, 1, slot
-    return ids, mask, slot_ids
+    for i, p in enumerate(prompts):
+        ids[i, b - len(p):], mask[i, b - len(p):] = p, 1
+    return ids, mask
 
 
 def bucket(length: int, min_bucket: int = MIN_BUCKET) -> int:
@@ -148,10 +147,10 @@ def prefill_rows(model, params, ids_GxB, mask_GxB, cache_dtype=None):
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(1, 2))
 def insert_rows(cfg, cache: HybridCache, logits_SxV, slots_G, mask_GxB, new_logits_GxV, new: HybridCache):
-    """`prefill_rows`' results put in the slots: each row's keys land at [0, B) of its slot, its Mamba states
-    replace the slot's, its position is B; rows whose slot index is past the cache are padding of the group and
-    are dropped."""
-    b = mask_GxB.shape[1]
+    """`prefill_rows`' results put in the slots, each replacing its slot's sequence whole: its keys land at
+    [0, B) (none after them real), its Mamba states replace the slot's, its position is B; rows whose slot index
+    is past the cache (a group's padding, rows placed at another time) are dropped."""
+    b, length = mask_GxB.shape[1], cache.valid.shape[1]
     lead = (slice(None),) * _row_axis(cfg)
 
     def put(c, n):  # KV (values, and an int8 store's scales): positions [0, B) of each slot; Mamba: whole rows
@@ -160,7 +159,8 @@ def insert_rows(cfg, cache: HybridCache, logits_SxV, slots_G, mask_GxB, new_logi
 
     layers = tuple(put(c, n) for c, n in zip(cache.layers, new.layers, strict=True))
     out = HybridCache(cache.index.at[slots_G].set(b, mode="drop"),
-                      cache.valid.at[slots_G, :b].set(mask_GxB.astype(bool), mode="drop"), layers)
+                      cache.valid.at[slots_G].set(jnp.pad(mask_GxB.astype(bool), ((0, 0), (0, length - b))),
+                                                  mode="drop"), layers)
     logits = constrain(logits_SxV.at[slots_G].set(new_logits_GxV, mode="drop"), (None, None))
     return logits, _pinned(cfg, out)
 

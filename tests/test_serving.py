@@ -110,6 +110,35 @@ def test_a_new_prompt_is_prefilled_beside_the_running_decode_call(served, monkey
         assert r.output_ids == want
 
 
+def test_a_prompt_waiting_for_a_slot_is_prefilled_ahead_and_decodes_in_the_first_call_after_the_slot_frees(
+        served, monkeypatch):
+    """Two slots busy, a third request waits: its prompt is prefilled (staged) while the slots decode, and the
+    step after the shorter request's last call puts it in that slot before the decode call: no call runs with
+    a slot idle while it waits. Cancelled while staged, a request never takes a slot. Every request's tokens
+    are generate()'s alone."""
+    engine = make_engine(served, max_num_seqs=2, max_num_batched_tokens=32)  # decode_steps 2
+    active, real = [], serving.engine.decode_slots
+    monkeypatch.setattr(serving.engine, "decode_slots", lambda *a: active.append(np.asarray(a[4]).tolist()) or real(*a))
+    a, b, c, d = prompts(4, seed=12, longest=6)
+    long = engine.submit(a, dataclasses.replace(GREEDY, max_tokens=10, ignore_eos=True))
+    short = engine.submit(b, dataclasses.replace(GREEDY, max_tokens=4, ignore_eos=True))
+    third = engine.submit(c, dataclasses.replace(GREEDY, max_tokens=4, ignore_eos=True))
+    engine.step()  # long and short: prefilled together, then their first call
+    engine.step()  # third staged beside the second call (short's last: its slot is free)
+    assert engine.staging.requests() == [third] and engine.slots.count(None) == 1
+    engine.step()  # third placed, then the third call
+    assert third in engine.slots and not engine.staging.requests()
+    assert active == [[True, True]] * 3
+    cancelled = engine.submit(d, dataclasses.replace(GREEDY, max_tokens=4, ignore_eos=True))
+    engine.step()  # staged beside the fourth call
+    assert engine.staging.requests() == [cancelled]
+    engine.cancel(cancelled)
+    engine.run_until_idle()
+    assert cancelled.finish_reason == "cancelled" and cancelled.output_ids == [] and engine.idle
+    for p, r in zip((a, b, c), (long, short, third), strict=True):
+        assert r.output_ids == alone(served, p, r.sampling.max_tokens)
+
+
 def test_a_reused_slot_starts_from_a_clean_state(served, monkeypatch):
     """One slot, two requests in turn: the second's tokens are its own, and its last logits are the full
     forward pass's over its prompt and output; they are not when the reset leaves the first request's Mamba
@@ -324,7 +353,7 @@ def test_incremental_text_equals_decoding_the_whole_output():
 
 def test_a_slot_is_refilled_as_soon_as_its_last_tokens_are_asked_for(served):
     """max_tokens known: the step that dispatches a request's last decode call frees its slot, and the next
-    step admits the next request there while the first one's tokens are still on their way (no call with the
+    step puts the next request there while the first one's tokens are still on their way (no call with the
     slot idle); both get their own tokens. A request cancelled in that window still ends as cancelled."""
     engine = make_engine(served, max_num_seqs=1, decode_steps=4)
     a, b, c = prompts(3, seed=5, longest=6)  # each prefilled whole in one step
@@ -335,7 +364,7 @@ def test_a_slot_is_refilled_as_soon_as_its_last_tokens_are_asked_for(served):
     assert engine.slots[0] is first
     engine.step()  # first: tokens 5-6 asked for (its last call): the slot is free
     assert engine.slots[0] is None and not first.finished
-    engine.step()  # second admitted and its 4 tokens asked for; first's last tokens collected
+    engine.step()  # second placed and its 4 tokens asked for; first's last tokens collected
     assert first.finished and len(first.output_ids) == 6 and not second.finished
     engine.cancel(second)  # after its slot went to the third request, before its tokens arrived
     engine.run_until_idle()
