@@ -7,9 +7,11 @@ it, on the prefill thread beside the running decode call. As slots free, the gro
 in the very next call, and prompts are prefilled several at a time even when slots free one at a time (on the
 CPU a 64-token prompt alone costs 0.35 ms per token of the benchmark model, in a batch of eight 0.21).
 
-The engine starts a new group when at most `LOW_WATER` staged rows are left and none is being prefilled; it
-takes the longest first-come run of groupable waiting requests whose padded batch fits the step's token budget,
-and at most max_num_seqs rows are staged in all (the memory pre-flight counts a cache of that many rows).
+The engine starts a new group when at most half the slots' worth of staged rows are left (so it is mostly
+done before the slots free: in-process, 64 requests at once on 8 slots, 5 of 5 rounds faster than starting at
+one row left, 3.28 against 3.58 s) and none is being prefilled; it takes the longest first-come run of groupable
+waiting requests whose padded batch fits the step's token budget, and at most max_num_seqs rows are staged in
+all (the memory pre-flight counts a cache of that many rows).
 """
 
 from __future__ import annotations
@@ -22,8 +24,6 @@ import numpy as np
 
 from serving.request import Request
 from serving.slots import bucket, group_rows, group_sizes
-
-LOW_WATER = 1  # staged rows left at or below which the next group starts
 
 
 @dataclasses.dataclass(eq=False)
@@ -39,6 +39,7 @@ class Staging:
 
     def __init__(self, num_slots: int, prefill_chunk: int, max_model_len: int):
         self.num_slots, self.prefill_chunk, self.max_model_len = num_slots, prefill_chunk, max_model_len
+        self.low_water = max(num_slots // 2, 1)  # staged rows left at or below which the next group starts
         self.groups: deque[StagedGroup] = deque()
 
     def groupable(self, r: Request) -> bool:
@@ -71,7 +72,7 @@ class Staging:
         return [r for g in self.groups for r in g.requests[g.taken:] if not r.finished]
 
     def wants_group(self) -> bool:
-        return len(self) <= LOW_WATER and all(g.future.done() for g in self.groups)
+        return len(self) <= self.low_water and all(g.future.done() for g in self.groups)
 
     def add(self, requests: list[Request], future: Future, mask: np.ndarray) -> None:
         self.groups.append(StagedGroup(list(requests), future, mask))
