@@ -271,6 +271,25 @@ def fcfs_decode_steps(outputs, slots: int) -> int:
     return max(free_at)
 
 
+def why_not_more(args, alone, server_vs_alone: float, alone_vs_static: float) -> str:
+    """The report's paragraph on what bounds continuous batching's gain over static batches here."""
+    _, outputs = workload(args.requests)
+    static_steps = sum(max(outputs[i:i + args.slots]) for i in range(0, len(outputs), args.slots))
+    ideal_steps = -(-sum(outputs) // args.slots)
+    fcfs_steps = fcfs_decode_steps(outputs, args.slots)
+    return f"""Why continuous batching gains {alone_vs_static:.1f}x here and not more: static batching loses only
+in decoding (each batch runs to its longest output: {static_steps:,} decode steps for these requests, against
+{ideal_steps:,} if every slot stayed busy and {fcfs_steps:,} first come first served, the engine's order), while
+prompts cost both about the same. On this CPU a prompt prefilled alone costs {alone['prefill_ms_per_token'][1]:.2f} ms per
+token against {alone['prefill_ms_per_token'][8]:.2f} in a batch of eight (64 tokens each, measured in this run: a prefill call reads every
+expert's weights whatever its rows). The engine prefills waiting prompts ahead of their slots, several at a time,
+beside the running decode call (`serving/staging.py`), and puts one into a slot the step that slot frees; but a
+group is padded to its longest prompt, so batching saves little compute here, and the prefills share the two
+cores with the decode calls. Over HTTP the server runs at {server_vs_alone:.2f}x the engine stepped in-process (the
+client's parsing of the streamed events, the event loop and SSE share the two cores with XLA).
+"""
+
+
 def report(args, loads, static, hf, alone, startup):
     rows = "\n".join(
         f"| {load_name(x['rate'])} | "
@@ -278,10 +297,6 @@ def report(args, loads, static, hf, alone, startup):
         f"{x['tpot'][0] * 1e3:.1f} / {x['tpot'][1] * 1e3:.1f} | {x['gaps'][0] * 1e3:.1f} / {x['gaps'][1] * 1e3:.1f} | "
         f"{x['compilations']} |" for x in loads)
     burst = next(x for x in loads if not x["rate"])
-    _, outputs = workload(args.requests)
-    static_steps = sum(max(outputs[i:i + args.slots]) for i in range(0, len(outputs), args.slots))
-    ideal_steps = -(-sum(outputs) // args.slots)
-    fcfs_steps = fcfs_decode_steps(outputs, args.slots)
     vs_static, alone_vs_static = (float(np.median(static[f"{k}_ratios"])) for k in ("server", "alone"))
     return f"""## Serving: continuous batching over HTTP vs static batches and transformers (issue 29)
 
@@ -315,17 +330,7 @@ rounds' ratios (the server's: {', '.join(f"{x:.2f}" for x in static['server_rati
 | `generate()`, static batches of {args.slots} in arrival order (each waits for its longest) | {static['tok_s']:,.0f} | {static['seconds']:.1f} | **{vs_static:.2f}x** | {alone_vs_static:.2f}x |
 | transformers `generate`, one request at a time | {hf['tok_s']:,.0f} | {hf['seconds']:.1f} | **{burst['tok_s'] / hf['tok_s']:.1f}x** | {alone['tok_s'] / hf['tok_s']:.1f}x |
 
-Why continuous batching gains {alone_vs_static:.1f}x here and not more: static batching loses only
-in decoding (each batch runs to its longest output: {static_steps:,} decode steps for these requests, against
-{ideal_steps:,} if every slot stayed busy and {fcfs_steps:,} first come first served, the engine's order), while
-prompts cost both about the same. On this CPU a prompt prefilled alone costs {alone['prefill_ms_per_token'][1]:.2f} ms per
-token against {alone['prefill_ms_per_token'][8]:.2f} in a batch of eight (64 tokens each, measured in this run: a prefill call reads every
-expert's weights whatever its rows). The engine prefills waiting prompts ahead of their slots, several at a time,
-beside the running decode call (`serving/staging.py`), and puts one into a slot the step that slot frees; but a
-group is padded to its longest prompt, so batching saves little compute here, and the prefills share the two
-cores with the decode calls. Over HTTP the server runs at {burst['tok_s'] / alone['tok_s']:.2f}x the engine stepped in-process (the
-client's parsing of the streamed events, the event loop and SSE share the two cores with XLA).
-
+{why_not_more(args, alone, burst['tok_s'] / alone['tok_s'], alone_vs_static)}
 Targets: all-at-once at least 2x static batching ({"met" if vs_static >= 2 else "not met"}) and 10x
 transformers one at a time ({"met" if burst['tok_s'] >= 10 * hf['tok_s'] else "not met"}); no compilation after the warm-up
 ({"met" if all(x['compilations'] == 0 for x in loads) else "not met"}). Every request returned its drawn number of

@@ -5,7 +5,8 @@ prompts that arrived together, left-padded and batched, into a cache of their ow
 it, on the prefill thread beside the running decode call. As slots free, the group's rows are put into them
 (`insert_rows`) before the next decode call is dispatched, first come first served: a freed slot decodes again
 in the very next call, and prompts are prefilled several at a time even when slots free one at a time (on the
-CPU a 64-token prompt alone costs 0.35 ms per token of the benchmark model, in a batch of eight 0.21).
+CPU a 64-token prompt alone costs 0.35 ms per token of the benchmark model, in a batch of eight 0.21; a group is
+padded to its longest prompt, which takes back much of that when lengths differ).
 
 The engine starts a new group when at most half the slots' worth of staged rows are left (so it is mostly
 done before the slots free: in-process, 64 requests at once on 8 slots, 5 of 5 rounds faster than starting at
