@@ -7,11 +7,11 @@ next token is sampled. Every program that takes the cache donates it, so it is u
 
   prefill_rows  whole prompts of several requests new to their slots, left-padded to one length, batched,
                 into a cache of their own (no slot touched: it may run beside a decode call), and
-  insert_rows   those rows put into their slots
+  insert_rows   those rows put into their slots, each replacing its slot's sequence whole
   prefill_slot  a piece of one slot's prompt into its row (a batch-1 prefill on that row, written back)
   decode_slots  a few tokens for every slot (each with its own sampling settings), run through the model,
                 in one device loop
-  reset_slot    a slot made empty before a new sequence: Mamba states zeroed, no real keys, position 0
+  reset_slot    a slot made empty before a prompt fed in pieces: Mamba states zeroed, no real keys, position 0
 
 A new request whose whole prompt fits one chunk (and whose padded prompt leaves room for its max_tokens) is
 prefilled in a group: the prompts that arrived together, left-padded to 2^k or 3 x 2^(k-2) (`bucket`) and
